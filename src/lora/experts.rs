@@ -1,0 +1,146 @@
+//! Experts: adapters stacked per linear so all of them cost one pair of small matmuls,
+//! and the hook that adds `sum_i g_i * s_i * B_i (A_i x)` with gate weights per batch row.
+
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+
+use super::Adapter;
+use crate::model::{LinearHook, Target};
+use crate::{Error, Result};
+
+/// The experts of every adaptable linear, stacked: `A_cat^T` `(in, R)` and `B_cat^T` `(R, out)`.
+#[derive(Debug)]
+struct Stack {
+    a_t: Tensor,
+    b_t: Tensor,
+    /// `(expert index, column offset, rank)` for each expert in the stack.
+    spans: Vec<(usize, usize, usize)>,
+    width: usize,
+}
+
+/// The named experts an engine holds. Immutable once built; shared by all sessions.
+#[derive(Debug)]
+pub struct ExpertSet {
+    adapters: Vec<Adapter>,
+    names: Vec<String>,
+    stacks: HashMap<(usize, Target), Stack>,
+}
+
+impl ExpertSet {
+    /// No experts: only the base model.
+    pub fn empty() -> Self {
+        ExpertSet { adapters: Vec::new(), names: Vec::new(), stacks: HashMap::new() }
+    }
+
+    /// Stack `adapters` as experts; names (stance or directory) must be unique.
+    pub fn new(adapters: Vec<Adapter>) -> Result<Self> {
+        let names: Vec<String> = adapters.iter().map(Adapter::name).collect();
+        for (i, n) in names.iter().enumerate() {
+            if names[..i].contains(n) {
+                return Err(Error::Invalid(format!("two experts are named '{n}': give each adapter a distinct stance or directory name")));
+            }
+        }
+        let mut keys: Vec<(usize, Target)> = adapters.iter().flat_map(|a| a.pairs.keys().copied()).collect();
+        keys.sort();
+        keys.dedup();
+        let mut stacks = HashMap::new();
+        for key in keys {
+            let mut a_parts = Vec::new();
+            let mut b_parts = Vec::new();
+            let mut spans = Vec::new();
+            let mut off = 0;
+            for (i, ad) in adapters.iter().enumerate() {
+                if let Some(p) = ad.pairs.get(&key) {
+                    let r = p.a.dim(0)?;
+                    a_parts.push(p.a.clone());
+                    b_parts.push(p.b.clone());
+                    spans.push((i, off, r));
+                    off += r;
+                }
+            }
+            let a_t = Tensor::cat(&a_parts, 0)?.t()?.contiguous()?; // (in, R)
+            let b_t = Tensor::cat(&b_parts, 1)?.t()?.contiguous()?; // (R, out)
+            stacks.insert(key, Stack { a_t, b_t, spans, width: off });
+        }
+        Ok(ExpertSet { adapters, names, stacks })
+    }
+
+    /// Number of experts.
+    pub fn len(&self) -> usize {
+        self.adapters.len()
+    }
+
+    /// True when there are no experts.
+    pub fn is_empty(&self) -> bool {
+        self.adapters.is_empty()
+    }
+
+    /// Expert names, in gate order.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The adapters, in gate order.
+    pub fn adapters(&self) -> &[Adapter] {
+        &self.adapters
+    }
+
+    /// Index of the expert named `name`.
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    /// Index of the expert whose config says `stance: <stance>`.
+    pub fn by_stance(&self, stance: &str) -> Option<usize> {
+        self.adapters.iter().position(|a| a.stance() == Some(stance))
+    }
+
+    /// A hook for a batch whose row `r` uses gate weights `rows[r]` (one per expert).
+    pub fn hook<'a>(&'a self, rows: &'a [Vec<f32>]) -> Result<ExpertHook<'a>> {
+        for (i, g) in rows.iter().enumerate() {
+            if g.len() != self.len() {
+                return Err(Error::Invalid(format!("gate row {i} has {} weights for {} experts", g.len(), self.len())));
+            }
+        }
+        Ok(ExpertHook { set: self, rows })
+    }
+}
+
+/// Adds each row's blended expert deltas to a linear's output. Rows whose gate weights are all
+/// zero get exactly the base output.
+pub struct ExpertHook<'a> {
+    set: &'a ExpertSet,
+    rows: &'a [Vec<f32>],
+}
+
+impl LinearHook for ExpertHook<'_> {
+    fn after_linear(&self, layer: usize, target: Target, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+        let Some(stack) = self.set.stacks.get(&(layer, target)) else { return Ok(y) };
+        // Per-row column scales g_i * s_i over the stacked rank dimension.
+        let b = self.rows.len();
+        let mut scale = vec![0f32; b * stack.width];
+        let mut any = false;
+        for (r, g) in self.rows.iter().enumerate() {
+            for &(e, off, rank) in &stack.spans {
+                let s = g[e] * self.set.adapters[e].scale() as f32;
+                if s != 0.0 {
+                    any = true;
+                    scale[r * stack.width + off..r * stack.width + off + rank].fill(s);
+                }
+            }
+        }
+        if !any {
+            return Ok(y);
+        }
+        let (xb, t, d_in) = x.dims3()?;
+        if xb != b {
+            candle_core::bail!("batch has {xb} rows but {b} gate rows were given");
+        }
+        let h = x.reshape((b * t, d_in))?.matmul(&stack.a_t)?; // (b*t, R)
+        let scale = Tensor::from_vec(scale, (b, 1, stack.width), &Device::Cpu)?;
+        let h = h.reshape((b, t, stack.width))?.broadcast_mul(&scale)?; // (b, t, R)
+        let delta = h.reshape((b * t, stack.width))?.matmul(&stack.b_t)?; // (b*t, out)
+        let shape = y.shape().clone();
+        y + delta.reshape(shape)?
+    }
+}

@@ -1,0 +1,10 @@
+//! LoRA experts: adapter files (PEFT layout), the stacked expert set with its per-row hook,
+//! and merging into a new model file.
+
+mod adapter;
+mod experts;
+mod merge;
+
+pub use adapter::{peft_tensor_name, permute_rows, Adapter, AdapterConfig, LoraPair, CONFIG_FILE, WEIGHTS_FILE};
+pub use experts::{ExpertHook, ExpertSet};
+pub use merge::merge_to_gguf;

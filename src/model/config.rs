@@ -1,0 +1,138 @@
+//! Model hyper-parameters, read from GGUF metadata.
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// Architectures that share LLaMA's tensor layout (names, SwiGLU MLP, RMSNorm, interleaved RoPE).
+pub const LLAMA_FAMILY: &[&str] = &["llama", "mistral"];
+
+/// Shape and numeric constants of a LLaMA-family model.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Config {
+    /// `general.architecture` as stored.
+    pub arch: String,
+    /// `general.name`, if present.
+    pub name: Option<String>,
+    pub n_layer: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    /// Dimensions rotated by RoPE (usually `head_dim`).
+    pub rope_dim: usize,
+    pub rope_base: f32,
+    pub rms_eps: f64,
+    pub context_len: usize,
+    pub vocab_size: usize,
+}
+
+impl Config {
+    /// Read the configuration from GGUF metadata; `path` is used in error messages.
+    pub fn from_gguf(content: &Content, path: &Path) -> Result<Self> {
+        let md = &content.metadata;
+        let arch = match md.get("general.architecture") {
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(Error::model(path, "general.architecture is not a string")),
+            None => return Err(Error::model(path, "no general.architecture in GGUF metadata")),
+        };
+        if !LLAMA_FAMILY.contains(&arch.as_str()) {
+            return Err(Error::model(
+                path,
+                format!("not a LLaMA-family model: general.architecture is '{arch}' (supported: {})", LLAMA_FAMILY.join(", ")),
+            ));
+        }
+        let get = |key: &str| -> Result<&Value> {
+            let full = format!("{arch}.{key}");
+            md.get(&full)
+                .ok_or_else(|| Error::model(path, format!("missing metadata key {full}")))
+        };
+        let get_usize = |key: &str| -> Result<usize> {
+            let v = get(key)?;
+            v.to_u64()
+                .map(|x| x as usize)
+                .or_else(|_| v.to_u32().map(|x| x as usize))
+                .map_err(|_| Error::model(path, format!("metadata {arch}.{key} is not an integer")))
+        };
+        let get_f32 = |key: &str| -> Result<Option<f32>> {
+            match md.get(&format!("{arch}.{key}")) {
+                None => Ok(None),
+                Some(v) => v.to_f32().map(Some).map_err(|_| {
+                    Error::model(path, format!("metadata {arch}.{key} is not a float"))
+                }),
+            }
+        };
+        let n_head = get_usize("attention.head_count")?;
+        let hidden = get_usize("embedding_length")?;
+        let n_kv_head = match md.get(&format!("{arch}.attention.head_count_kv")) {
+            Some(_) => get_usize("attention.head_count_kv")?,
+            None => n_head,
+        };
+        if n_head == 0 || hidden % n_head != 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
+            return Err(Error::model(
+                path,
+                format!("inconsistent heads: hidden {hidden}, heads {n_head}, kv heads {n_kv_head}"),
+            ));
+        }
+        let head_dim = hidden / n_head;
+        let rope_dim = match md.get(&format!("{arch}.rope.dimension_count")) {
+            Some(_) => get_usize("rope.dimension_count")?,
+            None => head_dim,
+        };
+        let vocab_size = match md.get("tokenizer.ggml.tokens") {
+            Some(Value::Array(a)) => a.len(),
+            _ => content
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .ok_or_else(|| Error::model(path, "no tokenizer.ggml.tokens and no token_embd.weight"))?,
+        };
+        Ok(Config {
+            name: md.get("general.name").and_then(|v| v.to_string().ok()).cloned(),
+            n_layer: get_usize("block_count")?,
+            hidden,
+            ffn: get_usize("feed_forward_length")?,
+            n_head,
+            n_kv_head,
+            head_dim,
+            rope_dim,
+            rope_base: get_f32("rope.freq_base")?.unwrap_or(10_000.0),
+            rms_eps: get_f32("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5) as f64,
+            context_len: match md.get(&format!("{arch}.context_length")) {
+                Some(_) => get_usize("context_length")?,
+                None => 2048,
+            },
+            vocab_size,
+            arch,
+        })
+    }
+
+    /// Query heads per KV head (grouped-query attention).
+    pub fn n_rep(&self) -> usize {
+        self.n_head / self.n_kv_head
+    }
+
+    /// Output width of each adaptable linear, by PEFT target name.
+    pub fn out_features(&self, target: super::Target) -> usize {
+        use super::Target::*;
+        match target {
+            Q | O => self.hidden,
+            K | V => self.n_kv_head * self.head_dim,
+            Gate | Up => self.ffn,
+            Down => self.hidden,
+        }
+    }
+
+    /// Input width of each adaptable linear, by PEFT target name.
+    pub fn in_features(&self, target: super::Target) -> usize {
+        use super::Target::*;
+        match target {
+            Q | K | V => self.hidden,
+            O => self.n_head * self.head_dim,
+            Gate | Up => self.hidden,
+            Down => self.ffn,
+        }
+    }
+}

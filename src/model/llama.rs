@@ -1,0 +1,377 @@
+//! LLaMA-family forward pass over GGUF weights. Reads top to bottom:
+//! embedding -> blocks (attention, SwiGLU MLP) -> final norm -> logits.
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{Config, KvCache, LinearHook, Target, Tokenizer};
+use crate::{Error, Result};
+
+/// How the base weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightFormat {
+    /// As stored in the file (Q4_1 for the default base).
+    #[default]
+    Stored,
+    /// Requantized to Q8_0: candle has fast AVX2 kernels for it.
+    Q8_0,
+    /// Dequantized to dense f32: fastest prefill, and gradients flow (training).
+    F32,
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "stored" => Ok(Self::Stored),
+            "q8_0" | "q8" => Ok(Self::Q8_0),
+            "f32" => Ok(Self::F32),
+            _ => Err(Error::Invalid(format!(
+                "unknown weight format '{s}' (expected stored, q8_0 or f32)"
+            ))),
+        }
+    }
+}
+
+/// Options for [`Model::load`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub format: WeightFormat,
+}
+
+/// Which logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position: `(b, vocab)`.
+    Last,
+    /// Every position: `(b, t, vocab)`.
+    All,
+}
+
+/// Per-call settings of a forward pass.
+pub struct Pass<'a> {
+    /// Adapters attach here; [`super::NoHook`] for the base model.
+    pub hook: &'a dyn LinearHook,
+    pub logits: Logits,
+    /// Use plain tensor ops that carry gradients (training) instead of fused kernels.
+    pub differentiable: bool,
+}
+
+/// One transformer block's weights.
+#[derive(Debug)]
+struct Block {
+    attn_norm: Tensor,
+    q: QMatMul,
+    k: QMatMul,
+    v: QMatMul,
+    o: QMatMul,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+impl Block {
+    fn weight(&self, target: Target) -> &QMatMul {
+        match target {
+            Target::Q => &self.q,
+            Target::K => &self.k,
+            Target::V => &self.v,
+            Target::O => &self.o,
+            Target::Gate => &self.gate,
+            Target::Up => &self.up,
+            Target::Down => &self.down,
+        }
+    }
+}
+
+/// Model weights and tokenizer: immutable, shared by every session (`Arc<Model>`).
+#[derive(Debug)]
+pub struct Model {
+    pub config: Config,
+    pub tokenizer: Tokenizer,
+    /// The file the weights came from.
+    pub path: PathBuf,
+    pub format: WeightFormat,
+    embed: Tensor, // (vocab, hidden) f32
+    blocks: Vec<Block>,
+    norm: Tensor,
+    head: QMatMul, // output.weight, or the tied token embedding
+    cos: Tensor,   // (context, head_dim / 2)
+    sin: Tensor,
+    device: Device,
+}
+
+fn check_bounds(content: &Content, file_len: u64, path: &Path) -> Result<()> {
+    for (name, info) in &content.tensor_infos {
+        let elems = info.shape.elem_count();
+        let block = info.ggml_dtype.block_size();
+        let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+        let end = content.tensor_data_offset + info.offset + bytes;
+        if end > file_len {
+            return Err(Error::model(
+                path,
+                format!("truncated file: tensor {name} ends at byte {end} but the file has {file_len} bytes"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Model {
+    /// Load a LLaMA-family GGUF file. Everything (sizes, heads, rope base, tokenizer) comes
+    /// from its metadata.
+    pub fn load(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Arc<Model>> {
+        let path = path.as_ref();
+        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let content = Content::read(&mut file)
+            .map_err(|e| Error::model(path, format!("not a readable GGUF file: {}", first_line(&e))))?;
+        let config = Config::from_gguf(&content, path)?;
+        check_bounds(&content, file_len, path)?;
+        let tokenizer = Tokenizer::from_gguf(&content, path)?;
+        let device = Device::Cpu;
+        let mut read = |name: &str, shape: &[usize]| -> Result<QTensor> {
+            let info = content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| Error::model(path, format!("missing tensor {name}")))?;
+            if info.shape.dims() != shape {
+                return Err(Error::model(
+                    path,
+                    format!("tensor {name} has shape {:?}, expected {shape:?}", info.shape.dims()),
+                ));
+            }
+            content
+                .tensor(&mut file, name, &device)
+                .map_err(|e| Error::model(path, format!("tensor {name}: {}", first_line(&e))))
+        };
+        let c = &config;
+        let embed_q = read("token_embd.weight", &[c.vocab_size, c.hidden])?;
+        let embed = embed_q.dequantize(&device)?;
+        let norm = read("output_norm.weight", &[c.hidden])?.dequantize(&device)?;
+        let head_q = if content.tensor_infos.contains_key("output.weight") {
+            read("output.weight", &[c.vocab_size, c.hidden])?
+        } else {
+            embed_q
+        };
+        let head = to_matmul(head_q, opts.format)?;
+        let mut blocks = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let mut lin = |t: Target| -> Result<QMatMul> {
+                let name = format!("blk.{i}.{}.weight", t.gguf_name());
+                to_matmul(read(&name, &[c.out_features(t), c.in_features(t)])?, opts.format)
+            };
+            let (q, k, v, o) = (lin(Target::Q)?, lin(Target::K)?, lin(Target::V)?, lin(Target::O)?);
+            let (gate, up, down) = (lin(Target::Gate)?, lin(Target::Up)?, lin(Target::Down)?);
+            blocks.push(Block {
+                attn_norm: read(&format!("blk.{i}.attn_norm.weight"), &[c.hidden])?.dequantize(&device)?,
+                ffn_norm: read(&format!("blk.{i}.ffn_norm.weight"), &[c.hidden])?.dequantize(&device)?,
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+            });
+        }
+        if c.rope_dim != c.head_dim {
+            return Err(Error::model(
+                path,
+                format!("partial rotary embeddings (rope dim {} of head dim {}) are not supported", c.rope_dim, c.head_dim),
+            ));
+        }
+        let (cos, sin) = rope_tables(c.head_dim, c.rope_base, c.context_len, &device)?;
+        Ok(Arc::new(Model {
+            config,
+            tokenizer,
+            path: path.to_path_buf(),
+            format: opts.format,
+            embed,
+            blocks,
+            norm,
+            head,
+            cos,
+            sin,
+            device,
+        }))
+    }
+
+    /// The device tensors live on (CPU).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Base weight of one adaptable linear, dequantized to f32 `(out, in)`.
+    pub fn base_weight(&self, layer: usize, target: Target) -> Result<Tensor> {
+        let block = self
+            .blocks
+            .get(layer)
+            .ok_or_else(|| Error::Invalid(format!("layer {layer} out of range")))?;
+        Ok(match block.weight(target) {
+            QMatMul::QTensor(q) => q.dequantize(&self.device)?,
+            QMatMul::Tensor(t) => t.clone(),
+            QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+        })
+    }
+
+    /// Run `tokens` `(b, t)` through the model, extending `cache` when given.
+    ///
+    /// Every row of the batch sits at the same position (`cache.len()`); rows differ only in
+    /// what the hook adds (their gate weights).
+    pub fn forward(&self, tokens: &Tensor, mut cache: Option<&mut KvCache>, pass: &Pass) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let pos = cache.as_ref().map_or(0, |c| c.len());
+        if pos + t > self.config.context_len {
+            return Err(Error::Invalid(format!(
+                "context full: {} tokens exceed the model's context of {}",
+                pos + t,
+                self.config.context_len
+            )));
+        }
+        if let Some(c) = cache.as_ref() {
+            if c.rows() != 0 && c.rows() != b {
+                return Err(Error::Invalid(format!("cache holds {} rows, batch has {b}", c.rows())));
+            }
+        }
+        let mask = if t > 1 { Some(causal_mask(t, pos, &self.device)?) } else { None };
+        let mut x = self.embed.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.config.hidden))?; // (b, t, hidden)
+        for (i, block) in self.blocks.iter().enumerate() {
+            let h = self.rms_norm(&x, &block.attn_norm, pass)?;
+            let a = self.attention(i, block, &h, cache.as_deref_mut(), pos, mask.as_ref(), pass)?;
+            x = (x + a)?;
+            let h = self.rms_norm(&x, &block.ffn_norm, pass)?;
+            let m = self.mlp(i, block, &h, pass)?;
+            x = (x + m)?;
+        }
+        let x = self.rms_norm(&x, &self.norm, pass)?;
+        let x = match pass.logits {
+            Logits::Last => x.i((.., t - 1, ..))?.contiguous()?, // (b, hidden)
+            Logits::All => x,                                    // (b, t, hidden)
+        };
+        Ok(self.head.forward(&x)?)
+    }
+
+    /// One adaptable linear: the base matmul, then the LoRA hook. The only place adapters act.
+    fn linear(&self, layer: usize, target: Target, w: &QMatMul, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+        let y = w.forward(x)?;
+        Ok(pass.hook.after_linear(layer, target, x, y)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        blk: &Block,
+        x: &Tensor,
+        cache: Option<&mut KvCache>,
+        pos: usize,
+        mask: Option<&Tensor>,
+        pass: &Pass,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (c.n_head, c.n_kv_head, c.head_dim);
+        let q = self.linear(layer, Target::Q, &blk.q, x, pass)?; // (b, t, nh * hd)
+        let k = self.linear(layer, Target::K, &blk.k, x, pass)?; // (b, t, nkv * hd)
+        let v = self.linear(layer, Target::V, &blk.v, x, pass)?;
+        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?; // (b, nh, t, hd)
+        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?; // (b, nkv, t, hd)
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = self.rope(&q, pos, pass)?;
+        let k = self.rope(&k, pos, pass)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(layer, &k, &v)?, // (b, nkv, pos + t, hd)
+            None => (k, v),
+        };
+        let k = candle_transformers::utils::repeat_kv(k, c.n_rep())?; // (b, nh, kv_len, hd)
+        let v = candle_transformers::utils::repeat_kv(v, c.n_rep())?.contiguous()?;
+        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?; // (b, nh, t, kv_len)
+        let att = match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = if pass.differentiable {
+            candle_nn::ops::softmax(&att, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        };
+        let y = att.matmul(&v)?; // (b, nh, t, hd)
+        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.linear(layer, Target::O, &blk.o, &y, pass)
+    }
+
+    fn mlp(&self, layer: usize, blk: &Block, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+        let gate = self.linear(layer, Target::Gate, &blk.gate, x, pass)?; // (b, t, ffn)
+        let up = self.linear(layer, Target::Up, &blk.up, x, pass)?;
+        let h = (candle_nn::ops::silu(&gate)? * up)?;
+        self.linear(layer, Target::Down, &blk.down, &h, pass)
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, pass: &Pass) -> Result<Tensor> {
+        let eps = self.config.rms_eps as f32;
+        Ok(if pass.differentiable {
+            candle_nn::ops::rms_norm_slow(x, w, eps)?
+        } else {
+            candle_nn::ops::rms_norm(x, w, eps)?
+        })
+    }
+
+    /// Interleaved RoPE (GGUF stores q/k rows permuted for it). `x`: `(b, heads, t, hd)`.
+    fn rope(&self, x: &Tensor, pos: usize, pass: &Pass) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        Ok(if pass.differentiable {
+            candle_nn::rotary_emb::rope_i_slow(x, &cos, &sin)?
+        } else {
+            candle_nn::rotary_emb::rope_i(x, &cos, &sin)?
+        })
+    }
+}
+
+/// The message of a candle error without the backtrace candle appends when RUST_BACKTRACE is set.
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+fn to_matmul(q: QTensor, format: WeightFormat) -> Result<QMatMul> {
+    let device = q.device();
+    Ok(match format {
+        WeightFormat::Stored => QMatMul::from_qtensor(q)?,
+        WeightFormat::F32 => QMatMul::Tensor(q.dequantize(&device)?),
+        WeightFormat::Q8_0 => {
+            let dense = q.dequantize(&device)?;
+            if dense.dim(D::Minus1)? % GgmlDType::Q8_0.block_size() == 0 {
+                QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)?
+            } else {
+                QMatMul::Tensor(dense)
+            }
+        }
+    })
+}
+
+fn rope_tables(head_dim: usize, base: f32, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
+        .collect();
+    let inv = Tensor::new(inv.as_slice(), device)?.reshape((1, head_dim / 2))?;
+    let pos = Tensor::arange(0u32, len as u32, device)?.to_dtype(DType::F32)?.reshape((len, 1))?;
+    let angles = pos.matmul(&inv)?; // (len, hd / 2)
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+/// Additive causal mask `(t, pos + t)`: 0 where query `pos + i` may see key `j`, -inf elsewhere.
+fn causal_mask(t: usize, pos: usize, device: &Device) -> Result<Tensor> {
+    let kv = pos + t;
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..kv).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(data, (t, kv), device)?)
+}

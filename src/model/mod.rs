@@ -1,0 +1,116 @@
+//! The LLaMA-family transformer: config from GGUF metadata, quantized base weights, tokenizer,
+//! forward pass with a LoRA hook at every linear, and the per-session KV cache.
+
+mod cache;
+mod config;
+pub mod fetch;
+mod llama;
+pub mod tiny;
+mod tokenizer;
+
+pub use cache::KvCache;
+pub use config::{Config, LLAMA_FAMILY};
+pub use llama::{LoadOptions, Logits, Model, Pass, WeightFormat};
+pub use tokenizer::{
+    chatml_message, chatml_prompt, Message, TokenStream, Tokenizer, CHATML_ASSISTANT,
+    DEFAULT_SYSTEM,
+};
+
+use candle_core::Tensor;
+
+/// The seven linears of a LLaMA block that LoRA experts can adapt, named as in PEFT's
+/// `target_modules`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Target {
+    /// All targets, in block order.
+    pub const ALL: [Target; 7] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+    ];
+
+    /// PEFT module name (`q_proj`...).
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
+        }
+    }
+
+    /// PEFT parent module (`self_attn` or `mlp`).
+    pub fn peft_parent(self) -> &'static str {
+        match self {
+            Target::Q | Target::K | Target::V | Target::O => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    /// GGUF tensor name stem (`attn_q`...).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Target::Q => "attn_q",
+            Target::K => "attn_k",
+            Target::V => "attn_v",
+            Target::O => "attn_output",
+            Target::Gate => "ffn_gate",
+            Target::Up => "ffn_up",
+            Target::Down => "ffn_down",
+        }
+    }
+
+    /// Parse a PEFT module name (`q_proj`, also `q`).
+    pub fn parse(s: &str) -> Option<Target> {
+        Target::ALL
+            .into_iter()
+            .find(|t| t.peft_name() == s || t.peft_name().trim_end_matches("_proj") == s)
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.peft_name())
+    }
+}
+
+/// The LoRA hook: called after every adaptable linear with its input and base output.
+///
+/// The model knows nothing of adapters; `lora::ExpertHook` implements this to add
+/// `sum_i g_i * s_i * B_i (A_i x)` per row.
+pub trait LinearHook {
+    /// `x`: the linear's input `(b, t, in)`; `y`: the base output `(b, t, out)`.
+    fn after_linear(
+        &self,
+        layer: usize,
+        target: Target,
+        x: &Tensor,
+        y: Tensor,
+    ) -> candle_core::Result<Tensor>;
+}
+
+/// No adapters: the base model.
+pub struct NoHook;
+
+impl LinearHook for NoHook {
+    fn after_linear(&self, _: usize, _: Target, _: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+        Ok(y)
+    }
+}

@@ -1,0 +1,108 @@
+//! A tiny random-weight LLaMA written as a real GGUF file, for fast unit tests.
+//!
+//! Its tokenizer has one token per byte (no merges) plus the ChatML specials, so text
+//! round-trips; its weights are seeded random normals.
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::path::Path;
+
+use super::{Config, Target};
+use crate::{Error, Result};
+
+/// Shape of the tiny model: 2 layers, hidden 64, FFN 128, 4 heads over 2 KV heads.
+pub fn tiny_config() -> Config {
+    Config {
+        arch: "llama".into(),
+        name: Some("stancemix-tiny".into()),
+        n_layer: 2,
+        hidden: 64,
+        ffn: 128,
+        n_head: 4,
+        n_kv_head: 2,
+        head_dim: 16,
+        rope_dim: 16,
+        rope_base: 10_000.0,
+        rms_eps: 1e-5,
+        context_len: 512,
+        vocab_size: 256 + 3,
+    }
+}
+
+fn normal(rng: &mut StdRng, n: usize, std: f32) -> Vec<f32> {
+    // Box-Muller from two uniforms: enough for random weights.
+    (0..n)
+        .map(|_| {
+            let u1: f32 = rng.random::<f32>().max(1e-7);
+            let u2: f32 = rng.random();
+            std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+        })
+        .collect()
+}
+
+/// Write the tiny model to `path` (a GGUF with f32 tensors) from `seed`.
+pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<()> {
+    let c = tiny_config();
+    let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut add = |name: String, shape: &[usize], std: f32, ones: bool| -> Result<()> {
+        let n: usize = shape.iter().product();
+        let data = if ones { vec![1.0; n] } else { normal(&mut rng, n, std) };
+        let t = Tensor::from_vec(data, shape, &dev)?;
+        tensors.push((name, QTensor::quantize(&t, GgmlDType::F32)?));
+        Ok(())
+    };
+    add("token_embd.weight".into(), &[c.vocab_size, c.hidden], 0.5, false)?;
+    add("output_norm.weight".into(), &[c.hidden], 0.0, true)?;
+    for i in 0..c.n_layer {
+        add(format!("blk.{i}.attn_norm.weight"), &[c.hidden], 0.0, true)?;
+        add(format!("blk.{i}.ffn_norm.weight"), &[c.hidden], 0.0, true)?;
+        for t in Target::ALL {
+            let std = 1.0 / (c.in_features(t) as f32).sqrt();
+            add(format!("blk.{i}.{}.weight", t.gguf_name()), &[c.out_features(t), c.in_features(t)], std, false)?;
+        }
+    }
+    // Byte-level vocabulary: the 256 GPT-2 byte characters, then the specials.
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort();
+    let mut tokens: Vec<Value> = alphabet.iter().map(|ch| Value::String(ch.to_string())).collect();
+    let mut types: Vec<Value> = vec![Value::I32(1); tokens.len()];
+    for s in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
+        tokens.push(Value::String(s.into()));
+        types.push(Value::I32(3));
+    }
+    let u32v = |x: usize| Value::U32(x as u32);
+    let md: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("general.name", Value::String("stancemix-tiny".into())),
+        ("llama.block_count", u32v(c.n_layer)),
+        ("llama.embedding_length", u32v(c.hidden)),
+        ("llama.feed_forward_length", u32v(c.ffn)),
+        ("llama.attention.head_count", u32v(c.n_head)),
+        ("llama.attention.head_count_kv", u32v(c.n_kv_head)),
+        ("llama.rope.dimension_count", u32v(c.rope_dim)),
+        ("llama.rope.freq_base", Value::F32(c.rope_base)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(c.rms_eps as f32)),
+        ("llama.context_length", u32v(c.context_len)),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens", Value::Array(tokens)),
+        ("tokenizer.ggml.token_type", Value::Array(types)),
+        ("tokenizer.ggml.merges", Value::Array(vec![])),
+        ("tokenizer.ggml.eos_token_id", Value::U32(258)),
+        ("tokenizer.ggml.bos_token_id", Value::U32(257)),
+    ];
+    write_gguf(path, &md, &tensors)
+}
+
+/// Write a GGUF file from metadata and tensors (atomically).
+pub fn write_gguf(path: &Path, md: &[(&str, Value)], tensors: &[(String, QTensor)]) -> Result<()> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut buf, &md_refs, &t_refs)
+        .map_err(|e| Error::model(path, format!("writing GGUF: {e}")))?;
+    crate::error::write_atomic(path, &buf.into_inner())
+}

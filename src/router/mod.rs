@@ -1,0 +1,23 @@
+//! The gate (router): features, a linfa classifier, policies, save / load.
+
+mod features;
+mod gate;
+mod policy;
+mod report;
+
+pub use features::{features, words, FeatureConfig};
+pub use gate::{Gate, Route, GATE_FILE};
+pub use policy::{load_policies, Policy};
+pub use report::{evaluate, Report};
+
+use std::path::PathBuf;
+
+/// `router-data/` in the repository.
+pub fn shipped_gate_dir() -> PathBuf {
+    crate::runtime::repo_dir().join("router-data")
+}
+
+/// `router-data/policies/`.
+pub fn policies_dir() -> PathBuf {
+    shipped_gate_dir().join("policies")
+}

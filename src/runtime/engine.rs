@@ -1,0 +1,148 @@
+//! `Engine`: the shared, immutable half of the runtime (model + experts + gate).
+
+use candle_core::Tensor;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{Blend, RowPlan, Session};
+use crate::lora::{Adapter, ExpertSet};
+use crate::model::{KvCache, LoadOptions, Logits, Model, Pass, WeightFormat};
+use crate::router::{Gate, Policy, Route};
+use crate::{Error, Result};
+
+/// Model, experts and (optionally) the gate with its policies; shared by every session.
+///
+/// ```no_run
+/// use stancemix::{Blend, Engine, EngineOptions, GenParams};
+/// let engine = Engine::load(&EngineOptions::default())?;
+/// let mut session = engine.session();
+/// session.set_blend(Blend::dial(0.5)?)?;
+/// let reply = session.chat("Should cities build more housing?", &GenParams::default(), |_| true)?;
+/// println!("[{}] {}", reply.blend, reply.text);
+/// # Ok::<(), stancemix::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Engine {
+    pub model: Arc<Model>,
+    pub experts: ExpertSet,
+    pub gate: Option<Gate>,
+    pub policies: Vec<Policy>,
+}
+
+/// What [`Engine::load`] loads. `Default` gives the shipped defaults.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// The base GGUF; `None` fetches the default model if needed.
+    pub model: Option<PathBuf>,
+    /// Adapter directories; `None` means the shipped ones (those that exist).
+    pub adapters: Option<Vec<PathBuf>>,
+    /// Gate directory; `None` means the shipped one if it exists.
+    pub gate: Option<PathBuf>,
+    pub format: WeightFormat,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { model: None, adapters: None, gate: None, format: WeightFormat::Q8_0 }
+    }
+}
+
+/// Repository root (where the shipped adapters and gate live).
+pub fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shipped adapters that exist: `adapters/progressive`, `adapters/conservative`.
+pub fn shipped_adapters() -> Vec<PathBuf> {
+    ["progressive", "conservative"]
+        .iter()
+        .map(|s| repo_dir().join("adapters").join(s))
+        .filter(|p| p.join(crate::lora::CONFIG_FILE).exists())
+        .collect()
+}
+
+impl Engine {
+    /// Load model, adapters and gate as `opts` says.
+    pub fn load(opts: &EngineOptions) -> Result<Arc<Engine>> {
+        let path = match &opts.model {
+            Some(p) => p.clone(),
+            None => crate::model::fetch::ensure_default_model()?,
+        };
+        let model = Model::load(&path, &LoadOptions { format: opts.format })?;
+        let dirs = opts.adapters.clone().unwrap_or_else(shipped_adapters);
+        let adapters = dirs.iter().map(|d| Adapter::load(d, &model.config)).collect::<Result<Vec<_>>>()?;
+        let experts = ExpertSet::new(adapters)?;
+        let gate_dir = opts.gate.clone().or_else(|| {
+            let d = crate::router::shipped_gate_dir();
+            d.join(crate::router::GATE_FILE).exists().then_some(d)
+        });
+        let (gate, policies) = match gate_dir {
+            Some(d) => (Some(Gate::load(&d)?), crate::router::load_policies(&crate::router::policies_dir())?),
+            None => (None, Vec::new()),
+        };
+        Ok(Arc::new(Engine { model, experts, gate, policies }))
+    }
+
+    /// An engine from parts (tests, benchmarks, embedding with custom adapters).
+    pub fn new(model: Arc<Model>, experts: ExpertSet) -> Arc<Engine> {
+        Arc::new(Engine { model, experts, gate: None, policies: Vec::new() })
+    }
+
+    /// An engine from parts with a gate and policies.
+    pub fn with_gate(model: Arc<Model>, experts: ExpertSet, gate: Gate, policies: Vec<Policy>) -> Arc<Engine> {
+        Arc::new(Engine { model, experts, gate: Some(gate), policies })
+    }
+
+    /// A new conversation on this engine.
+    pub fn session(self: &Arc<Self>) -> Session {
+        Session::new(self.clone())
+    }
+
+    /// Forward `tokens` (`(t,)` shared by every row) for a batch whose row `r` uses gate weights
+    /// `rows[r]`; extends `cache`. Returns logits `(rows, vocab)` (or `(rows, t, vocab)`).
+    pub fn forward_rows(&self, tokens: &[u32], cache: Option<&mut KvCache>, rows: &[Vec<f32>], logits: Logits) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(Error::Invalid("no tokens to feed".into()));
+        }
+        let b = rows.len().max(1);
+        let t = Tensor::new(tokens, self.model.device())?.unsqueeze(0)?.repeat((b, 1))?;
+        let zero = vec![vec![0f32; self.experts.len()]];
+        let rows = if rows.is_empty() { &zero[..] } else { rows };
+        let hook = self.experts.hook(rows)?;
+        self.model.forward(&t, cache, &Pass { hook: &hook, logits, differentiable: false })
+    }
+
+    /// The gate weights and row plan for `blend` applied to the prompt `text`.
+    pub fn plan(&self, blend: &Blend, text: &str) -> Result<(Vec<f32>, RowPlan, Option<Route>)> {
+        let (g, route) = match &blend.view {
+            super::View::Auto(policy) => {
+                let r = self.route(text, policy)?;
+                (r.gates.clone(), Some(r))
+            }
+            _ => (blend.gates(&self.experts)?, None),
+        };
+        let plan = RowPlan::new(&g, blend.mode, &self.experts)?;
+        Ok((g, plan, route))
+    }
+
+    /// Ask the gate about `text` under the policy named `policy`.
+    pub fn route(&self, text: &str, policy: &str) -> Result<Route> {
+        let gate = self.gate.as_ref().ok_or_else(|| Error::Invalid("no gate loaded: train one with `stancemix router train`".into()))?;
+        let p = self.policy(policy)?;
+        gate.route(self, text, p)
+    }
+
+    /// The loaded policy named `name`.
+    pub fn policy(&self, name: &str) -> Result<&Policy> {
+        self.policies.iter().find(|p| p.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.policies.iter().map(|p| p.name.as_str()).collect();
+            Error::Invalid(format!("no policy named '{name}' (loaded: {})", if names.is_empty() { "none".into() } else { names.join(", ") }))
+        })
+    }
+
+    /// Names of the experts, in gate order.
+    pub fn expert_names(&self) -> &[String] {
+        self.experts.names()
+    }
+}
+

@@ -1,0 +1,10 @@
+//! The runtime: `Engine` (shared, immutable: model + experts + gate), `Session` (KV cache,
+//! history, blend), generation and sampling, and the `Blend` type.
+
+mod blend;
+mod engine;
+mod session;
+
+pub use blend::{softmax, Blend, Combine, Mode, RowPlan, View, CONSERVATIVE, PROGRESSIVE};
+pub use engine::{repo_dir, shipped_adapters, Engine, EngineOptions};
+pub use session::{GenParams, Piece, Reply, Session, StopReason, Turn};

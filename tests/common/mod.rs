@@ -1,0 +1,46 @@
+//! Shared test helpers: the real base model (fetched if missing) and the tiny random model.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use stancemix::model::{fetch, tiny, LoadOptions, Model, WeightFormat};
+
+/// The real base model's path, fetched on first use.
+pub fn real_model_path() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| fetch::ensure_default_model().expect("fetching the base model (needs python3 -m pip)"))
+        .clone()
+}
+
+/// The real base model in a weight format.
+pub fn real_model(format: WeightFormat) -> Arc<Model> {
+    Model::load(real_model_path(), &LoadOptions { format }).expect("loading the base model")
+}
+
+/// The tiny random model (written to a temp GGUF, loaded through the real loader).
+pub fn tiny_model(seed: u64) -> Arc<Model> {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("tiny.gguf");
+    tiny::write_tiny_gguf(&p, seed).unwrap();
+    Model::load(&p, &LoadOptions { format: WeightFormat::F32 }).unwrap()
+}
+
+/// The `stancemix` binary built for this test run.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_stancemix"))
+}
+
+/// Max absolute difference of two equal-length slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// A python3 that has numpy and safetensors (scripts/test installs them under target/pydeps).
+pub fn python_with_deps() -> std::process::Command {
+    let mut c = std::process::Command::new("python3");
+    let deps = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pydeps");
+    c.env("PYTHONPATH", deps);
+    c
+}

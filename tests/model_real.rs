@@ -1,0 +1,115 @@
+//! The real base model: parity with an independent implementation, sessions, the CLI.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use common::*;
+use stancemix::model::{chatml_prompt, KvCache, Logits, Message, NoHook, Pass, WeightFormat};
+use stancemix::{Engine, GenParams};
+use stancemix::lora::ExpertSet;
+
+const PROMPTS: [&str; 3] = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain in one sentence why the sky is blue.",
+];
+
+fn user(p: &str) -> String {
+    chatml_prompt(&[Message { role: "user".into(), content: p.into() }])
+}
+
+fn argmax(t: &Tensor) -> u32 {
+    t.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+}
+
+#[test]
+fn logits_and_greedy_match_candle_quantized_llama() {
+    let path = real_model_path();
+    let model = real_model(WeightFormat::Stored);
+    for p in PROMPTS {
+        let ids = model.tokenizer.encode(&user(p)).unwrap();
+        let mut f = std::fs::File::open(&path).unwrap();
+        let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+        let mut reference = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let want = reference.forward(&x, 0).unwrap().squeeze(0).unwrap();
+        let mut cache = KvCache::new(model.config.n_layer);
+        let pass = Pass { hook: &NoHook, logits: Logits::Last, differentiable: false };
+        let got = model.forward(&x, Some(&mut cache), &pass).unwrap().squeeze(0).unwrap();
+        let d = max_abs_diff(&got.to_vec1().unwrap(), &want.to_vec1().unwrap());
+        assert!(d <= 1e-3, "{p}: max abs logit diff {d}");
+        // Greedy 32-token continuations, each model with its own cache.
+        let (mut a, mut b) = (argmax(&got), argmax(&want));
+        let (mut ours, mut theirs) = (vec![], vec![]);
+        for i in 0..32 {
+            ours.push(a);
+            theirs.push(b);
+            let xa = Tensor::new(&[a], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            a = argmax(&model.forward(&xa, Some(&mut cache), &pass).unwrap().squeeze(0).unwrap());
+            let xb = Tensor::new(&[b], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            b = argmax(&reference.forward(&xb, ids.len() + i).unwrap().squeeze(0).unwrap());
+        }
+        assert_eq!(ours, theirs, "{p}: greedy continuations differ");
+    }
+}
+
+#[test]
+fn interleaved_sessions_match_each_run_alone() {
+    let engine = Engine::new(real_model(WeightFormat::Q8_0), ExpertSet::empty());
+    let params = GenParams { max_tokens: 20, temperature: 0.0, ..GenParams::default() };
+    let alone: Vec<Vec<u32>> = PROMPTS[..2]
+        .iter()
+        .map(|p| engine.session().chat(p, &params, |_| true).unwrap().tokens)
+        .collect();
+    let (mut s1, mut s2) = (engine.session(), engine.session());
+    let mut t1 = s1.begin(PROMPTS[0], &params).unwrap();
+    let mut t2 = s2.begin(PROMPTS[1], &params).unwrap();
+    let (mut o1, mut o2) = (vec![], vec![]);
+    loop {
+        let a = t1.next_token().unwrap();
+        let b = t2.next_token().unwrap();
+        if let Some(a) = &a {
+            o1.push(a.id);
+        }
+        if let Some(b) = &b {
+            o2.push(b.id);
+        }
+        if a.is_none() && b.is_none() {
+            break;
+        }
+    }
+    assert_eq!(o1, alone[0]);
+    assert_eq!(o2, alone[1]);
+}
+
+#[test]
+fn generate_cli_answers_paris() {
+    real_model_path();
+    let out = std::process::Command::new(bin())
+        .args(["generate", "--prompt", "What is the capital of France?", "--max-tokens", "24", "--temperature", "0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Paris"), "answer was: {text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("[base | weights]"), "the blend is shown");
+}
+
+#[test]
+fn tokenizer_matches_smollm2_conventions() {
+    let model = real_model(WeightFormat::Stored);
+    let t = &model.tokenizer;
+    // ChatML specials are single tokens with the ids llama.cpp reports.
+    assert_eq!(t.encode("<|im_start|>").unwrap(), vec![1]);
+    assert_eq!(t.encode("<|im_end|>").unwrap(), vec![2]);
+    assert_eq!(t.eos_id, 2);
+    // Digits are split one per token; no prefix space is added.
+    let ids = t.encode("12345").unwrap();
+    assert_eq!(ids.len(), 5);
+    let toks: Vec<String> = t.encode("Hello world").unwrap().iter().map(|&i| t.id_to_token(i).unwrap()).collect();
+    assert_eq!(toks, vec!["Hello", "Ġworld"]);
+    for s in ["naïve café, 3.14 — ok?\n\tdone", "<|im_start|>user\nhi<|im_end|>\n"] {
+        assert_eq!(t.decode(&t.encode(s).unwrap(), true).unwrap(), s);
+    }
+}
