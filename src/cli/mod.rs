@@ -2,6 +2,7 @@
 
 pub mod adapter;
 pub mod common;
+pub mod data;
 pub mod generate;
 pub mod info;
 pub mod merge;
@@ -32,6 +33,9 @@ pub enum Command {
     Merge(merge::Args),
     /// Show the gate's routing decision for a prompt, without generating.
     Route(route::Args),
+    /// Check or export the stance data.
+    #[command(subcommand)]
+    Data(data::Command),
     /// Train or evaluate the gate.
     #[command(subcommand)]
     Router(route::RouterCommand),
@@ -51,5 +55,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Merge(a) => merge::run(a),
         Command::Route(a) => route::run(a),
         Command::Router(c) => route::run_router(c),
+        Command::Data(c) => data::run(c),
     }
 }

@@ -1,9 +1,16 @@
 //! Stance-pair and router-prompt schemas, validation, filters and chat formatting.
 
+mod check;
+pub mod export;
+mod instrument;
 mod router_prompts;
+mod stance;
 pub mod topics;
 
+pub use check::{check, is_offensive, split_of, CheckReport, INSTRUMENT_JACCARD, NEAR_DUP_JACCARD};
+pub use instrument::{Axis, Instrument, Item, Scale};
 pub use router_prompts::{is_dev, load_router_prompts, RouterPrompt};
+pub use stance::{load_stance_dir, load_stance_pairs, word_count, StancePair, STANCE_OPENINGS};
 
 use std::path::Path;
 

@@ -111,8 +111,14 @@ impl Gate {
         let fit = MultiLogisticRegression::default()
             .alpha(alpha)
             .max_iterations(max_iter)
+            .gradient_tolerance(1e-7)
             .fit(&ds)
             .map_err(|e| Error::Invalid(format!("gate training failed: {e}")))?;
+        if std::env::var_os("STANCEMIX_DEBUG_GATE").is_some() {
+            let pred = fit.predict(ds.records());
+            let acc = pred.iter().zip(ds.targets().iter()).filter(|(a, b)| a == b).count() as f64 / pred.len() as f64;
+            eprintln!("linfa train accuracy {acc:.3}");
+        }
         // linfa's params are (dim, classes) over its sorted class labels.
         let classes: Vec<usize> = fit.classes().to_vec();
         let params = fit.params();

@@ -1,0 +1,72 @@
+//! `stancemix data check|export`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use stancemix::data::export::{export, Split, View};
+use stancemix::data::{check, load_stance_dir};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Validate data files; report `file:line: field: problem`; print the balance table.
+    Check {
+        /// Files or directories (default: adapters/data adapters/instruments router-data).
+        files: Vec<PathBuf>,
+    },
+    /// Export the SFT or DPO view of the stance pairs as JSON Lines.
+    Export {
+        #[arg(long, value_enum)]
+        format: View,
+        /// progressive or conservative.
+        #[arg(long)]
+        stance: String,
+        #[arg(long, value_enum, default_value = "train")]
+        split: Split,
+        #[arg(long, default_value = "adapters/data/stance")]
+        data: PathBuf,
+        /// Output file (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+pub fn run(c: Command) -> anyhow::Result<()> {
+    match c {
+        Command::Check { files } => {
+            let files = if files.is_empty() {
+                ["adapters/data", "adapters/instruments", "router-data"].iter().map(PathBuf::from).collect()
+            } else {
+                files
+            };
+            let r = check(&files);
+            for w in &r.warnings {
+                println!("warning: {w}");
+            }
+            for e in &r.errors {
+                println!("{e}");
+            }
+            print!("\n{}", r.balance_table());
+            println!("{} files, {} errors, {} warnings", r.files, r.errors.len(), r.warnings.len());
+            if !r.errors.is_empty() {
+                anyhow::bail!("data check found {} errors", r.errors.len());
+            }
+            Ok(())
+        }
+        Command::Export { format, stance, split, data, out } => {
+            let pairs = load_stance_dir(&data)?;
+            let recs = export(&pairs, format, &stance, split)?;
+            let mut buf = Vec::new();
+            for r in &recs {
+                writeln!(buf, "{}", serde_json::to_string(r)?)?;
+            }
+            match out {
+                Some(p) => {
+                    stancemix::error::write_atomic(&p, &buf)?;
+                    eprintln!("wrote {} records to {}", recs.len(), p.display());
+                }
+                None => std::io::stdout().write_all(&buf)?,
+            }
+            Ok(())
+        }
+    }
+}
