@@ -26,9 +26,13 @@ fn prompt(model: &Model) -> Vec<u32> {
 
 fn decode(engine: &Engine, ids: &[u32], rows: &[Vec<f32>]) {
     let mut cache = KvCache::new(engine.model.config.n_layer);
-    engine.forward_rows(&ids[..8], Some(&mut cache), rows, Logits::Last).unwrap();
+    engine
+        .forward_rows(&ids[..8], Some(&mut cache), rows, Logits::Last)
+        .unwrap();
     for i in 0..N {
-        engine.forward_rows(&[ids[i % ids.len()]], Some(&mut cache), rows, Logits::Last).unwrap();
+        engine
+            .forward_rows(&[ids[i % ids.len()]], Some(&mut cache), rows, Logits::Last)
+            .unwrap();
     }
 }
 
@@ -37,30 +41,86 @@ fn benches(c: &mut Criterion) {
     let threads = candle_core::utils::get_num_threads();
     eprintln!("candle threads: {threads}");
     let mut g = c.benchmark_group("inference");
-    g.sample_size(10).measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_secs(1));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(8))
+        .warm_up_time(Duration::from_secs(1));
     for format in [WeightFormat::Stored, WeightFormat::Q8_0, WeightFormat::F32] {
         let model = Model::load(&path, &LoadOptions { format }).unwrap();
         let ids = prompt(&model);
         let base = Engine::new(model.clone(), ExpertSet::empty());
         g.bench_function(format!("prompt_{N}/{format:?}"), |b| {
-            b.iter(|| base.forward_rows(&ids, Some(&mut KvCache::new(model.config.n_layer)), &[], Logits::Last).unwrap())
+            b.iter(|| {
+                base.forward_rows(
+                    &ids,
+                    Some(&mut KvCache::new(model.config.n_layer)),
+                    &[],
+                    Logits::Last,
+                )
+                .unwrap()
+            })
         });
-        g.bench_function(format!("decode_{N}/{format:?}/base"), |b| b.iter(|| decode(&base, &ids, &[])));
+        g.bench_function(format!("decode_{N}/{format:?}/base"), |b| {
+            b.iter(|| decode(&base, &ids, &[]))
+        });
     }
     // Experts: two random rank-16 adapters on all seven projections, Q8_0 base.
-    let model = Model::load(&path, &LoadOptions { format: WeightFormat::Q8_0 }).unwrap();
+    let model = Model::load(
+        &path,
+        &LoadOptions {
+            format: WeightFormat::Q8_0,
+        },
+    )
+    .unwrap();
     let ids = prompt(&model);
-    let pro = Adapter::random(&model.config, "progressive", 16, 16.0, &Target::ALL, 1, 0.02).unwrap();
-    let con = Adapter::random(&model.config, "conservative", 16, 16.0, &Target::ALL, 2, 0.02).unwrap();
+    let pro = Adapter::random(
+        &model.config,
+        "progressive",
+        16,
+        16.0,
+        &Target::ALL,
+        1,
+        0.02,
+    )
+    .unwrap();
+    let con = Adapter::random(
+        &model.config,
+        "conservative",
+        16,
+        16.0,
+        &Target::ALL,
+        2,
+        0.02,
+    )
+    .unwrap();
     let engine = Engine::new(model.clone(), ExpertSet::new(vec![pro, con]).unwrap());
-    g.bench_function(format!("decode_{N}/Q8_0/one_expert"), |b| b.iter(|| decode(&engine, &ids, &[vec![1.0, 0.0]])));
-    g.bench_function(format!("decode_{N}/Q8_0/two_experts_blended"), |b| b.iter(|| decode(&engine, &ids, &[vec![0.6, 0.4]])));
+    g.bench_function(format!("decode_{N}/Q8_0/one_expert"), |b| {
+        b.iter(|| decode(&engine, &ids, &[vec![1.0, 0.0]]))
+    });
+    g.bench_function(format!("decode_{N}/Q8_0/two_experts_blended"), |b| {
+        b.iter(|| decode(&engine, &ids, &[vec![0.6, 0.4]]))
+    });
     let dir = std::env::temp_dir().join(format!("stancemix-bench-{}", std::process::id()));
     let merged_path = dir.join("merged.gguf");
-    merge_to_gguf(&model, &engine.experts, &[0.6, 0.4], &merged_path, false, "bench").unwrap();
-    let merged = Model::load(&merged_path, &LoadOptions { format: WeightFormat::Q8_0 }).unwrap();
+    merge_to_gguf(
+        &model,
+        &engine.experts,
+        &[0.6, 0.4],
+        &merged_path,
+        false,
+        "bench",
+    )
+    .unwrap();
+    let merged = Model::load(
+        &merged_path,
+        &LoadOptions {
+            format: WeightFormat::Q8_0,
+        },
+    )
+    .unwrap();
     let merged_engine = Engine::new(merged, ExpertSet::empty());
-    g.bench_function(format!("decode_{N}/Q8_0/merged"), |b| b.iter(|| decode(&merged_engine, &ids, &[])));
+    g.bench_function(format!("decode_{N}/Q8_0/merged"), |b| {
+        b.iter(|| decode(&merged_engine, &ids, &[]))
+    });
     let _ = std::fs::remove_dir_all(&dir);
     let mut s = engine.session();
     let (a, b2) = (Blend::dial(0.7).unwrap(), Blend::dial(-0.3).unwrap());

@@ -8,7 +8,10 @@ fn main() -> stancemix::Result<()> {
     if engine.experts.is_empty() {
         eprintln!("no experts loaded: only the base blend is available");
     }
-    let params = GenParams { max_tokens: 80, ..GenParams::default() };
+    let params = GenParams {
+        max_tokens: 80,
+        ..GenParams::default()
+    };
     let prompt = "Should the minimum wage be raised?";
     for blend in ["dial=-1", "base", "dial=1"] {
         let blend: Blend = blend.parse()?;

@@ -11,8 +11,26 @@ use stancemix::{Blend, Engine, Mode};
 use std::sync::Arc;
 
 fn random_experts(model: &Model, rank: usize) -> ExpertSet {
-    let pro = Adapter::random(&model.config, "progressive", rank, rank as f64, &Target::ALL, 11, 0.02).unwrap();
-    let con = Adapter::random(&model.config, "conservative", rank, rank as f64, &Target::ALL, 12, 0.02).unwrap();
+    let pro = Adapter::random(
+        &model.config,
+        "progressive",
+        rank,
+        rank as f64,
+        &Target::ALL,
+        11,
+        0.02,
+    )
+    .unwrap();
+    let con = Adapter::random(
+        &model.config,
+        "conservative",
+        rank,
+        rank as f64,
+        &Target::ALL,
+        12,
+        0.02,
+    )
+    .unwrap();
     ExpertSet::new(vec![pro, con]).unwrap()
 }
 
@@ -22,12 +40,31 @@ fn prompt_ids(model: &Model) -> Vec<u32> {
 
 fn logits_rows(engine: &Engine, ids: &[u32], rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
     let z = engine.forward_rows(ids, None, rows, Logits::Last).unwrap();
-    (0..rows.len()).map(|r| z.i(r).unwrap().to_vec1().unwrap()).collect()
+    (0..rows.len())
+        .map(|r| z.i(r).unwrap().to_vec1().unwrap())
+        .collect()
 }
 
 fn base_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
-    let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    model.forward(&x, None, &Pass { hook: &NoHook, logits: Logits::Last, differentiable: false }).unwrap().i(0).unwrap().to_vec1().unwrap()
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model
+        .forward(
+            &x,
+            None,
+            &Pass {
+                hook: &NoHook,
+                logits: Logits::Last,
+                differentiable: false,
+            },
+        )
+        .unwrap()
+        .i(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
@@ -38,7 +75,11 @@ fn dial_zero_matches_base_logits() {
     let g = Blend::dial(0.0).unwrap().gates(&engine.experts).unwrap();
     let with = logits_rows(&engine, &ids, &[g]);
     let base = base_logits(&model, &ids);
-    assert_eq!(max_abs_diff(&with[0], &base), 0.0, "dial 0 must be bit-exact");
+    assert_eq!(
+        max_abs_diff(&with[0], &base),
+        0.0,
+        "dial 0 must be bit-exact"
+    );
     // ...and a non-zero dial really changes the output.
     let g = Blend::dial(1.0).unwrap().gates(&engine.experts).unwrap();
     assert!(max_abs_diff(&logits_rows(&engine, &ids, &[g])[0], &base) > 1e-2);
@@ -56,7 +97,13 @@ fn unmerged_expert_matches_merged_weights_and_merged_file() {
     for (f32, tol) in [(true, 1e-3), (false, 5e-2)] {
         let out = dir.path().join(format!("merged-{f32}.gguf"));
         stancemix::lora::merge_to_gguf(&model, &engine.experts, &g, &out, f32, "test").unwrap();
-        let merged = Model::load(&out, &stancemix::model::LoadOptions { format: WeightFormat::F32 }).unwrap();
+        let merged = Model::load(
+            &out,
+            &stancemix::model::LoadOptions {
+                format: WeightFormat::F32,
+            },
+        )
+        .unwrap();
         let d = max_abs_diff(&base_logits(&merged, &ids), &unmerged);
         assert!(d <= tol, "merged (f32 = {f32}) vs unmerged: {d}");
     }
@@ -70,8 +117,13 @@ fn unmerged_expert_matches_merged_weights_and_merged_file() {
     let y_merged = x.broadcast_matmul(&merged_w.t().unwrap()).unwrap();
     let rows = vec![g.clone()];
     let hook = engine.experts.hook(&rows).unwrap();
-    let y_hook = hook.after_linear(layer, t, &x, x.broadcast_matmul(&w.t().unwrap()).unwrap()).unwrap();
-    let d = max_abs_diff(&y_merged.flatten_all().unwrap().to_vec1().unwrap(), &y_hook.flatten_all().unwrap().to_vec1().unwrap());
+    let y_hook = hook
+        .after_linear(layer, t, &x, x.broadcast_matmul(&w.t().unwrap()).unwrap())
+        .unwrap();
+    let d = max_abs_diff(
+        &y_merged.flatten_all().unwrap().to_vec1().unwrap(),
+        &y_hook.flatten_all().unwrap().to_vec1().unwrap(),
+    );
     assert!(d < 1e-4, "{d}");
 }
 
@@ -80,11 +132,21 @@ fn blend_is_linear_in_gate_weights() {
     let model = real_model(WeightFormat::Q8_0);
     let experts = random_experts(&model, 8);
     let x = Tensor::randn(0f32, 1.0, (1, 5, model.config.hidden), &Device::Cpu).unwrap();
-    let zero = Tensor::zeros((1, 5, model.config.out_features(Target::Q)), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let zero = Tensor::zeros(
+        (1, 5, model.config.out_features(Target::Q)),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let change = |g: Vec<f32>| -> Vec<f32> {
         let rows = vec![g];
         let h = experts.hook(&rows).unwrap();
-        h.after_linear(7, Target::Q, &x, zero.clone()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        h.after_linear(7, Target::Q, &x, zero.clone())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     };
     let (e1, e2) = (change(vec![1.0, 0.0]), change(vec![0.0, 1.0]));
     for (gx, gy) in [(0.3f32, 0.5f32), (-0.7, 1.4), (2.0, -1.0)] {
@@ -107,21 +169,56 @@ fn logits_and_contrast_modes_match_separate_runs() {
 
     // logits mode, dial 0.6: 0.4 base + 0.6 progressive.
     let blend = Blend::dial(0.6).unwrap().with_mode(Mode::Logits);
-    let plan = RowPlan::new(&blend.gates(&engine.experts).unwrap(), Mode::Logits, &engine.experts).unwrap();
+    let plan = RowPlan::new(
+        &blend.gates(&engine.experts).unwrap(),
+        Mode::Logits,
+        &engine.experts,
+    )
+    .unwrap();
     let mut s = engine.session();
-    let got: Vec<f32> = s.feed(&ids, &plan).unwrap().iter().map(|x| x.exp()).collect();
+    let got: Vec<f32> = s
+        .feed(&ids, &plan)
+        .unwrap()
+        .iter()
+        .map(|x| x.exp())
+        .collect();
     let want: Vec<f32> = pb.iter().zip(&pp).map(|(b, p)| 0.4 * b + 0.6 * p).collect();
     assert!(max_abs_diff(&got, &want) <= 1e-5);
     // logits mode, mix 0.25: 0.25 progressive + 0.75 conservative.
-    let plan = RowPlan::new(&Blend::mix(0.25).unwrap().gates(&engine.experts).unwrap(), Mode::Logits, &engine.experts).unwrap();
-    let got: Vec<f32> = engine.session().feed(&ids, &plan).unwrap().iter().map(|x| x.exp()).collect();
-    let want: Vec<f32> = pp.iter().zip(&pc).map(|(p, c)| 0.25 * p + 0.75 * c).collect();
+    let plan = RowPlan::new(
+        &Blend::mix(0.25).unwrap().gates(&engine.experts).unwrap(),
+        Mode::Logits,
+        &engine.experts,
+    )
+    .unwrap();
+    let got: Vec<f32> = engine
+        .session()
+        .feed(&ids, &plan)
+        .unwrap()
+        .iter()
+        .map(|x| x.exp())
+        .collect();
+    let want: Vec<f32> = pp
+        .iter()
+        .zip(&pc)
+        .map(|(p, c)| 0.25 * p + 0.75 * c)
+        .collect();
     assert!(max_abs_diff(&got, &want) <= 1e-5);
 
     // contrast mode, dial -0.5: z_base + l (z_pro - z_con) with l = -0.5.
-    let plan = RowPlan::new(&Blend::dial(-0.5).unwrap().gates(&engine.experts).unwrap(), Mode::Contrast, &engine.experts).unwrap();
+    let plan = RowPlan::new(
+        &Blend::dial(-0.5).unwrap().gates(&engine.experts).unwrap(),
+        Mode::Contrast,
+        &engine.experts,
+    )
+    .unwrap();
     let got = engine.session().feed(&ids, &plan).unwrap();
-    let want: Vec<f32> = base.iter().zip(&pro).zip(&con).map(|((b, p), c)| b - 0.5 * (p - c)).collect();
+    let want: Vec<f32> = base
+        .iter()
+        .zip(&pro)
+        .zip(&con)
+        .map(|((b, p), c)| b - 0.5 * (p - c))
+        .collect();
     assert!(max_abs_diff(&got, &want) <= 1e-4);
 }
 
@@ -131,7 +228,10 @@ fn blend_changes_between_tokens_without_reload() {
     let engine: Arc<Engine> = Engine::new(model.clone(), random_experts(&model, 8));
     let mut s = engine.session();
     s.set_blend(Blend::dial(0.8).unwrap()).unwrap();
-    let params = stancemix::GenParams { max_tokens: 4, ..Default::default() };
+    let params = stancemix::GenParams {
+        max_tokens: 4,
+        ..Default::default()
+    };
     let r1 = s.chat("Hi", &params, |_| true).unwrap();
     let t0 = std::time::Instant::now();
     s.set_blend(Blend::dial(-0.8).unwrap()).unwrap();
@@ -151,8 +251,14 @@ fn adapter_save_load_round_trip_is_identical() {
     assert_eq!(a.config, b.config);
     for (k, p) in &a.pairs {
         let q = &b.pairs[k];
-        assert_eq!(p.a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), q.a.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        assert_eq!(p.b.flatten_all().unwrap().to_vec1::<f32>().unwrap(), q.b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            p.a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            q.a.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        assert_eq!(
+            p.b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            q.b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
 }
 
@@ -161,19 +267,45 @@ fn peft_adapter_written_by_python_gives_numpy_delta() {
     let model = real_model(WeightFormat::Q8_0);
     let c = &model.config;
     let dir = tempfile::tempdir().unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/make_peft_adapter.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/make_peft_adapter.py"
+    );
     let out = python_with_deps()
         .arg(script)
         .arg(dir.path())
         .args([c.n_layer, c.hidden, c.n_head, c.n_kv_head].map(|x| x.to_string()))
         .output()
         .unwrap();
-    assert!(out.status.success(), "python fixture failed (scripts/test installs numpy and safetensors): {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python fixture failed (scripts/test installs numpy and safetensors): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let a = Adapter::load(dir.path(), c).unwrap();
-    let expected = candle_core::safetensors::load(dir.path().join("expected_deltas.safetensors"), &Device::Cpu).unwrap();
-    for (name, t) in [("q_proj", Target::Q), ("k_proj", Target::K), ("v_proj", Target::V)] {
-        let got = a.delta(1, t).unwrap().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let want = expected[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let expected = candle_core::safetensors::load(
+        dir.path().join("expected_deltas.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (name, t) in [
+        ("q_proj", Target::Q),
+        ("k_proj", Target::K),
+        ("v_proj", Target::V),
+    ] {
+        let got = a
+            .delta(1, t)
+            .unwrap()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = expected[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(max_abs_diff(&got, &want) < 1e-6, "{name}");
     }
 }
@@ -193,30 +325,70 @@ fn bad_adapters_name_the_file_and_tensor() {
         (0..c.n_layer)
             .flat_map(|l| {
                 [
-                    (stancemix::lora::peft_tensor_name(l, Target::V, 'A'), Tensor::zeros((r, c.hidden), candle_core::DType::F32, &Device::Cpu).unwrap()),
-                    (stancemix::lora::peft_tensor_name(l, Target::V, 'B'), Tensor::zeros((c.out_features(Target::V), r), candle_core::DType::F32, &Device::Cpu).unwrap()),
+                    (
+                        stancemix::lora::peft_tensor_name(l, Target::V, 'A'),
+                        Tensor::zeros((r, c.hidden), candle_core::DType::F32, &Device::Cpu)
+                            .unwrap(),
+                    ),
+                    (
+                        stancemix::lora::peft_tensor_name(l, Target::V, 'B'),
+                        Tensor::zeros(
+                            (c.out_features(Target::V), r),
+                            candle_core::DType::F32,
+                            &Device::Cpu,
+                        )
+                        .unwrap(),
+                    ),
                 ]
             })
             .collect()
     };
-    let cfg = |r: usize, m: &str| serde_json::json!({"r": r, "lora_alpha": 8, "target_modules": [m]});
+    let cfg =
+        |r: usize, m: &str| serde_json::json!({"r": r, "lora_alpha": 8, "target_modules": [m]});
     let root = tempfile::tempdir().unwrap();
-    let check = |name: &str, config: serde_json::Value, tensors: Vec<(String, Tensor)>, needle: &str| {
-        let d = root.path().join(name);
-        write_bad(&d, config, tensors);
-        let e = Adapter::load(&d, c).unwrap_err().to_string();
-        assert!(e.contains(&d.display().to_string()), "{name}: names the file: {e}");
-        assert!(e.contains(needle), "{name}: says '{needle}': {e}");
-    };
+    let check =
+        |name: &str, config: serde_json::Value, tensors: Vec<(String, Tensor)>, needle: &str| {
+            let d = root.path().join(name);
+            write_bad(&d, config, tensors);
+            let e = Adapter::load(&d, c).unwrap_err().to_string();
+            assert!(
+                e.contains(&d.display().to_string()),
+                "{name}: names the file: {e}"
+            );
+            assert!(e.contains(needle), "{name}: says '{needle}': {e}");
+        };
     let v3b = stancemix::lora::peft_tensor_name(3, Target::V, 'B');
     let mut wrong = good(4);
     wrong.retain(|(n, _)| *n != v3b);
-    wrong.push((v3b.clone(), Tensor::zeros((5, 4), candle_core::DType::F32, &Device::Cpu).unwrap()));
-    check("wrong-shape", cfg(4, "v_proj"), wrong, &format!("{v3b}: wrong shape"));
+    wrong.push((
+        v3b.clone(),
+        Tensor::zeros((5, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    ));
+    check(
+        "wrong-shape",
+        cfg(4, "v_proj"),
+        wrong,
+        &format!("{v3b}: wrong shape"),
+    );
     let mut missing = good(4);
     missing.retain(|(n, _)| *n != v3b);
-    check("missing", cfg(4, "v_proj"), missing, &format!("{v3b}: missing tensor"));
-    check("unknown-module", cfg(4, "w_proj"), good(4), "unknown target module 'w_proj'");
+    check(
+        "missing",
+        cfg(4, "v_proj"),
+        missing,
+        &format!("{v3b}: missing tensor"),
+    );
+    check(
+        "unknown-module",
+        cfg(4, "w_proj"),
+        good(4),
+        "unknown target module 'w_proj'",
+    );
     check("rank", cfg(8, "v_proj"), good(4), "rank mismatch");
-    check("alpha", serde_json::json!({"r": 4, "target_modules": ["v_proj"]}), good(4), "lora_alpha");
+    check(
+        "alpha",
+        serde_json::json!({"r": 4, "target_modules": ["v_proj"]}),
+        good(4),
+        "lora_alpha",
+    );
 }

@@ -9,12 +9,19 @@ use common::*;
 use std::path::Path;
 
 fn info_fails_with(path: &Path, needle: &str) {
-    let out = std::process::Command::new(bin()).args(["info", "--model"]).arg(path).output().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["info", "--model"])
+        .arg(path)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "should fail: {err}");
     assert!(!err.contains("panicked"), "panicked: {err}");
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-    assert!(err.contains(&path.display().to_string()), "names the file: {err}");
+    assert!(
+        err.contains(&path.display().to_string()),
+        "names the file: {err}"
+    );
     assert!(err.contains(needle), "says '{needle}': {err}");
 }
 
@@ -34,8 +41,17 @@ fn truncated_gguf_is_a_clear_error() {
 fn non_llama_gguf_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("gpt2.gguf");
-    let t = QTensor::quantize(&Tensor::zeros((4, 4), candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
-    stancemix::model::tiny::write_gguf(&p, &[("general.architecture", Value::String("gpt2".into()))], &[("token_embd.weight".into(), t)]).unwrap();
+    let t = QTensor::quantize(
+        &Tensor::zeros((4, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
+    stancemix::model::tiny::write_gguf(
+        &p,
+        &[("general.architecture", Value::String("gpt2".into()))],
+        &[("token_embd.weight".into(), t)],
+    )
+    .unwrap();
     info_fails_with(&p, "not a LLaMA-family model");
 }
 

@@ -5,9 +5,9 @@ mod common;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use common::*;
+use stancemix::lora::ExpertSet;
 use stancemix::model::{chatml_prompt, KvCache, Logits, Message, NoHook, Pass, WeightFormat};
 use stancemix::{Engine, GenParams};
-use stancemix::lora::ExpertSet;
 
 const PROMPTS: [&str; 3] = [
     "What is the capital of France?",
@@ -16,7 +16,10 @@ const PROMPTS: [&str; 3] = [
 ];
 
 fn user(p: &str) -> String {
-    chatml_prompt(&[Message { role: "user".into(), content: p.into() }])
+    chatml_prompt(&[Message {
+        role: "user".into(),
+        content: p.into(),
+    }])
 }
 
 fn argmax(t: &Tensor) -> u32 {
@@ -32,11 +35,22 @@ fn logits_and_greedy_match_candle_quantized_llama() {
         let mut f = std::fs::File::open(&path).unwrap();
         let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
         let mut reference = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
-        let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let want = reference.forward(&x, 0).unwrap().squeeze(0).unwrap();
         let mut cache = KvCache::new(model.config.n_layer);
-        let pass = Pass { hook: &NoHook, logits: Logits::Last, differentiable: false };
-        let got = model.forward(&x, Some(&mut cache), &pass).unwrap().squeeze(0).unwrap();
+        let pass = Pass {
+            hook: &NoHook,
+            logits: Logits::Last,
+            differentiable: false,
+        };
+        let got = model
+            .forward(&x, Some(&mut cache), &pass)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         let d = max_abs_diff(&got.to_vec1().unwrap(), &want.to_vec1().unwrap());
         assert!(d <= 1e-3, "{p}: max abs logit diff {d}");
         // Greedy 32-token continuations, each model with its own cache.
@@ -45,10 +59,28 @@ fn logits_and_greedy_match_candle_quantized_llama() {
         for i in 0..32 {
             ours.push(a);
             theirs.push(b);
-            let xa = Tensor::new(&[a], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            a = argmax(&model.forward(&xa, Some(&mut cache), &pass).unwrap().squeeze(0).unwrap());
-            let xb = Tensor::new(&[b], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-            b = argmax(&reference.forward(&xb, ids.len() + i).unwrap().squeeze(0).unwrap());
+            let xa = Tensor::new(&[a], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            a = argmax(
+                &model
+                    .forward(&xa, Some(&mut cache), &pass)
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap(),
+            );
+            let xb = Tensor::new(&[b], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            b = argmax(
+                &reference
+                    .forward(&xb, ids.len() + i)
+                    .unwrap()
+                    .squeeze(0)
+                    .unwrap(),
+            );
         }
         assert_eq!(ours, theirs, "{p}: greedy continuations differ");
     }
@@ -57,7 +89,11 @@ fn logits_and_greedy_match_candle_quantized_llama() {
 #[test]
 fn interleaved_sessions_match_each_run_alone() {
     let engine = Engine::new(real_model(WeightFormat::Q8_0), ExpertSet::empty());
-    let params = GenParams { max_tokens: 20, temperature: 0.0, ..GenParams::default() };
+    let params = GenParams {
+        max_tokens: 20,
+        temperature: 0.0,
+        ..GenParams::default()
+    };
     let alone: Vec<Vec<u32>> = PROMPTS[..2]
         .iter()
         .map(|p| engine.session().chat(p, &params, |_| true).unwrap().tokens)
@@ -87,13 +123,28 @@ fn interleaved_sessions_match_each_run_alone() {
 fn generate_cli_answers_paris() {
     real_model_path();
     let out = std::process::Command::new(bin())
-        .args(["generate", "--prompt", "What is the capital of France?", "--max-tokens", "24", "--temperature", "0"])
+        .args([
+            "generate",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "0",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Paris"), "answer was: {text}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("[base | weights]"), "the blend is shown");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("[base | weights]"),
+        "the blend is shown"
+    );
 }
 
 #[test]
@@ -107,9 +158,17 @@ fn tokenizer_matches_smollm2_conventions() {
     // Digits are split one per token; no prefix space is added.
     let ids = t.encode("12345").unwrap();
     assert_eq!(ids.len(), 5);
-    let toks: Vec<String> = t.encode("Hello world").unwrap().iter().map(|&i| t.id_to_token(i).unwrap()).collect();
+    let toks: Vec<String> = t
+        .encode("Hello world")
+        .unwrap()
+        .iter()
+        .map(|&i| t.id_to_token(i).unwrap())
+        .collect();
     assert_eq!(toks, vec!["Hello", "Ġworld"]);
-    for s in ["naïve café, 3.14 — ok?\n\tdone", "<|im_start|>user\nhi<|im_end|>\n"] {
+    for s in [
+        "naïve café, 3.14 — ok?\n\tdone",
+        "<|im_start|>user\nhi<|im_end|>\n",
+    ] {
         assert_eq!(t.decode(&t.encode(s).unwrap(), true).unwrap(), s);
     }
 }

@@ -59,12 +59,34 @@ fn load_model(p: Option<PathBuf>) -> anyhow::Result<std::sync::Arc<Model>> {
 
 pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
-        Command::Init { random: _, stance, rank, alpha, targets, seed, std, model, out } => {
+        Command::Init {
+            random: _,
+            stance,
+            rank,
+            alpha,
+            targets,
+            seed,
+            std,
+            model,
+            out,
+        } => {
             let model = load_model(model)?;
             let targets = parse_targets(&targets)?;
-            let a = Adapter::random(&model.config, &stance, rank, alpha.unwrap_or(rank as f64), &targets, seed, std)?;
+            let a = Adapter::random(
+                &model.config,
+                &stance,
+                rank,
+                alpha.unwrap_or(rank as f64),
+                &targets,
+                seed,
+                std,
+            )?;
             a.save(&out, &model.config)?;
-            println!("wrote {} ({} linears, rank {rank}, stance {stance})", out.display(), a.pairs.len());
+            println!(
+                "wrote {} ({} linears, rank {rank}, stance {stance})",
+                out.display(),
+                a.pairs.len()
+            );
             Ok(())
         }
         Command::Inspect { dir, model } => {
@@ -74,8 +96,17 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             println!("adapter        {}", dir.display());
             println!("stance         {}", c.stance.as_deref().unwrap_or("-"));
             println!("description    {}", c.description.as_deref().unwrap_or("-"));
-            println!("base           {}", c.base_model_name_or_path.as_deref().unwrap_or("-"));
-            println!("rank / alpha   {} / {} (scale {:.4}{})", c.r, c.lora_alpha, a.scale(), if c.use_rslora { ", rsLoRA" } else { "" });
+            println!(
+                "base           {}",
+                c.base_model_name_or_path.as_deref().unwrap_or("-")
+            );
+            println!(
+                "rank / alpha   {} / {} (scale {:.4}{})",
+                c.r,
+                c.lora_alpha,
+                a.scale(),
+                if c.use_rslora { ", rsLoRA" } else { "" }
+            );
             println!("targets        {}", c.target_modules.join(", "));
             println!("linears        {}", a.pairs.len());
             let mut params = 0;

@@ -29,8 +29,17 @@ pub struct EngineArgs {
 impl EngineArgs {
     /// Load the engine these flags describe.
     pub fn load(&self) -> anyhow::Result<Arc<Engine>> {
-        let adapters = if self.no_adapters { Some(Vec::new()) } else { self.adapters.clone() };
-        Ok(Engine::load(&EngineOptions { model: self.model.clone(), adapters, gate: self.gate.clone(), format: self.format })?)
+        let adapters = if self.no_adapters {
+            Some(Vec::new())
+        } else {
+            self.adapters.clone()
+        };
+        Ok(Engine::load(&EngineOptions {
+            model: self.model.clone(),
+            adapters,
+            gate: self.gate.clone(),
+            format: self.format,
+        })?)
     }
 }
 
@@ -100,7 +109,10 @@ impl GenArgs {
             }
         }
         if self.repeat_penalty <= 0.0 {
-            anyhow::bail!("--repeat-penalty must be positive, got {}", self.repeat_penalty);
+            anyhow::bail!(
+                "--repeat-penalty must be positive, got {}",
+                self.repeat_penalty
+            );
         }
         Ok(GenParams {
             max_tokens: self.max_tokens,

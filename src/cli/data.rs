@@ -34,7 +34,10 @@ pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
         Command::Check { files } => {
             let files = if files.is_empty() {
-                ["adapters/data", "adapters/instruments", "router-data"].iter().map(PathBuf::from).collect()
+                ["adapters/data", "adapters/instruments", "router-data"]
+                    .iter()
+                    .map(PathBuf::from)
+                    .collect()
             } else {
                 files
             };
@@ -46,13 +49,24 @@ pub fn run(c: Command) -> anyhow::Result<()> {
                 println!("{e}");
             }
             print!("\n{}", r.balance_table());
-            println!("{} files, {} errors, {} warnings", r.files, r.errors.len(), r.warnings.len());
+            println!(
+                "{} files, {} errors, {} warnings",
+                r.files,
+                r.errors.len(),
+                r.warnings.len()
+            );
             if !r.errors.is_empty() {
                 anyhow::bail!("data check found {} errors", r.errors.len());
             }
             Ok(())
         }
-        Command::Export { format, stance, split, data, out } => {
+        Command::Export {
+            format,
+            stance,
+            split,
+            data,
+            out,
+        } => {
             let pairs = load_stance_dir(&data)?;
             let recs = export(&pairs, format, &stance, split)?;
             let mut buf = Vec::new();

@@ -32,7 +32,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         s.set_system(Some(sys));
     }
     if blend.extrapolates() {
-        eprintln!("warning: blend {blend} extrapolates beyond the experts (weights outside [0, 1])");
+        eprintln!(
+            "warning: blend {blend} extrapolates beyond the experts (weights outside [0, 1])"
+        );
     }
     s.set_blend(blend)?;
     let mut out = std::io::stdout();
@@ -44,7 +46,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!();
     let mut meta = format!("[{}]", reply.blend);
     if !reply.weights.is_empty() {
-        let w: Vec<String> = reply.weights.iter().map(|(k, v)| format!("{k}={v:.2}")).collect();
+        let w: Vec<String> = reply
+            .weights
+            .iter()
+            .map(|(k, v)| format!("{k}={v:.2}"))
+            .collect();
         meta.push_str(&format!(" gate: {}", w.join(", ")));
     }
     eprintln!("{meta}");

@@ -25,9 +25,22 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let engine = a.engine.load()?;
     let g = a.blend.gates(&engine.experts)?;
-    let out = if a.out.extension().is_some_and(|e| e == "gguf") { a.out.clone() } else { a.out.join("model.gguf") };
-    let w: Vec<String> = engine.expert_names().iter().zip(&g).map(|(n, x)| format!("{n}={x}")).collect();
-    let note = format!("merged by stancemix: blend {} (g: {})", a.blend, w.join(", "));
+    let out = if a.out.extension().is_some_and(|e| e == "gguf") {
+        a.out.clone()
+    } else {
+        a.out.join("model.gguf")
+    };
+    let w: Vec<String> = engine
+        .expert_names()
+        .iter()
+        .zip(&g)
+        .map(|(n, x)| format!("{n}={x}"))
+        .collect();
+    let note = format!(
+        "merged by stancemix: blend {} (g: {})",
+        a.blend,
+        w.join(", ")
+    );
     merge_to_gguf(&engine.model, &engine.experts, &g, &out, a.f32, &note)?;
     println!("wrote {} ({note})", out.display());
     Ok(())

@@ -36,8 +36,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 continue;
             }
             if line.trim_start().starts_with('{') {
-                let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| anyhow::anyhow!("{}:{}: json: {e}", f.display(), i + 1))?;
-                let t = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| anyhow::anyhow!("{}:{}: text: missing or not a string", f.display(), i + 1))?;
+                let v: serde_json::Value = serde_json::from_str(&line)
+                    .map_err(|e| anyhow::anyhow!("{}:{}: json: {e}", f.display(), i + 1))?;
+                let t = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+                    anyhow::anyhow!("{}:{}: text: missing or not a string", f.display(), i + 1)
+                })?;
                 prompts.push(t.to_string());
             } else {
                 prompts.push(line);
@@ -79,23 +82,51 @@ pub enum RouterCommand {
 }
 
 pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
-    let RouterCommand::Train { data, out, dim, alpha, max_iter } = c;
+    let RouterCommand::Train {
+        data,
+        out,
+        dim,
+        alpha,
+        max_iter,
+    } = c;
     let prompts = load_router_prompts(&data)?;
     let all = topics::all_topics();
     let (dev, train): (Vec<_>, Vec<_>) = prompts.iter().partition(|p| is_dev(&p.id));
     let cfg = FeatureConfig { dim, bigrams: true };
-    let ex: Vec<(String, String)> = train.iter().map(|p| (p.text.clone(), p.topic.clone())).collect();
-    eprintln!("training on {} prompts ({} held out for dev)...", ex.len(), dev.len());
+    let ex: Vec<(String, String)> = train
+        .iter()
+        .map(|p| (p.text.clone(), p.topic.clone()))
+        .collect();
+    eprintln!(
+        "training on {} prompts ({} held out for dev)...",
+        ex.len(),
+        dev.len()
+    );
     let t0 = std::time::Instant::now();
     let mut gate = Gate::train(&ex, &all, &cfg, alpha, max_iter)?;
     eprintln!("trained in {:.1}s", t0.elapsed().as_secs_f64());
-    let report = stancemix::router::evaluate(&gate, dev.iter().map(|p| (p.text.as_str(), p.topic.as_str())));
+    let report = stancemix::router::evaluate(
+        &gate,
+        dev.iter().map(|p| (p.text.as_str(), p.topic.as_str())),
+    );
     print!("{}", report.render());
-    gate.notes.insert("dev_accuracy".into(), serde_json::json!(report.accuracy));
-    gate.notes.insert("non_political_recall".into(), serde_json::json!(report.recall(topics::NON_POLITICAL)));
-    gate.notes.insert("train_examples".into(), serde_json::json!(ex.len()));
-    gate.notes.insert("dev_examples".into(), serde_json::json!(dev.len()));
-    gate.notes.insert("command".into(), serde_json::json!(format!("stancemix router train --data {} --dim {dim} --alpha {alpha} --max-iter {max_iter}", data.display())));
+    gate.notes
+        .insert("dev_accuracy".into(), serde_json::json!(report.accuracy));
+    gate.notes.insert(
+        "non_political_recall".into(),
+        serde_json::json!(report.recall(topics::NON_POLITICAL)),
+    );
+    gate.notes
+        .insert("train_examples".into(), serde_json::json!(ex.len()));
+    gate.notes
+        .insert("dev_examples".into(), serde_json::json!(dev.len()));
+    gate.notes.insert(
+        "command".into(),
+        serde_json::json!(format!(
+            "stancemix router train --data {} --dim {dim} --alpha {alpha} --max-iter {max_iter}",
+            data.display()
+        )),
+    );
     gate.save(&out)?;
     println!("wrote {}", out.join(stancemix::router::GATE_FILE).display());
     Ok(())

@@ -53,7 +53,8 @@ fn collect_files(paths: &[PathBuf], out: &mut Vec<PathBuf>, errors: &mut Vec<Str
         if p.is_dir() {
             match std::fs::read_dir(p) {
                 Ok(rd) => {
-                    let mut kids: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                    let mut kids: Vec<PathBuf> =
+                        rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
                     kids.sort();
                     collect_files(&kids, out, errors);
                 }
@@ -125,7 +126,10 @@ pub fn check(paths: &[PathBuf]) -> CheckReport {
     let mut items: Vec<(String, String)> = Vec::new(); // (instrument:item, text)
     let mut answer_words: Vec<(String, &'static str, usize, String)> = Vec::new();
     for f in &files {
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let text = match std::fs::read_to_string(f) {
             Ok(t) => t,
             Err(e) => {
@@ -141,7 +145,11 @@ pub fn check(paths: &[PathBuf]) -> CheckReport {
                 Ok(ins) => {
                     for it in &ins.items {
                         items.push((format!("{}: {}", f.display(), it.id), it.text.clone()));
-                        texts.push(Text { at: format!("{}: {}", f.display(), it.id), field: "text", text: it.text.clone() });
+                        texts.push(Text {
+                            at: format!("{}: {}", f.display(), it.id),
+                            field: "text",
+                            text: it.text.clone(),
+                        });
                     }
                 }
                 Err(e) => r.errors.push(e.to_string()),
@@ -169,10 +177,15 @@ pub fn check(paths: &[PathBuf]) -> CheckReport {
             } else {
                 "router"
             };
-            let id = v.get("id").and_then(|x| x.as_str()).unwrap_or_default().to_string();
+            let id = v
+                .get("id")
+                .and_then(|x| x.as_str())
+                .unwrap_or_default()
+                .to_string();
             if !id.is_empty() {
                 if let Some(first) = ids.insert(format!("{kind}/{id}"), at.clone()) {
-                    r.errors.push(format!("{at}: id: duplicate id '{id}' (first at {first})"));
+                    r.errors
+                        .push(format!("{at}: id: duplicate id '{id}' (first at {first})"));
                 }
             }
             let field_err = |e: serde_json::Error| {
@@ -186,25 +199,39 @@ pub fn check(paths: &[PathBuf]) -> CheckReport {
             };
             match kind {
                 "neutral" => match serde_json::from_value::<Neutral>(v) {
-                    Ok(n) => texts.push(Text { at, field: "text", text: n.text }),
+                    Ok(n) => texts.push(Text {
+                        at,
+                        field: "text",
+                        text: n.text,
+                    }),
                     Err(e) => r.errors.push(field_err(e)),
                 },
                 "adversarial" => match serde_json::from_value::<Adversarial>(v) {
                     Ok(a) => {
                         if !topics::is_political(&a.topic) {
-                            r.errors.push(format!("{at}: topic: unknown topic '{}'", a.topic));
+                            r.errors
+                                .push(format!("{at}: topic: unknown topic '{}'", a.topic));
                         }
-                        texts.push(Text { at, field: "prompt", text: a.prompt });
+                        texts.push(Text {
+                            at,
+                            field: "prompt",
+                            text: a.prompt,
+                        });
                     }
                     Err(e) => r.errors.push(field_err(e)),
                 },
                 "router" => match serde_json::from_value::<super::RouterPrompt>(v) {
                     Ok(p) => {
                         if !topics::all_topics().contains(&p.topic.as_str()) {
-                            r.errors.push(format!("{at}: topic: unknown topic '{}'", p.topic));
+                            r.errors
+                                .push(format!("{at}: topic: unknown topic '{}'", p.topic));
                         }
                         other_prompts.push((at.clone(), p.text.clone()));
-                        texts.push(Text { at, field: "text", text: p.text });
+                        texts.push(Text {
+                            at,
+                            field: "text",
+                            text: p.text,
+                        });
                     }
                     Err(e) => r.errors.push(field_err(e)),
                 },
@@ -213,13 +240,26 @@ pub fn check(paths: &[PathBuf]) -> CheckReport {
                         for (field, msg) in p.problems() {
                             r.errors.push(format!("{at}: {field}: {msg}"));
                         }
-                        *r.balance.entry((p.topic.clone(), p.kind.clone())).or_default() += 1;
+                        *r.balance
+                            .entry((p.topic.clone(), p.kind.clone()))
+                            .or_default() += 1;
                         train_prompts.push((at.clone(), p.prompt.clone()));
-                        for (field, ans) in [("progressive", &p.progressive), ("conservative", &p.conservative)] {
+                        for (field, ans) in [
+                            ("progressive", &p.progressive),
+                            ("conservative", &p.conservative),
+                        ] {
                             answer_words.push((at.clone(), field, word_count(ans), p.kind.clone()));
-                            texts.push(Text { at: at.clone(), field, text: ans.clone() });
+                            texts.push(Text {
+                                at: at.clone(),
+                                field,
+                                text: ans.clone(),
+                            });
                         }
-                        texts.push(Text { at, field: "prompt", text: p.prompt });
+                        texts.push(Text {
+                            at,
+                            field: "prompt",
+                            text: p.prompt,
+                        });
                     }
                     Err(e) => r.errors.push(field_err(e)),
                 },
@@ -229,29 +269,42 @@ pub fn check(paths: &[PathBuf]) -> CheckReport {
     // Offensive-language screen over every text.
     for t in &texts {
         if is_offensive(&t.text) {
-            r.errors.push(format!("{}: {}: flagged by the offensive-language filter (rustrict): {}", t.at, t.field, flagged_words(&t.text).join(", ")));
+            r.errors.push(format!(
+                "{}: {}: flagged by the offensive-language filter (rustrict): {}",
+                t.at,
+                t.field,
+                flagged_words(&t.text).join(", ")
+            ));
         }
     }
     // Exact and near duplicates among prompts (training prompts and router prompts).
-    let all: Vec<(&String, &String, HashSet<String>)> =
-        train_prompts.iter().chain(&other_prompts).map(|(at, p)| (at, p, word_set(p))).collect();
+    let all: Vec<(&String, &String, HashSet<String>)> = train_prompts
+        .iter()
+        .chain(&other_prompts)
+        .map(|(at, p)| (at, p, word_set(p)))
+        .collect();
     let mut exact: HashMap<String, &String> = HashMap::new();
     for (at, p, _) in &all {
         let norm = words(p).join(" ");
         if let Some(first) = exact.insert(norm, at) {
-            r.errors.push(format!("{at}: prompt: exact duplicate of {first}"));
+            r.errors
+                .push(format!("{at}: prompt: exact duplicate of {first}"));
         }
     }
     for i in 0..all.len() {
         for j in 0..i {
             let s = jaccard(&all[i].2, &all[j].2);
             if s >= NEAR_DUP_JACCARD && s < 1.0 && all[i].2.len() >= 5 {
-                r.errors.push(format!("{}: prompt: near duplicate of {} (word Jaccard {s:.2})", all[i].0, all[j].0));
+                r.errors.push(format!(
+                    "{}: prompt: near duplicate of {} (word Jaccard {s:.2})",
+                    all[i].0, all[j].0
+                ));
             }
         }
     }
     // Training prompts vs instrument items (the statement in quotes too).
-    let item_sets: Vec<(&String, HashSet<String>)> = items.iter().map(|(at, t)| (at, word_set(t))).collect();
+    let item_sets: Vec<(&String, HashSet<String>)> =
+        items.iter().map(|(at, t)| (at, word_set(t))).collect();
     for (at, p) in &train_prompts {
         let mut cands = vec![word_set(p)];
         if let Some(q) = quoted(p) {
@@ -260,13 +313,19 @@ pub fn check(paths: &[PathBuf]) -> CheckReport {
         for (item, set) in &item_sets {
             let s = cands.iter().map(|c| jaccard(c, set)).fold(0.0, f64::max);
             if s >= INSTRUMENT_JACCARD {
-                r.errors.push(format!("{at}: prompt: overlaps held-out instrument item {item} (word Jaccard {s:.2})"));
+                r.errors.push(format!(
+                    "{at}: prompt: overlaps held-out instrument item {item} (word Jaccard {s:.2})"
+                ));
             }
         }
     }
     // Answer length outliers (more than 3 standard deviations from the mean of their kind).
     for kind in ["opinion", "proposition"] {
-        let w: Vec<f64> = answer_words.iter().filter(|a| a.3 == kind).map(|a| a.2 as f64).collect();
+        let w: Vec<f64> = answer_words
+            .iter()
+            .filter(|a| a.3 == kind)
+            .map(|a| a.2 as f64)
+            .collect();
         if w.len() < 10 {
             continue;
         }
@@ -274,7 +333,9 @@ pub fn check(paths: &[PathBuf]) -> CheckReport {
         let sd = (w.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
         for (at, field, n, _) in answer_words.iter().filter(|a| a.3 == kind) {
             if ((*n as f64) - mean).abs() > 3.0 * sd {
-                r.warnings.push(format!("{at}: {field}: length outlier ({n} words; {kind} mean {mean:.0}, sd {sd:.0})"));
+                r.warnings.push(format!(
+                    "{at}: {field}: length outlier ({n} words; {kind} mean {mean:.0}, sd {sd:.0})"
+                ));
             }
         }
     }
@@ -289,22 +350,57 @@ impl CheckReport {
 
     /// Balance table by topic x kind, with axis and totals, and the dataset targets.
     pub fn balance_table(&self) -> String {
-        let mut s = format!("{:<18}{:<10}{:>9}{:>13}{:>7}\n", "topic", "axis", "opinion", "proposition", "total");
-        let mut topics_: Vec<&str> = topics::ECONOMIC.iter().chain(topics::SOCIAL).copied().collect();
+        let mut s = format!(
+            "{:<18}{:<10}{:>9}{:>13}{:>7}\n",
+            "topic", "axis", "opinion", "proposition", "total"
+        );
+        let mut topics_: Vec<&str> = topics::ECONOMIC
+            .iter()
+            .chain(topics::SOCIAL)
+            .copied()
+            .collect();
         topics_.retain(|t| self.balance.keys().any(|(x, _)| x == t));
-        let get = |t: &str, k: &str| self.balance.get(&(t.to_string(), k.to_string())).copied().unwrap_or(0);
+        let get = |t: &str, k: &str| {
+            self.balance
+                .get(&(t.to_string(), k.to_string()))
+                .copied()
+                .unwrap_or(0)
+        };
         let mut axis_tot: BTreeMap<&str, usize> = BTreeMap::new();
         for t in &topics_ {
             let (o, p) = (get(t, "opinion"), get(t, "proposition"));
             let axis = topics::axis_of(t).unwrap_or("-");
             *axis_tot.entry(axis).or_default() += o + p;
-            s.push_str(&format!("{:<18}{:<10}{:>9}{:>13}{:>7}\n", t, axis, o, p, o + p));
+            s.push_str(&format!(
+                "{:<18}{:<10}{:>9}{:>13}{:>7}\n",
+                t,
+                axis,
+                o,
+                p,
+                o + p
+            ));
         }
         let n = self.pairs();
-        let o: usize = self.balance.iter().filter(|((_, k), _)| k == "opinion").map(|(_, v)| v).sum();
-        s.push_str(&format!("{:<18}{:<10}{:>9}{:>13}{:>7}\n", "all", "", o, n - o, n));
+        let o: usize = self
+            .balance
+            .iter()
+            .filter(|((_, k), _)| k == "opinion")
+            .map(|(_, v)| v)
+            .sum();
+        s.push_str(&format!(
+            "{:<18}{:<10}{:>9}{:>13}{:>7}\n",
+            "all",
+            "",
+            o,
+            n - o,
+            n
+        ));
         if n > 0 {
-            let min_topic = topics_.iter().map(|t| get(t, "opinion") + get(t, "proposition")).min().unwrap_or(0);
+            let min_topic = topics_
+                .iter()
+                .map(|t| get(t, "opinion") + get(t, "proposition"))
+                .min()
+                .unwrap_or(0);
             s.push_str(&format!(
                 "pairs {n} (target >= 1000) | topics {} of 20, fewest pairs {min_topic} (target >= 40) | opinion {:.0}%, proposition {:.0}% (target >= 35% each) | axes {}\n",
                 topics_.len(),
@@ -325,4 +421,3 @@ pub fn split_of(id: &str) -> &'static str {
         "train"
     }
 }
-

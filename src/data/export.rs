@@ -37,7 +37,9 @@ pub fn other_stance(stance: &str) -> Result<&'static str> {
     match stance {
         "progressive" => Ok("conservative"),
         "conservative" => Ok("progressive"),
-        s => Err(Error::Invalid(format!("unknown stance '{s}' (expected progressive or conservative)"))),
+        s => Err(Error::Invalid(format!(
+            "unknown stance '{s}' (expected progressive or conservative)"
+        ))),
     }
 }
 
@@ -53,9 +55,13 @@ pub fn export(pairs: &[StancePair], view: View, stance: &str, split: Split) -> R
         })
         .map(|p| Record {
             id: p.id.clone(),
-            prompt: chatml_prompt(&[Message { role: "user".into(), content: p.prompt.clone() }]),
+            prompt: chatml_prompt(&[Message {
+                role: "user".into(),
+                content: p.prompt.clone(),
+            }]),
             chosen: format!("{}<|im_end|>", p.answer(stance).unwrap_or_default()),
-            rejected: (view == View::Dpo).then(|| format!("{}<|im_end|>", p.answer(other).unwrap_or_default())),
+            rejected: (view == View::Dpo)
+                .then(|| format!("{}<|im_end|>", p.answer(other).unwrap_or_default())),
         })
         .collect())
 }

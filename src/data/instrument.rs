@@ -52,13 +52,16 @@ impl Instrument {
     /// Load and validate; errors read `file: item: field: problem`.
     pub fn load(path: &Path) -> Result<Instrument> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let ins: Instrument = serde_json::from_str(&text).map_err(|e| Error::data(path, e.line(), "json", e.to_string()))?;
+        let ins: Instrument = serde_json::from_str(&text)
+            .map_err(|e| Error::data(path, e.line(), "json", e.to_string()))?;
         ins.validate(path)?;
         Ok(ins)
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |item: &str, field: &str, msg: String| Error::Invalid(format!("{}: {item}: {field}: {msg}", path.display()));
+        let bad = |item: &str, field: &str, msg: String| {
+            Error::Invalid(format!("{}: {item}: {field}: {msg}", path.display()))
+        };
         if self.answers.len() < 2 {
             return Err(bad("-", "answers", "need at least two answers".into()));
         }
@@ -68,7 +71,11 @@ impl Instrument {
         for (name, axis) in &self.axes {
             if let Scale::Affine([d, _]) = axis.scale {
                 if d == 0.0 {
-                    return Err(bad("-", &format!("axes.{name}.scale"), "affine divisor is 0".into()));
+                    return Err(bad(
+                        "-",
+                        &format!("axes.{name}.scale"),
+                        "affine divisor is 0".into(),
+                    ));
                 }
             }
         }
@@ -85,10 +92,18 @@ impl Instrument {
             }
             for (axis, e) in &it.effects {
                 if !self.axes.contains_key(axis) {
-                    return Err(bad(&it.id, &format!("effects.{axis}"), format!("unknown axis '{axis}'")));
+                    return Err(bad(
+                        &it.id,
+                        &format!("effects.{axis}"),
+                        format!("unknown axis '{axis}'"),
+                    ));
                 }
                 if e.len() != self.answers.len() {
-                    return Err(bad(&it.id, &format!("effects.{axis}"), format!("{} numbers for {} answers", e.len(), self.answers.len())));
+                    return Err(bad(
+                        &it.id,
+                        &format!("effects.{axis}"),
+                        format!("{} numbers for {} answers", e.len(), self.answers.len()),
+                    ));
                 }
             }
         }

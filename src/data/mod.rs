@@ -25,7 +25,8 @@ pub fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<(us
         if line.trim().is_empty() {
             continue;
         }
-        let rec: T = serde_json::from_str(line).map_err(|e| Error::data(path, i + 1, json_field(&e), e.to_string()))?;
+        let rec: T = serde_json::from_str(line)
+            .map_err(|e| Error::data(path, i + 1, json_field(&e), e.to_string()))?;
         out.push((i + 1, rec));
     }
     Ok(out)

@@ -22,13 +22,23 @@ pub fn load_router_prompts(path: &Path) -> Result<Vec<RouterPrompt>> {
     let mut out = Vec::with_capacity(rows.len());
     for (line, p) in rows {
         if !known.contains(&p.topic.as_str()) {
-            return Err(Error::data(path, line, "topic", format!("unknown topic '{}'", p.topic)));
+            return Err(Error::data(
+                path,
+                line,
+                "topic",
+                format!("unknown topic '{}'", p.topic),
+            ));
         }
         if p.text.trim().is_empty() {
             return Err(Error::data(path, line, "text", "empty"));
         }
         if let Some(first) = seen.insert(p.id.clone(), line) {
-            return Err(Error::data(path, line, "id", format!("duplicate id '{}' (first on line {first})", p.id)));
+            return Err(Error::data(
+                path,
+                line,
+                "id",
+                format!("duplicate id '{}' (first on line {first})", p.id),
+            ));
         }
         out.push(p);
     }

@@ -22,7 +22,12 @@ pub struct StancePair {
 }
 
 /// The explicit stance sentences a proposition answer must open with.
-pub const STANCE_OPENINGS: [&str; 4] = ["I strongly agree.", "I agree.", "I disagree.", "I strongly disagree."];
+pub const STANCE_OPENINGS: [&str; 4] = [
+    "I strongly agree.",
+    "I agree.",
+    "I disagree.",
+    "I strongly disagree.",
+];
 
 /// Word count (whitespace-separated).
 pub fn word_count(s: &str) -> usize {
@@ -30,7 +35,10 @@ pub fn word_count(s: &str) -> usize {
 }
 
 fn opening(answer: &str) -> Option<&'static str> {
-    STANCE_OPENINGS.iter().copied().find(|o| answer.trim_start().starts_with(o))
+    STANCE_OPENINGS
+        .iter()
+        .copied()
+        .find(|o| answer.trim_start().starts_with(o))
 }
 
 impl StancePair {
@@ -48,7 +56,13 @@ impl StancePair {
         let mut p = Vec::new();
         match topics::axis_of(&self.topic) {
             None => p.push(("topic", format!("unknown topic '{}'", self.topic))),
-            Some(axis) if axis != self.axis => p.push(("axis", format!("topic '{}' is on the {axis} axis, not '{}'", self.topic, self.axis))),
+            Some(axis) if axis != self.axis => p.push((
+                "axis",
+                format!(
+                    "topic '{}' is on the {axis} axis, not '{}'",
+                    self.topic, self.axis
+                ),
+            )),
             _ => {}
         }
         if self.id.trim().is_empty() {
@@ -57,12 +71,18 @@ impl StancePair {
         if self.prompt.trim().is_empty() {
             p.push(("prompt", "empty".into()));
         }
-        let (wp, wc) = (word_count(&self.progressive), word_count(&self.conservative));
+        let (wp, wc) = (
+            word_count(&self.progressive),
+            word_count(&self.conservative),
+        );
         match self.kind.as_str() {
             "opinion" => {
                 for (field, w) in [("progressive", wp), ("conservative", wc)] {
                     if !(30..=120).contains(&w) {
-                        p.push((field, format!("opinion answers need 30-120 words, this has {w}")));
+                        p.push((
+                            field,
+                            format!("opinion answers need 30-120 words, this has {w}"),
+                        ));
                     }
                 }
             }
@@ -70,24 +90,44 @@ impl StancePair {
                 let (op, oc) = (opening(&self.progressive), opening(&self.conservative));
                 for (field, o) in [("progressive", op), ("conservative", oc)] {
                     if o.is_none() {
-                        p.push((field, format!("a proposition answer must open with one of {STANCE_OPENINGS:?}")));
+                        p.push((
+                            field,
+                            format!(
+                                "a proposition answer must open with one of {STANCE_OPENINGS:?}"
+                            ),
+                        ));
                     }
                 }
                 if let (Some(a), Some(b)) = (op, oc) {
-                    if a.contains("agree.") && !a.contains("disagree") == (b.contains("agree.") && !b.contains("disagree")) {
-                        p.push(("conservative", "both sides take the same stance on the proposition".into()));
+                    if a.contains("agree.")
+                        && !a.contains("disagree")
+                            == (b.contains("agree.") && !b.contains("disagree"))
+                    {
+                        p.push((
+                            "conservative",
+                            "both sides take the same stance on the proposition".into(),
+                        ));
                     }
                 }
                 for (field, w) in [("progressive", wp), ("conservative", wc)] {
                     if !(10..=130).contains(&w) {
-                        p.push((field, format!("proposition answers need 10-130 words, this has {w}")));
+                        p.push((
+                            field,
+                            format!("proposition answers need 10-130 words, this has {w}"),
+                        ));
                     }
                 }
             }
-            k => p.push(("kind", format!("unknown kind '{k}' (expected opinion or proposition)"))),
+            k => p.push((
+                "kind",
+                format!("unknown kind '{k}' (expected opinion or proposition)"),
+            )),
         }
         if wp.min(wc) > 0 && wp.max(wc) > 2 * wp.min(wc) {
-            p.push(("conservative", format!("the two sides differ in length by more than 2x ({wp} vs {wc} words)")));
+            p.push((
+                "conservative",
+                format!("the two sides differ in length by more than 2x ({wp} vs {wc} words)"),
+            ));
         }
         p
     }

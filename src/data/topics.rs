@@ -2,13 +2,30 @@
 
 /// Economic-axis topics.
 pub const ECONOMIC: &[&str] = &[
-    "taxes", "healthcare", "labor", "welfare", "trade", "regulation", "climate_energy", "housing", "education",
+    "taxes",
+    "healthcare",
+    "labor",
+    "welfare",
+    "trade",
+    "regulation",
+    "climate_energy",
+    "housing",
+    "education",
 ];
 
 /// Social-axis topics.
 pub const SOCIAL: &[&str] = &[
-    "immigration", "abortion", "guns", "crime_policing", "lgbtq", "religion", "speech", "drugs", "death_penalty",
-    "foreign_military", "race_equity",
+    "immigration",
+    "abortion",
+    "guns",
+    "crime_policing",
+    "lgbtq",
+    "religion",
+    "speech",
+    "drugs",
+    "death_penalty",
+    "foreign_military",
+    "race_equity",
 ];
 
 /// Everything that is not political.
@@ -27,7 +44,12 @@ pub fn axis_of(topic: &str) -> Option<&'static str> {
 
 /// All 21 gate classes: the 20 political topics, then `non_political`.
 pub fn all_topics() -> Vec<&'static str> {
-    ECONOMIC.iter().chain(SOCIAL).copied().chain(std::iter::once(NON_POLITICAL)).collect()
+    ECONOMIC
+        .iter()
+        .chain(SOCIAL)
+        .copied()
+        .chain(std::iter::once(NON_POLITICAL))
+        .collect()
 }
 
 /// True for the 20 political topic ids.

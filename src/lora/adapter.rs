@@ -105,9 +105,15 @@ pub fn permute_rows(w: &Tensor, n_head: usize, to_gguf: bool) -> Result<Tensor> 
     let hd = rows / n_head;
     Ok(if to_gguf {
         // rows (n_head, 2, hd/2) -> (n_head, hd/2, 2)
-        w.reshape((n_head, 2, hd / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?
+        w.reshape((n_head, 2, hd / 2, cols))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((rows, cols))?
     } else {
-        w.reshape((n_head, hd / 2, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?
+        w.reshape((n_head, hd / 2, 2, cols))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((rows, cols))?
     })
 }
 
@@ -145,10 +151,20 @@ impl Adapter {
             .map_err(|m| Error::adapter(&cfg_path, "target_modules", format!("unknown target module '{m}' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")))?;
         let w_path = dir.join(WEIGHTS_FILE);
         if !w_path.exists() {
-            return Err(Error::adapter(&w_path, WEIGHTS_FILE, "missing weights file"));
+            return Err(Error::adapter(
+                &w_path,
+                WEIGHTS_FILE,
+                "missing weights file",
+            ));
         }
-        let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&w_path, &Device::Cpu)
-            .map_err(|e| Error::adapter(&w_path, WEIGHTS_FILE, format!("not a readable safetensors file: {e}")))?;
+        let mut tensors: HashMap<String, Tensor> =
+            candle_core::safetensors::load(&w_path, &Device::Cpu).map_err(|e| {
+                Error::adapter(
+                    &w_path,
+                    WEIGHTS_FILE,
+                    format!("not a readable safetensors file: {e}"),
+                )
+            })?;
         let mut pairs = BTreeMap::new();
         for layer in 0..model.n_layer {
             for &t in &targets {
@@ -159,8 +175,13 @@ impl Adapter {
                         .ok_or_else(|| Error::adapter(&w_path, &name, "missing tensor"))?;
                     let dims = w.dims().to_vec();
                     if dims != [shape.0, shape.1] {
-                        let what = if ab == 'A' && dims.len() == 2 && dims[1] == shape.1 || ab == 'B' && dims.len() == 2 && dims[0] == shape.0 {
-                            format!("rank mismatch: shape {dims:?}, config says r = {}", config.r)
+                        let what = if ab == 'A' && dims.len() == 2 && dims[1] == shape.1
+                            || ab == 'B' && dims.len() == 2 && dims[0] == shape.0
+                        {
+                            format!(
+                                "rank mismatch: shape {dims:?}, config says r = {}",
+                                config.r
+                            )
                         } else {
                             format!("wrong shape {dims:?}, expected [{}, {}]", shape.0, shape.1)
                         };
@@ -177,9 +198,17 @@ impl Adapter {
             }
         }
         if let Some(extra) = tensors.keys().min() {
-            return Err(Error::adapter(&w_path, extra, "unexpected tensor (not a target of this adapter, or layer out of range)"));
+            return Err(Error::adapter(
+                &w_path,
+                extra,
+                "unexpected tensor (not a target of this adapter, or layer out of range)",
+            ));
         }
-        Ok(Adapter { dir: dir.to_path_buf(), config, pairs })
+        Ok(Adapter {
+            dir: dir.to_path_buf(),
+            config,
+            pairs,
+        })
     }
 
     /// Save in PEFT's layout (q/k `B` back in HF row order); each file written atomically.
@@ -197,9 +226,11 @@ impl Adapter {
         }
         let w_path = dir.join(WEIGHTS_FILE);
         let tmp = dir.join(format!(".{WEIGHTS_FILE}.{}.tmp", std::process::id()));
-        candle_core::safetensors::save(&out, &tmp).map_err(|e| Error::adapter(&tmp, WEIGHTS_FILE, e.to_string()))?;
+        candle_core::safetensors::save(&out, &tmp)
+            .map_err(|e| Error::adapter(&tmp, WEIGHTS_FILE, e.to_string()))?;
         std::fs::rename(&tmp, &w_path).map_err(|e| Error::io(&w_path, e))?;
-        let json = serde_json::to_string_pretty(&self.config).map_err(|e| Error::Invalid(e.to_string()))?;
+        let json = serde_json::to_string_pretty(&self.config)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         crate::error::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
     }
 
@@ -212,13 +243,23 @@ impl Adapter {
     }
 
     /// A random non-zero adapter (both `A` and `B` random), for tests and benchmarks.
-    pub fn random(model: &Config, stance: &str, rank: usize, alpha: f64, targets: &[Target], seed: u64, std: f32) -> Result<Adapter> {
+    pub fn random(
+        model: &Config,
+        stance: &str,
+        rank: usize,
+        alpha: f64,
+        targets: &[Target],
+        seed: u64,
+        std: f32,
+    ) -> Result<Adapter> {
         if rank == 0 {
             return Err(Error::Invalid("rank must be at least 1".into()));
         }
         let mut rng = StdRng::seed_from_u64(seed);
         let mut rand = |r: usize, c: usize| -> Result<Tensor> {
-            let v: Vec<f32> = (0..r * c).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * std * 1.732).collect();
+            let v: Vec<f32> = (0..r * c)
+                .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * std * 1.732)
+                .collect();
             Ok(Tensor::from_vec(v, (r, c), &Device::Cpu)?)
         };
         let mut pairs = BTreeMap::new();
@@ -238,7 +279,9 @@ impl Adapter {
                 use_rslora: false,
                 base_model_name_or_path: model.name.clone(),
                 stance: Some(stance.to_string()),
-                description: Some(format!("random {stance} adapter (seed {seed}) for tests and benchmarks; not trained")),
+                description: Some(format!(
+                    "random {stance} adapter (seed {seed}) for tests and benchmarks; not trained"
+                )),
                 peft_type: default_peft_type(),
                 task_type: default_task_type(),
                 lora_dropout: 0.0,

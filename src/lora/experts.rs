@@ -29,7 +29,11 @@ pub struct ExpertSet {
 impl ExpertSet {
     /// No experts: only the base model.
     pub fn empty() -> Self {
-        ExpertSet { adapters: Vec::new(), names: Vec::new(), stacks: HashMap::new() }
+        ExpertSet {
+            adapters: Vec::new(),
+            names: Vec::new(),
+            stacks: HashMap::new(),
+        }
     }
 
     /// Stack `adapters` as experts; names (stance or directory) must be unique.
@@ -40,7 +44,10 @@ impl ExpertSet {
                 return Err(Error::Invalid(format!("two experts are named '{n}': give each adapter a distinct stance or directory name")));
             }
         }
-        let mut keys: Vec<(usize, Target)> = adapters.iter().flat_map(|a| a.pairs.keys().copied()).collect();
+        let mut keys: Vec<(usize, Target)> = adapters
+            .iter()
+            .flat_map(|a| a.pairs.keys().copied())
+            .collect();
         keys.sort();
         keys.dedup();
         let mut stacks = HashMap::new();
@@ -60,9 +67,21 @@ impl ExpertSet {
             }
             let a_t = Tensor::cat(&a_parts, 0)?.t()?.contiguous()?; // (in, R)
             let b_t = Tensor::cat(&b_parts, 1)?.t()?.contiguous()?; // (R, out)
-            stacks.insert(key, Stack { a_t, b_t, spans, width: off });
+            stacks.insert(
+                key,
+                Stack {
+                    a_t,
+                    b_t,
+                    spans,
+                    width: off,
+                },
+            );
         }
-        Ok(ExpertSet { adapters, names, stacks })
+        Ok(ExpertSet {
+            adapters,
+            names,
+            stacks,
+        })
     }
 
     /// Number of experts.
@@ -92,14 +111,20 @@ impl ExpertSet {
 
     /// Index of the expert whose config says `stance: <stance>`.
     pub fn by_stance(&self, stance: &str) -> Option<usize> {
-        self.adapters.iter().position(|a| a.stance() == Some(stance))
+        self.adapters
+            .iter()
+            .position(|a| a.stance() == Some(stance))
     }
 
     /// A hook for a batch whose row `r` uses gate weights `rows[r]` (one per expert).
     pub fn hook<'a>(&'a self, rows: &'a [Vec<f32>]) -> Result<ExpertHook<'a>> {
         for (i, g) in rows.iter().enumerate() {
             if g.len() != self.len() {
-                return Err(Error::Invalid(format!("gate row {i} has {} weights for {} experts", g.len(), self.len())));
+                return Err(Error::Invalid(format!(
+                    "gate row {i} has {} weights for {} experts",
+                    g.len(),
+                    self.len()
+                )));
             }
         }
         Ok(ExpertHook { set: self, rows })
@@ -114,8 +139,16 @@ pub struct ExpertHook<'a> {
 }
 
 impl LinearHook for ExpertHook<'_> {
-    fn after_linear(&self, layer: usize, target: Target, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
-        let Some(stack) = self.set.stacks.get(&(layer, target)) else { return Ok(y) };
+    fn after_linear(
+        &self,
+        layer: usize,
+        target: Target,
+        x: &Tensor,
+        y: Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let Some(stack) = self.set.stacks.get(&(layer, target)) else {
+            return Ok(y);
+        };
         // Per-row column scales g_i * s_i over the stacked rank dimension.
         let b = self.rows.len();
         let mut scale = vec![0f32; b * stack.width];

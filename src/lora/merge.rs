@@ -15,9 +15,20 @@ use crate::{Error, Result};
 
 /// Write the base model with the experts merged at gate weights `g` to `out` (a `.gguf`).
 /// `f32`: store merged linears as F32 instead of F16.
-pub fn merge_to_gguf(model: &Model, experts: &ExpertSet, g: &[f32], out: &Path, f32: bool, note: &str) -> Result<()> {
+pub fn merge_to_gguf(
+    model: &Model,
+    experts: &ExpertSet,
+    g: &[f32],
+    out: &Path,
+    f32: bool,
+    note: &str,
+) -> Result<()> {
     if g.len() != experts.len() {
-        return Err(Error::Invalid(format!("{} gate weights for {} experts", g.len(), experts.len())));
+        return Err(Error::Invalid(format!(
+            "{} gate weights for {} experts",
+            g.len(),
+            experts.len()
+        )));
     }
     let src = &model.path;
     let mut file = std::fs::File::open(src).map_err(|e| Error::io(src, e))?;
@@ -27,8 +38,15 @@ pub fn merge_to_gguf(model: &Model, experts: &ExpertSet, g: &[f32], out: &Path, 
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let q = content.tensor(&mut file, name, &Device::Cpu).map_err(|e| Error::model(src, format!("tensor {name}: {e}")))?;
-        let adapted = parse_linear(name).filter(|(l, t)| experts.adapters().iter().any(|a| a.pairs.contains_key(&(*l, *t))));
+        let q = content
+            .tensor(&mut file, name, &Device::Cpu)
+            .map_err(|e| Error::model(src, format!("tensor {name}: {e}")))?;
+        let adapted = parse_linear(name).filter(|(l, t)| {
+            experts
+                .adapters()
+                .iter()
+                .any(|a| a.pairs.contains_key(&(*l, *t)))
+        });
         let q = match adapted {
             None => q,
             Some((layer, target)) => {
@@ -45,7 +63,11 @@ pub fn merge_to_gguf(model: &Model, experts: &ExpertSet, g: &[f32], out: &Path, 
         };
         tensors.push((name.clone(), q));
     }
-    let mut md: Vec<(&str, Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    let mut md: Vec<(&str, Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
     md.sort_by(|a, b| a.0.cmp(b.0));
     md.retain(|(k, _)| *k != "stancemix.merge");
     md.push(("stancemix.merge", Value::String(note.to_string())));

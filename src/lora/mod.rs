@@ -5,6 +5,8 @@ mod adapter;
 mod experts;
 mod merge;
 
-pub use adapter::{peft_tensor_name, permute_rows, Adapter, AdapterConfig, LoraPair, CONFIG_FILE, WEIGHTS_FILE};
+pub use adapter::{
+    peft_tensor_name, permute_rows, Adapter, AdapterConfig, LoraPair, CONFIG_FILE, WEIGHTS_FILE,
+};
 pub use experts::{ExpertHook, ExpertSet};
 pub use merge::merge_to_gguf;

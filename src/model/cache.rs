@@ -80,7 +80,12 @@ impl KvCache {
 
     /// Append `k`, `v` `(b, n_kv_head, t, head_dim)` to layer `layer`; returns all keys and
     /// values cached for it, `(b, n_kv_head, len, head_dim)`.
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
         let slot = &mut self.layers[layer];
         let need = slot.as_ref().map_or(0, |l| l.len) + t;

@@ -36,12 +36,20 @@ impl Config {
         let arch = match md.get("general.architecture") {
             Some(Value::String(s)) => s.clone(),
             Some(_) => return Err(Error::model(path, "general.architecture is not a string")),
-            None => return Err(Error::model(path, "no general.architecture in GGUF metadata")),
+            None => {
+                return Err(Error::model(
+                    path,
+                    "no general.architecture in GGUF metadata",
+                ))
+            }
         };
         if !LLAMA_FAMILY.contains(&arch.as_str()) {
             return Err(Error::model(
                 path,
-                format!("not a LLaMA-family model: general.architecture is '{arch}' (supported: {})", LLAMA_FAMILY.join(", ")),
+                format!(
+                    "not a LLaMA-family model: general.architecture is '{arch}' (supported: {})",
+                    LLAMA_FAMILY.join(", ")
+                ),
             ));
         }
         let get = |key: &str| -> Result<&Value> {
@@ -73,7 +81,9 @@ impl Config {
         if n_head == 0 || hidden % n_head != 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
             return Err(Error::model(
                 path,
-                format!("inconsistent heads: hidden {hidden}, heads {n_head}, kv heads {n_kv_head}"),
+                format!(
+                    "inconsistent heads: hidden {hidden}, heads {n_head}, kv heads {n_kv_head}"
+                ),
             ));
         }
         let head_dim = hidden / n_head;
@@ -87,10 +97,15 @@ impl Config {
                 .tensor_infos
                 .get("token_embd.weight")
                 .map(|t| t.shape.dims()[0])
-                .ok_or_else(|| Error::model(path, "no tokenizer.ggml.tokens and no token_embd.weight"))?,
+                .ok_or_else(|| {
+                    Error::model(path, "no tokenizer.ggml.tokens and no token_embd.weight")
+                })?,
         };
         Ok(Config {
-            name: md.get("general.name").and_then(|v| v.to_string().ok()).cloned(),
+            name: md
+                .get("general.name")
+                .and_then(|v| v.to_string().ok())
+                .cloned(),
             n_layer: get_usize("block_count")?,
             hidden,
             ffn: get_usize("feed_forward_length")?,

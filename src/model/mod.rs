@@ -110,7 +110,13 @@ pub trait LinearHook {
 pub struct NoHook;
 
 impl LinearHook for NoHook {
-    fn after_linear(&self, _: usize, _: Target, _: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+    fn after_linear(
+        &self,
+        _: usize,
+        _: Target,
+        _: &Tensor,
+        y: Tensor,
+    ) -> candle_core::Result<Tensor> {
         Ok(y)
     }
 }

@@ -50,25 +50,44 @@ pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<()> {
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut add = |name: String, shape: &[usize], std: f32, ones: bool| -> Result<()> {
         let n: usize = shape.iter().product();
-        let data = if ones { vec![1.0; n] } else { normal(&mut rng, n, std) };
+        let data = if ones {
+            vec![1.0; n]
+        } else {
+            normal(&mut rng, n, std)
+        };
         let t = Tensor::from_vec(data, shape, &dev)?;
         tensors.push((name, QTensor::quantize(&t, GgmlDType::F32)?));
         Ok(())
     };
-    add("token_embd.weight".into(), &[c.vocab_size, c.hidden], 0.5, false)?;
+    add(
+        "token_embd.weight".into(),
+        &[c.vocab_size, c.hidden],
+        0.5,
+        false,
+    )?;
     add("output_norm.weight".into(), &[c.hidden], 0.0, true)?;
     for i in 0..c.n_layer {
         add(format!("blk.{i}.attn_norm.weight"), &[c.hidden], 0.0, true)?;
         add(format!("blk.{i}.ffn_norm.weight"), &[c.hidden], 0.0, true)?;
         for t in Target::ALL {
             let std = 1.0 / (c.in_features(t) as f32).sqrt();
-            add(format!("blk.{i}.{}.weight", t.gguf_name()), &[c.out_features(t), c.in_features(t)], std, false)?;
+            add(
+                format!("blk.{i}.{}.weight", t.gguf_name()),
+                &[c.out_features(t), c.in_features(t)],
+                std,
+                false,
+            )?;
         }
     }
     // Byte-level vocabulary: the 256 GPT-2 byte characters, then the specials.
-    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+        .into_iter()
+        .collect();
     alphabet.sort();
-    let mut tokens: Vec<Value> = alphabet.iter().map(|ch| Value::String(ch.to_string())).collect();
+    let mut tokens: Vec<Value> = alphabet
+        .iter()
+        .map(|ch| Value::String(ch.to_string()))
+        .collect();
     let mut types: Vec<Value> = vec![Value::I32(1); tokens.len()];
     for s in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
         tokens.push(Value::String(s.into()));
@@ -85,7 +104,10 @@ pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<()> {
         ("llama.attention.head_count_kv", u32v(c.n_kv_head)),
         ("llama.rope.dimension_count", u32v(c.rope_dim)),
         ("llama.rope.freq_base", Value::F32(c.rope_base)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(c.rms_eps as f32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(c.rms_eps as f32),
+        ),
         ("llama.context_length", u32v(c.context_len)),
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
         ("tokenizer.ggml.tokens", Value::Array(tokens)),

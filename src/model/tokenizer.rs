@@ -67,7 +67,9 @@ impl Tokenizer {
         if model != "gpt2" {
             return Err(Error::model(
                 path,
-                format!("tokenizer.ggml.model is '{model}': only byte-level BPE ('gpt2') is supported"),
+                format!(
+                    "tokenizer.ggml.model is '{model}': only byte-level BPE ('gpt2') is supported"
+                ),
             ));
         }
         let tokens = string_array(content, "tokenizer.ggml.tokens", path)?;
@@ -82,7 +84,10 @@ impl Tokenizer {
         let mut parsed = Vec::with_capacity(merges.len());
         for (i, m) in merges.iter().enumerate() {
             let (a, b) = m.split_once(' ').ok_or_else(|| {
-                Error::model(path, format!("tokenizer.ggml.merges[{i}]: '{m}' is not 'a b'"))
+                Error::model(
+                    path,
+                    format!("tokenizer.ggml.merges[{i}]: '{m}' is not 'a b'"),
+                )
             })?;
             parsed.push((a.to_string(), b.to_string()));
         }
@@ -96,7 +101,9 @@ impl Tokenizer {
             .metadata
             .get("tokenizer.ggml.eos_token_id")
             .and_then(|v| v.to_u32().ok())
-            .ok_or_else(|| Error::model(path, "missing metadata key tokenizer.ggml.eos_token_id"))?;
+            .ok_or_else(|| {
+                Error::model(path, "missing metadata key tokenizer.ggml.eos_token_id")
+            })?;
         let vocab: Vocab = tokens
             .iter()
             .enumerate()
@@ -128,7 +135,9 @@ impl Tokenizer {
             .iter()
             .map(|s| AddedToken::from(s.clone(), true))
             .collect();
-        inner.add_special_tokens(added).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        inner
+            .add_special_tokens(added)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let im_start_id = inner.token_to_id("<|im_start|>");
         let im_end_id = inner.token_to_id("<|im_end|>");
         Ok(Tokenizer {
@@ -192,7 +201,8 @@ pub struct Message {
 }
 
 /// The system prompt SmolLM2-Instruct's own template inserts when none is given.
-pub const DEFAULT_SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+pub const DEFAULT_SYSTEM: &str =
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
 
 /// ChatML: `<|im_start|>role\ncontent<|im_end|>\n` per message.
 pub fn chatml_message(role: &str, content: &str) -> String {
@@ -224,7 +234,10 @@ impl TokenStream {
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
         let text = tok.decode(&self.ids, false)?;
-        if text.len() > self.printed && !text.ends_with('\u{fffd}') && text.is_char_boundary(self.printed) {
+        if text.len() > self.printed
+            && !text.ends_with('\u{fffd}')
+            && text.is_char_boundary(self.printed)
+        {
             let new = text[self.printed..].to_string();
             self.printed = text.len();
             Ok(Some(new))

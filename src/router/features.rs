@@ -15,7 +15,10 @@ pub struct FeatureConfig {
 
 impl Default for FeatureConfig {
     fn default() -> Self {
-        FeatureConfig { dim: 1 << 14, bigrams: true }
+        FeatureConfig {
+            dim: 1 << 14,
+            bigrams: true,
+        }
     }
 }
 

@@ -32,21 +32,37 @@ pub struct Route {
 impl Route {
     /// One line: top topics with probabilities and the resulting weights.
     pub fn explain(&self) -> String {
-        let top: Vec<String> = self.probabilities.iter().take(3).map(|(t, p)| format!("{t} {p:.2}")).collect();
-        let w: Vec<String> = self.weights.iter().map(|(e, g)| format!("{e}={g:.2}")).collect();
+        let top: Vec<String> = self
+            .probabilities
+            .iter()
+            .take(3)
+            .map(|(t, p)| format!("{t} {p:.2}"))
+            .collect();
+        let w: Vec<String> = self
+            .weights
+            .iter()
+            .map(|(e, g)| format!("{e}={g:.2}"))
+            .collect();
         format!(
             "topic {} ({}) | policy {} | gate {}",
             self.topic,
             top.join(", "),
             self.policy,
-            if w.is_empty() { "base".into() } else { w.join(", ") }
+            if w.is_empty() {
+                "base".into()
+            } else {
+                w.join(", ")
+            }
         )
     }
 
     /// The JSON object `{"topic", "probabilities": {id: p}, "weights": {expert: g}}`.
     pub fn to_json(&self) -> serde_json::Value {
-        let probs: serde_json::Map<String, serde_json::Value> =
-            self.probabilities.iter().map(|(t, p)| (t.clone(), serde_json::json!(p))).collect();
+        let probs: serde_json::Map<String, serde_json::Value> = self
+            .probabilities
+            .iter()
+            .map(|(t, p)| (t.clone(), serde_json::json!(p)))
+            .collect();
         serde_json::json!({"topic": self.topic, "probabilities": probs, "weights": self.weights, "policy": self.policy})
     }
 }
@@ -81,7 +97,12 @@ impl Gate {
         let x = features(text, &self.features);
         let d = self.features.dim;
         let z: Vec<f32> = (0..self.topics.len())
-            .map(|c| self.bias[c] + x.iter().map(|&(j, v)| self.weight[c * d + j] * v).sum::<f32>())
+            .map(|c| {
+                self.bias[c]
+                    + x.iter()
+                        .map(|&(j, v)| self.weight[c * d + j] * v)
+                        .sum::<f32>()
+            })
             .collect();
         crate::runtime::softmax(&z)
     }
@@ -92,12 +113,31 @@ impl Gate {
         let gates = policy.gates(&self.topics, &p, &engine.experts)?;
         let mut probabilities: Vec<(String, f32)> = self.topics.iter().cloned().zip(p).collect();
         probabilities.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let weights = engine.experts.names().iter().cloned().zip(gates.iter().copied()).filter(|(_, g)| *g != 0.0).collect();
-        Ok(Route { topic: probabilities[0].0.clone(), probabilities, gates, weights, policy: policy.name.clone() })
+        let weights = engine
+            .experts
+            .names()
+            .iter()
+            .cloned()
+            .zip(gates.iter().copied())
+            .filter(|(_, g)| *g != 0.0)
+            .collect();
+        Ok(Route {
+            topic: probabilities[0].0.clone(),
+            probabilities,
+            gates,
+            weights,
+            policy: policy.name.clone(),
+        })
     }
 
     /// Train on `(text, topic)` examples with linfa's multinomial logistic regression.
-    pub fn train(examples: &[(String, String)], topics: &[&str], cfg: &FeatureConfig, alpha: f64, max_iter: u64) -> Result<Gate> {
+    pub fn train(
+        examples: &[(String, String)],
+        topics: &[&str],
+        cfg: &FeatureConfig,
+        alpha: f64,
+        max_iter: u64,
+    ) -> Result<Gate> {
         let d = cfg.dim;
         let mut x = Array2::<f64>::zeros((examples.len(), d));
         let mut y = Array1::<usize>::zeros(examples.len());
@@ -105,7 +145,10 @@ impl Gate {
             for (j, v) in features(text, cfg) {
                 x[[i, j]] = v as f64;
             }
-            y[i] = topics.iter().position(|t| t == topic).ok_or_else(|| Error::Invalid(format!("unknown topic '{topic}'")))?;
+            y[i] = topics
+                .iter()
+                .position(|t| t == topic)
+                .ok_or_else(|| Error::Invalid(format!("unknown topic '{topic}'")))?;
         }
         let ds = Dataset::new(x, y);
         let fit = MultiLogisticRegression::default()
@@ -116,7 +159,12 @@ impl Gate {
             .map_err(|e| Error::Invalid(format!("gate training failed: {e}")))?;
         if std::env::var_os("STANCEMIX_DEBUG_GATE").is_some() {
             let pred = fit.predict(ds.records());
-            let acc = pred.iter().zip(ds.targets().iter()).filter(|(a, b)| a == b).count() as f64 / pred.len() as f64;
+            let acc = pred
+                .iter()
+                .zip(ds.targets().iter())
+                .filter(|(a, b)| a == b)
+                .count() as f64
+                / pred.len() as f64;
             eprintln!("linfa train accuracy {acc:.3}");
         }
         // linfa's params are (dim, classes) over its sorted class labels.
@@ -146,20 +194,46 @@ impl Gate {
     pub fn load(dir: &Path) -> Result<Gate> {
         let path = dir.join(GATE_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let f: GateFile = serde_json::from_str(&text).map_err(|e| Error::data(&path, e.line(), "gate", e.to_string()))?;
-        if f.weight.len() != f.topics.len() * f.features.dim || f.bias.len() != f.topics.len() || f.features.dim == 0 {
-            return Err(Error::data(&path, 1, "weight", format!("expected {} x {} weights and {} biases", f.topics.len(), f.features.dim, f.topics.len())));
+        let f: GateFile = serde_json::from_str(&text)
+            .map_err(|e| Error::data(&path, e.line(), "gate", e.to_string()))?;
+        if f.weight.len() != f.topics.len() * f.features.dim
+            || f.bias.len() != f.topics.len()
+            || f.features.dim == 0
+        {
+            return Err(Error::data(
+                &path,
+                1,
+                "weight",
+                format!(
+                    "expected {} x {} weights and {} biases",
+                    f.topics.len(),
+                    f.features.dim,
+                    f.topics.len()
+                ),
+            ));
         }
-        Ok(Gate { topics: f.topics, features: f.features, weight: f.weight, bias: f.bias, notes: f.notes, path })
+        Ok(Gate {
+            topics: f.topics,
+            features: f.features,
+            weight: f.weight,
+            bias: f.bias,
+            notes: f.notes,
+            path,
+        })
     }
 
     /// Save to `dir/gate.json` (atomically).
     pub fn save(&self, dir: &Path) -> Result<()> {
         let f = GateFile {
-            classifier: "multinomial logistic regression (linfa-logistic), hashed word 1-2-grams".into(),
+            classifier: "multinomial logistic regression (linfa-logistic), hashed word 1-2-grams"
+                .into(),
             features: self.features.clone(),
             topics: self.topics.clone(),
-            weight: self.weight.iter().map(|w| (w * 1e5).round() / 1e5).collect(),
+            weight: self
+                .weight
+                .iter()
+                .map(|w| (w * 1e5).round() / 1e5)
+                .collect(),
             bias: self.bias.clone(),
             notes: self.notes.clone(),
         };

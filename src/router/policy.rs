@@ -56,43 +56,99 @@ impl Policy {
     /// Parse a policy file's text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Policy> {
         let f: PolicyFile = toml::from_str(text).map_err(|e| {
-            let line = e.span().map_or(1, |s| text[..s.start.min(text.len())].lines().count().max(1));
+            let line = e.span().map_or(1, |s| {
+                text[..s.start.min(text.len())].lines().count().max(1)
+            });
             Error::data(path, line, "policy", e.message().to_string())
         })?;
         let mut table = BTreeMap::new();
         match f.kind.as_str() {
             "toggle" => {
-                let w = f.weights.ok_or_else(|| Error::data(path, line_of(text, "kind"), "weights", "a toggle policy needs `weights = { expert = g, ... }`"))?;
+                let w = f.weights.ok_or_else(|| {
+                    Error::data(
+                        path,
+                        line_of(text, "kind"),
+                        "weights",
+                        "a toggle policy needs `weights = { expert = g, ... }`",
+                    )
+                })?;
                 for t in topics::all_topics() {
-                    table.insert(t.to_string(), if t == topics::NON_POLITICAL { BTreeMap::new() } else { w.clone() });
+                    table.insert(
+                        t.to_string(),
+                        if t == topics::NON_POLITICAL {
+                            BTreeMap::new()
+                        } else {
+                            w.clone()
+                        },
+                    );
                 }
             }
             "by-topic" => {
-                let given = f.topics.ok_or_else(|| Error::data(path, line_of(text, "kind"), "topics", "a by-topic policy needs a [topics] table"))?;
+                let given = f.topics.ok_or_else(|| {
+                    Error::data(
+                        path,
+                        line_of(text, "kind"),
+                        "topics",
+                        "a by-topic policy needs a [topics] table",
+                    )
+                })?;
                 let known = topics::all_topics();
                 for (t, w) in &given {
                     if !known.contains(&t.as_str()) {
-                        return Err(Error::data(path, line_of(text, t), format!("topics.{t}"), format!("unknown topic '{t}'")));
+                        return Err(Error::data(
+                            path,
+                            line_of(text, t),
+                            format!("topics.{t}"),
+                            format!("unknown topic '{t}'"),
+                        ));
                     }
                     if t == topics::NON_POLITICAL && w.values().any(|&x| x != 0.0) {
-                        return Err(Error::data(path, line_of(text, t), format!("topics.{t}"), "non_political must map to the base (no expert weights)"));
+                        return Err(Error::data(
+                            path,
+                            line_of(text, t),
+                            format!("topics.{t}"),
+                            "non_political must map to the base (no expert weights)",
+                        ));
                     }
                 }
                 for t in known {
-                    let w = given.get(t).ok_or_else(|| Error::data(path, line_of(text, "[topics]"), format!("topics.{t}"), format!("topic '{t}' is missing from the policy")))?;
+                    let w = given.get(t).ok_or_else(|| {
+                        Error::data(
+                            path,
+                            line_of(text, "[topics]"),
+                            format!("topics.{t}"),
+                            format!("topic '{t}' is missing from the policy"),
+                        )
+                    })?;
                     table.insert(t.to_string(), w.clone());
                 }
             }
-            k => return Err(Error::data(path, line_of(text, "kind"), "kind", format!("unknown kind '{k}' (expected toggle or by-topic)"))),
+            k => {
+                return Err(Error::data(
+                    path,
+                    line_of(text, "kind"),
+                    "kind",
+                    format!("unknown kind '{k}' (expected toggle or by-topic)"),
+                ))
+            }
         }
         for (t, w) in &table {
             for (e, x) in w {
                 if !x.is_finite() {
-                    return Err(Error::data(path, line_of(text, t), format!("topics.{t}.{e}"), "weight is not a finite number"));
+                    return Err(Error::data(
+                        path,
+                        line_of(text, t),
+                        format!("topics.{t}.{e}"),
+                        "weight is not a finite number",
+                    ));
                 }
             }
         }
-        Ok(Policy { name: f.name, description: f.description, table })
+        Ok(Policy {
+            name: f.name,
+            description: f.description,
+            table,
+        })
     }
 
     /// Load one policy file.
@@ -105,16 +161,27 @@ impl Policy {
     /// A prompt whose most likely topic is `non_political` gets exactly the base (all zeros).
     pub fn gates(&self, topics_: &[String], p: &[f32], experts: &ExpertSet) -> Result<Vec<f32>> {
         let mut g = vec![0f32; experts.len()];
-        let top = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
+        let top = p
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i);
         if top.is_some_and(|i| topics_[i] == topics::NON_POLITICAL) {
             return Ok(g);
         }
         for (t, &pt) in topics_.iter().zip(p) {
             let Some(w) = self.table.get(t) else { continue };
             for (e, &x) in w {
-                let i = experts.index(e).or_else(|| experts.by_stance(e)).ok_or_else(|| {
-                    Error::Invalid(format!("policy '{}' names expert '{e}', which is not loaded (loaded: {})", self.name, experts.names().join(", ")))
-                })?;
+                let i = experts
+                    .index(e)
+                    .or_else(|| experts.by_stance(e))
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "policy '{}' names expert '{e}', which is not loaded (loaded: {})",
+                            self.name,
+                            experts.names().join(", ")
+                        ))
+                    })?;
                 g[i] += pt * x;
             }
         }

@@ -14,7 +14,9 @@ pub struct Report {
 impl Report {
     /// Recall of one topic (NaN if it has no examples).
     pub fn recall(&self, topic: &str) -> f64 {
-        let Some(i) = self.topics.iter().position(|t| t == topic) else { return f64::NAN };
+        let Some(i) = self.topics.iter().position(|t| t == topic) else {
+            return f64::NAN;
+        };
         let n: usize = self.confusion[i].iter().sum();
         self.confusion[i][i] as f64 / n as f64
     }
@@ -22,14 +24,31 @@ impl Report {
     /// A printable table: accuracy, recall per topic, confusion matrix (rows true, columns predicted).
     pub fn render(&self) -> String {
         let n: usize = self.confusion.iter().flatten().sum();
-        let mut s = format!("dev accuracy {:.3} ({} prompts)\n\nrecall per topic:\n", self.accuracy, n);
+        let mut s = format!(
+            "dev accuracy {:.3} ({} prompts)\n\nrecall per topic:\n",
+            self.accuracy, n
+        );
         for t in &self.topics {
             let i = self.topics.iter().position(|x| x == t).unwrap_or(0);
-            s.push_str(&format!("  {:<17} {:.3}  (n={})\n", t, self.recall(t), self.confusion[i].iter().sum::<usize>()));
+            s.push_str(&format!(
+                "  {:<17} {:.3}  (n={})\n",
+                t,
+                self.recall(t),
+                self.confusion[i].iter().sum::<usize>()
+            ));
         }
         s.push_str("\nconfusion (rows: true, columns: predicted, in topic order):\n");
         for (i, row) in self.confusion.iter().enumerate() {
-            let cells: Vec<String> = row.iter().map(|c| if *c == 0 { " .".into() } else { format!("{c:>2}") }).collect();
+            let cells: Vec<String> = row
+                .iter()
+                .map(|c| {
+                    if *c == 0 {
+                        " .".into()
+                    } else {
+                        format!("{c:>2}")
+                    }
+                })
+                .collect();
             s.push_str(&format!("  {:<17}{}\n", self.topics[i], cells.join(" ")));
         }
         s
@@ -42,12 +61,22 @@ pub fn evaluate<'a>(gate: &Gate, examples: impl IntoIterator<Item = (&'a str, &'
     let mut confusion = vec![vec![0usize; k]; k];
     let (mut right, mut total) = (0usize, 0usize);
     for (text, topic) in examples {
-        let Some(t) = gate.topics.iter().position(|x| x == topic) else { continue };
+        let Some(t) = gate.topics.iter().position(|x| x == topic) else {
+            continue;
+        };
         let p = gate.probabilities(text);
-        let pred = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+        let pred = p
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i);
         confusion[t][pred] += 1;
         total += 1;
         right += (pred == t) as usize;
     }
-    Report { topics: gate.topics.clone(), confusion, accuracy: right as f64 / total.max(1) as f64 }
+    Report {
+        topics: gate.topics.clone(),
+        confusion,
+        accuracy: right as f64 / total.max(1) as f64,
+    }
 }

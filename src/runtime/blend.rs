@@ -50,7 +50,9 @@ impl std::str::FromStr for Mode {
             "weights" => Ok(Mode::Weights),
             "logits" => Ok(Mode::Logits),
             "contrast" => Ok(Mode::Contrast),
-            _ => Err(Error::Invalid(format!("unknown blend mode '{s}' (expected weights, logits or contrast)"))),
+            _ => Err(Error::Invalid(format!(
+                "unknown blend mode '{s}' (expected weights, logits or contrast)"
+            ))),
         }
     }
 }
@@ -91,7 +93,10 @@ impl Default for Blend {
 impl Blend {
     /// Experts off.
     pub fn base() -> Self {
-        Blend { view: View::Base, mode: Mode::Weights }
+        Blend {
+            view: View::Base,
+            mode: Mode::Weights,
+        }
     }
 
     /// The dial `d` in [-1, 1].
@@ -99,7 +104,10 @@ impl Blend {
         if !(-1.0..=1.0).contains(&d) || d.is_nan() {
             return Err(Error::Invalid(format!("dial {d} is outside [-1, 1]")));
         }
-        Ok(Blend { view: View::Dial(d), mode: Mode::Weights })
+        Ok(Blend {
+            view: View::Dial(d),
+            mode: Mode::Weights,
+        })
     }
 
     /// The mix `a` in [0, 1].
@@ -107,22 +115,34 @@ impl Blend {
         if !(0.0..=1.0).contains(&a) || a.is_nan() {
             return Err(Error::Invalid(format!("mix {a} is outside [0, 1]")));
         }
-        Ok(Blend { view: View::Mix(a), mode: Mode::Weights })
+        Ok(Blend {
+            view: View::Mix(a),
+            mode: Mode::Weights,
+        })
     }
 
     /// One expert at full weight.
     pub fn expert(name: &str) -> Self {
-        Blend { view: View::Raw([(name.to_string(), 1.0)].into()), mode: Mode::Weights }
+        Blend {
+            view: View::Raw([(name.to_string(), 1.0)].into()),
+            mode: Mode::Weights,
+        }
     }
 
     /// Raw weights by expert name.
     pub fn raw(weights: impl IntoIterator<Item = (String, f32)>) -> Self {
-        Blend { view: View::Raw(weights.into_iter().collect()), mode: Mode::Weights }
+        Blend {
+            view: View::Raw(weights.into_iter().collect()),
+            mode: Mode::Weights,
+        }
     }
 
     /// Route each prompt with the gate under `policy`.
     pub fn auto(policy: &str) -> Self {
-        Blend { view: View::Auto(policy.to_string()), mode: Mode::Weights }
+        Blend {
+            view: View::Auto(policy.to_string()),
+            mode: Mode::Weights,
+        }
     }
 
     /// The same view under another mode.
@@ -156,17 +176,27 @@ impl Blend {
             }
             View::Raw(w) => {
                 for (name, &x) in w {
-                    let i = experts.index(name).or_else(|| experts.by_stance(name)).ok_or_else(|| {
-                        Error::Invalid(format!("no expert named '{name}' (loaded: {})", experts.names().join(", ")))
-                    })?;
+                    let i = experts
+                        .index(name)
+                        .or_else(|| experts.by_stance(name))
+                        .ok_or_else(|| {
+                            Error::Invalid(format!(
+                                "no expert named '{name}' (loaded: {})",
+                                experts.names().join(", ")
+                            ))
+                        })?;
                     if !x.is_finite() {
-                        return Err(Error::Invalid(format!("weight of '{name}' is not a finite number")));
+                        return Err(Error::Invalid(format!(
+                            "weight of '{name}' is not a finite number"
+                        )));
                     }
                     g[i] = x;
                 }
             }
             View::Auto(p) => {
-                return Err(Error::Invalid(format!("blend auto:{p} needs a routed prompt: use Session, which asks the gate")))
+                return Err(Error::Invalid(format!(
+                    "blend auto:{p} needs a routed prompt: use Session, which asks the gate"
+                )))
             }
         }
         if self.mode == Mode::Contrast {
@@ -179,7 +209,10 @@ impl Blend {
     /// True when raw weights extrapolate (any weight outside [0, 1] or a sum above 1).
     pub fn extrapolates(&self) -> bool {
         match &self.view {
-            View::Raw(w) => w.values().any(|&x| !(0.0..=1.0).contains(&x)) || w.values().sum::<f32>() > 1.0 + 1e-6,
+            View::Raw(w) => {
+                w.values().any(|&x| !(0.0..=1.0).contains(&x))
+                    || w.values().sum::<f32>() > 1.0 + 1e-6
+            }
             _ => false,
         }
     }
@@ -211,7 +244,9 @@ impl std::str::FromStr for Blend {
             None => (s.trim(), Mode::Weights),
         };
         let num = |v: &str, what: &str| -> Result<f32> {
-            v.trim().parse::<f32>().map_err(|_| Error::Invalid(format!("{what} value '{v}' is not a number")))
+            v.trim()
+                .parse::<f32>()
+                .map_err(|_| Error::Invalid(format!("{what} value '{v}' is not a number")))
         };
         let view = if body == "base" {
             Blend::base()
@@ -226,10 +261,15 @@ impl std::str::FromStr for Blend {
         } else if body.contains('=') {
             let mut w = BTreeMap::new();
             for part in body.split(',') {
-                let (k, v) = part.split_once('=').ok_or_else(|| Error::Invalid(format!("blend part '{part}' is not name=weight")))?;
+                let (k, v) = part.split_once('=').ok_or_else(|| {
+                    Error::Invalid(format!("blend part '{part}' is not name=weight"))
+                })?;
                 w.insert(k.trim().to_string(), num(v, k.trim())?);
             }
-            Blend { view: View::Raw(w), mode: Mode::Weights }
+            Blend {
+                view: View::Raw(w),
+                mode: Mode::Weights,
+            }
         } else {
             return Err(Error::Invalid(format!(
                 "cannot read blend '{s}': expected base, dial=D, mix=A, expert=NAME, auto=POLICY or name=w,... (optionally @logits / @contrast)"
@@ -268,10 +308,15 @@ impl RowPlan {
             r
         };
         Ok(match mode {
-            Mode::Weights => RowPlan { rows: vec![g.to_vec()], combine: Combine::Single },
+            Mode::Weights => RowPlan {
+                rows: vec![g.to_vec()],
+                combine: Combine::Single,
+            },
             Mode::Logits => {
                 if g.iter().any(|&x| x < 0.0) {
-                    return Err(Error::Invalid("logits mode mixes probabilities: negative weights are not allowed".into()));
+                    return Err(Error::Invalid(
+                        "logits mode mixes probabilities: negative weights are not allowed".into(),
+                    ));
                 }
                 let total: f32 = g.iter().sum();
                 let mut rows = Vec::new();
@@ -289,15 +334,28 @@ impl RowPlan {
                 }
                 let z: f32 = w.iter().sum();
                 if rows.len() == 1 {
-                    RowPlan { rows, combine: Combine::Single }
+                    RowPlan {
+                        rows,
+                        combine: Combine::Single,
+                    }
                 } else {
-                    RowPlan { rows, combine: Combine::Mixture(w.iter().map(|x| x / z).collect()) }
+                    RowPlan {
+                        rows,
+                        combine: Combine::Mixture(w.iter().map(|x| x / z).collect()),
+                    }
                 }
             }
             Mode::Contrast => {
-                let p = experts.by_stance(PROGRESSIVE).ok_or_else(|| Error::Invalid("contrast mode needs a progressive expert".into()))?;
-                let c = experts.by_stance(CONSERVATIVE).ok_or_else(|| Error::Invalid("contrast mode needs a conservative expert".into()))?;
-                RowPlan { rows: vec![vec![0f32; n], one_hot(p), one_hot(c)], combine: Combine::Contrast(g[p] - g[c]) }
+                let p = experts.by_stance(PROGRESSIVE).ok_or_else(|| {
+                    Error::Invalid("contrast mode needs a progressive expert".into())
+                })?;
+                let c = experts.by_stance(CONSERVATIVE).ok_or_else(|| {
+                    Error::Invalid("contrast mode needs a conservative expert".into())
+                })?;
+                RowPlan {
+                    rows: vec![vec![0f32; n], one_hot(p), one_hot(c)],
+                    combine: Combine::Contrast(g[p] - g[c]),
+                }
             }
         })
     }

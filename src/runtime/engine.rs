@@ -43,7 +43,12 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { model: None, adapters: None, gate: None, format: WeightFormat::Q8_0 }
+        EngineOptions {
+            model: None,
+            adapters: None,
+            gate: None,
+            format: WeightFormat::Q8_0,
+        }
     }
 }
 
@@ -68,29 +73,60 @@ impl Engine {
             Some(p) => p.clone(),
             None => crate::model::fetch::ensure_default_model()?,
         };
-        let model = Model::load(&path, &LoadOptions { format: opts.format })?;
+        let model = Model::load(
+            &path,
+            &LoadOptions {
+                format: opts.format,
+            },
+        )?;
         let dirs = opts.adapters.clone().unwrap_or_else(shipped_adapters);
-        let adapters = dirs.iter().map(|d| Adapter::load(d, &model.config)).collect::<Result<Vec<_>>>()?;
+        let adapters = dirs
+            .iter()
+            .map(|d| Adapter::load(d, &model.config))
+            .collect::<Result<Vec<_>>>()?;
         let experts = ExpertSet::new(adapters)?;
         let gate_dir = opts.gate.clone().or_else(|| {
             let d = crate::router::shipped_gate_dir();
             d.join(crate::router::GATE_FILE).exists().then_some(d)
         });
         let (gate, policies) = match gate_dir {
-            Some(d) => (Some(Gate::load(&d)?), crate::router::load_policies(&crate::router::policies_dir())?),
+            Some(d) => (
+                Some(Gate::load(&d)?),
+                crate::router::load_policies(&crate::router::policies_dir())?,
+            ),
             None => (None, Vec::new()),
         };
-        Ok(Arc::new(Engine { model, experts, gate, policies }))
+        Ok(Arc::new(Engine {
+            model,
+            experts,
+            gate,
+            policies,
+        }))
     }
 
     /// An engine from parts (tests, benchmarks, embedding with custom adapters).
     pub fn new(model: Arc<Model>, experts: ExpertSet) -> Arc<Engine> {
-        Arc::new(Engine { model, experts, gate: None, policies: Vec::new() })
+        Arc::new(Engine {
+            model,
+            experts,
+            gate: None,
+            policies: Vec::new(),
+        })
     }
 
     /// An engine from parts with a gate and policies.
-    pub fn with_gate(model: Arc<Model>, experts: ExpertSet, gate: Gate, policies: Vec<Policy>) -> Arc<Engine> {
-        Arc::new(Engine { model, experts, gate: Some(gate), policies })
+    pub fn with_gate(
+        model: Arc<Model>,
+        experts: ExpertSet,
+        gate: Gate,
+        policies: Vec<Policy>,
+    ) -> Arc<Engine> {
+        Arc::new(Engine {
+            model,
+            experts,
+            gate: Some(gate),
+            policies,
+        })
     }
 
     /// A new conversation on this engine.
@@ -100,16 +136,32 @@ impl Engine {
 
     /// Forward `tokens` (`(t,)` shared by every row) for a batch whose row `r` uses gate weights
     /// `rows[r]`; extends `cache`. Returns logits `(rows, vocab)` (or `(rows, t, vocab)`).
-    pub fn forward_rows(&self, tokens: &[u32], cache: Option<&mut KvCache>, rows: &[Vec<f32>], logits: Logits) -> Result<Tensor> {
+    pub fn forward_rows(
+        &self,
+        tokens: &[u32],
+        cache: Option<&mut KvCache>,
+        rows: &[Vec<f32>],
+        logits: Logits,
+    ) -> Result<Tensor> {
         if tokens.is_empty() {
             return Err(Error::Invalid("no tokens to feed".into()));
         }
         let b = rows.len().max(1);
-        let t = Tensor::new(tokens, self.model.device())?.unsqueeze(0)?.repeat((b, 1))?;
+        let t = Tensor::new(tokens, self.model.device())?
+            .unsqueeze(0)?
+            .repeat((b, 1))?;
         let zero = vec![vec![0f32; self.experts.len()]];
         let rows = if rows.is_empty() { &zero[..] } else { rows };
         let hook = self.experts.hook(rows)?;
-        self.model.forward(&t, cache, &Pass { hook: &hook, logits, differentiable: false })
+        self.model.forward(
+            &t,
+            cache,
+            &Pass {
+                hook: &hook,
+                logits,
+                differentiable: false,
+            },
+        )
     }
 
     /// The gate weights and row plan for `blend` applied to the prompt `text`.
@@ -127,17 +179,29 @@ impl Engine {
 
     /// Ask the gate about `text` under the policy named `policy`.
     pub fn route(&self, text: &str, policy: &str) -> Result<Route> {
-        let gate = self.gate.as_ref().ok_or_else(|| Error::Invalid("no gate loaded: train one with `stancemix router train`".into()))?;
+        let gate = self.gate.as_ref().ok_or_else(|| {
+            Error::Invalid("no gate loaded: train one with `stancemix router train`".into())
+        })?;
         let p = self.policy(policy)?;
         gate.route(self, text, p)
     }
 
     /// The loaded policy named `name`.
     pub fn policy(&self, name: &str) -> Result<&Policy> {
-        self.policies.iter().find(|p| p.name == name).ok_or_else(|| {
-            let names: Vec<&str> = self.policies.iter().map(|p| p.name.as_str()).collect();
-            Error::Invalid(format!("no policy named '{name}' (loaded: {})", if names.is_empty() { "none".into() } else { names.join(", ") }))
-        })
+        self.policies
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.policies.iter().map(|p| p.name.as_str()).collect();
+                Error::Invalid(format!(
+                    "no policy named '{name}' (loaded: {})",
+                    if names.is_empty() {
+                        "none".into()
+                    } else {
+                        names.join(", ")
+                    }
+                ))
+            })
     }
 
     /// Names of the experts, in gate order.
@@ -145,4 +209,3 @@ impl Engine {
         self.experts.names()
     }
 }
-

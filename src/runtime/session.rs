@@ -5,9 +5,9 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use std::sync::Arc;
 
 use super::{Blend, Engine, RowPlan};
-use crate::model::{chatml_message, KvCache, Logits, Message, TokenStream, CHATML_ASSISTANT};
 #[allow(unused_imports)]
 use crate::model::DEFAULT_SYSTEM;
+use crate::model::{chatml_message, KvCache, Logits, Message, TokenStream, CHATML_ASSISTANT};
 use crate::router::Route;
 use crate::{Error, Result};
 
@@ -28,7 +28,15 @@ pub struct GenParams {
 
 impl Default for GenParams {
     fn default() -> Self {
-        GenParams { max_tokens: 200, temperature: 0.0, top_k: None, top_p: None, repeat_penalty: 1.1, repeat_last_n: 64, seed: 42 }
+        GenParams {
+            max_tokens: 200,
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            repeat_penalty: 1.1,
+            repeat_last_n: 64,
+            seed: 42,
+        }
     }
 }
 
@@ -40,7 +48,11 @@ impl GenParams {
             (false, None, None) => Sampling::All { temperature: t },
             (false, Some(k), None) => Sampling::TopK { k, temperature: t },
             (false, None, Some(p)) => Sampling::TopP { p, temperature: t },
-            (false, Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature: t },
+            (false, Some(k), Some(p)) => Sampling::TopKThenTopP {
+                k,
+                p,
+                temperature: t,
+            },
         }
     }
 }
@@ -112,7 +124,9 @@ impl Session {
             RowPlan::new(&g, blend.mode, &self.engine.experts)?;
         } else if let super::View::Auto(p) = &blend.view {
             if self.engine.gate.is_none() {
-                return Err(Error::Invalid("no gate loaded: automatic routing needs router-data/gate.json".into()));
+                return Err(Error::Invalid(
+                    "no gate loaded: automatic routing needs router-data/gate.json".into(),
+                ));
             }
             self.engine.policy(p)?;
         }
@@ -175,9 +189,13 @@ impl Session {
         if all.is_empty() {
             return Err(Error::Invalid("nothing to feed".into()));
         }
-        let logits = self.engine.forward_rows(&all, Some(&mut self.cache), &plan.rows, Logits::Last)?;
+        let logits =
+            self.engine
+                .forward_rows(&all, Some(&mut self.cache), &plan.rows, Logits::Last)?;
         self.fed.extend_from_slice(&all);
-        let rows: Vec<Vec<f32>> = (0..plan.rows.len()).map(|r| logits.i(r)?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;
+        let rows: Vec<Vec<f32>> = (0..plan.rows.len())
+            .map(|r| logits.i(r)?.to_vec1::<f32>())
+            .collect::<candle_core::Result<_>>()?;
         Ok(plan.combine(&rows))
     }
 
@@ -191,16 +209,30 @@ impl Session {
             if let Some(s) = &self.system {
                 if !s.is_empty() {
                     text.push_str(&chatml_message("system", s));
-                    self.history.push(Message { role: "system".into(), content: s.clone() });
+                    self.history.push(Message {
+                        role: "system".into(),
+                        content: s.clone(),
+                    });
                 }
             }
         }
         text.push_str(&chatml_message("user", user));
         text.push_str(CHATML_ASSISTANT);
-        self.history.push(Message { role: "user".into(), content: user.to_string() });
+        self.history.push(Message {
+            role: "user".into(),
+            content: user.to_string(),
+        });
         let tokens = self.engine.model.tokenizer.encode(&text)?;
         let logits = self.feed(&tokens, &plan)?;
-        let weights = self.engine.experts.names().iter().cloned().zip(g.iter().copied()).filter(|(_, x)| *x != 0.0).collect();
+        let weights = self
+            .engine
+            .experts
+            .names()
+            .iter()
+            .cloned()
+            .zip(g.iter().copied())
+            .filter(|(_, x)| *x != 0.0)
+            .collect();
         Ok(Turn {
             sampler: LogitsProcessor::from_sampling(params.seed, params.sampling()),
             params: params.clone(),
@@ -218,7 +250,12 @@ impl Session {
 
     /// Answer `user`, calling `on_text` with each new piece of text; return `false` from it to
     /// stop early. The reply records the blend that produced it.
-    pub fn chat(&mut self, user: &str, params: &GenParams, mut on_text: impl FnMut(&str) -> bool) -> Result<Reply> {
+    pub fn chat(
+        &mut self,
+        user: &str,
+        params: &GenParams,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Reply> {
         let mut turn = self.begin(user, params)?;
         while let Some(piece) = turn.next_token()? {
             if !piece.text.is_empty() && !on_text(&piece.text) {
@@ -282,8 +319,15 @@ impl Turn<'_> {
         let dev = self.session.engine.model.device().clone();
         let mut z = candle_core::Tensor::new(self.logits.as_slice(), &dev)?;
         if self.params.repeat_penalty != 1.0 {
-            let start = self.generated.len().saturating_sub(self.params.repeat_last_n);
-            z = candle_transformers::utils::apply_repeat_penalty(&z, self.params.repeat_penalty, &self.generated[start..])?;
+            let start = self
+                .generated
+                .len()
+                .saturating_sub(self.params.repeat_last_n);
+            z = candle_transformers::utils::apply_repeat_penalty(
+                &z,
+                self.params.repeat_penalty,
+                &self.generated[start..],
+            )?;
         }
         let id = self.sampler.sample(&z)?;
         if tok.stop_ids().contains(&id) {
@@ -303,7 +347,10 @@ impl Turn<'_> {
         let text = self.stream.text(&self.session.engine.model.tokenizer)?;
         let s = &mut *self.session;
         s.pending = s.engine.model.tokenizer.encode("<|im_end|>\n")?;
-        s.history.push(Message { role: "assistant".into(), content: text.clone() });
+        s.history.push(Message {
+            role: "assistant".into(),
+            content: text.clone(),
+        });
         Ok(Reply {
             text,
             tokens: std::mem::take(&mut self.generated),

