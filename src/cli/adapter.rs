@@ -111,8 +111,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             println!("linears        {}", a.pairs.len());
             let mut params = 0;
             let mut norm2 = 0f64;
-            for ((l, t), _) in &a.pairs {
-                let p = &a.pairs[&(*l, *t)];
+            for ((l, t), p) in &a.pairs {
                 params += p.a.elem_count() + p.b.elem_count();
                 if let Some(d) = a.delta(*l, *t)? {
                     norm2 += d.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;

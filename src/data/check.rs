@@ -294,7 +294,7 @@ pub fn check(paths: &[PathBuf]) -> CheckReport {
     for i in 0..all.len() {
         for j in 0..i {
             let s = jaccard(&all[i].2, &all[j].2);
-            if s >= NEAR_DUP_JACCARD && s < 1.0 && all[i].2.len() >= 5 {
+            if (NEAR_DUP_JACCARD..1.0).contains(&s) && all[i].2.len() >= 5 {
                 r.errors.push(format!(
                     "{}: prompt: near duplicate of {} (word Jaccard {s:.2})",
                     all[i].0, all[j].0

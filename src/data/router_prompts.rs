@@ -52,5 +52,5 @@ pub fn is_dev(id: &str) -> bool {
         h ^= b as u64;
         h = h.wrapping_mul(0x100000001b3);
     }
-    h % 10 == 0
+    h.is_multiple_of(10)
 }

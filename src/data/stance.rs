@@ -99,10 +99,8 @@ impl StancePair {
                     }
                 }
                 if let (Some(a), Some(b)) = (op, oc) {
-                    if a.contains("agree.")
-                        && !a.contains("disagree")
-                            == (b.contains("agree.") && !b.contains("disagree"))
-                    {
+                    let agrees = |o: &str| !o.contains("disagree");
+                    if agrees(a) == agrees(b) {
                         p.push((
                             "conservative",
                             "both sides take the same stance on the proposition".into(),

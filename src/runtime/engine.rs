@@ -150,7 +150,7 @@ impl Engine {
         let t = Tensor::new(tokens, self.model.device())?
             .unsqueeze(0)?
             .repeat((b, 1))?;
-        let zero = vec![vec![0f32; self.experts.len()]];
+        let zero = [vec![0f32; self.experts.len()]];
         let rows = if rows.is_empty() { &zero[..] } else { rows };
         let hook = self.experts.hook(rows)?;
         self.model.forward(
