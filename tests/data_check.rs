@@ -162,7 +162,7 @@ fn near_duplicates_and_unequal_sides_are_caught() {
     );
     p["conservative"] = serde_json::json!(
         "I disagree because tariffs raise prices for everyone who buys things made of steel."
-            .repeat(3)
+            .repeat(5)
     );
     write_lines(&f2, &[p.to_string()]);
     let errs = errors_of(&[f1.clone(), f2.clone()]);
