@@ -50,6 +50,8 @@ pub enum Logits {
     Last,
     /// Every position: `(b, t, vocab)`.
     All,
+    /// No head: the final-norm hidden states `(b, t, hidden)`; see [`Model::head`].
+    Hidden,
 }
 
 /// Per-call settings of a forward pass.
@@ -285,11 +287,25 @@ impl Model {
             x = (x + m)?;
         }
         let x = self.rms_norm(&x, &self.norm, pass)?;
-        let x = match pass.logits {
-            Logits::Last => x.i((.., t - 1, ..))?.contiguous()?, // (b, hidden)
-            Logits::All => x,                                    // (b, t, hidden)
-        };
-        Ok(self.head.forward(&x)?)
+        match pass.logits {
+            Logits::Last => self.head(&x.i((.., t - 1, ..))?.contiguous()?, pass), // (b, vocab)
+            Logits::All => self.head(&x, pass),                                    // (b, t, vocab)
+            Logits::Hidden => Ok(x),                                               // (b, t, hidden)
+        }
+    }
+
+    /// The output head: final-norm hidden states `(.., hidden)` to logits `(.., vocab)`.
+    pub fn head(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+        self.dense(&self.head, x, pass)
+    }
+
+    /// A base matmul; in a differentiable pass over dense weights, one that sends gradients
+    /// to `x` only (the base is frozen).
+    fn dense(&self, w: &QMatMul, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+        Ok(match w {
+            QMatMul::Tensor(w) if pass.differentiable => super::frozen::frozen_linear(x, w)?,
+            _ => w.forward(x)?,
+        })
     }
 
     /// One adaptable linear: the base matmul, then the LoRA hook. The only place adapters act.
@@ -301,7 +317,7 @@ impl Model {
         x: &Tensor,
         pass: &Pass,
     ) -> Result<Tensor> {
-        let y = w.forward(x)?;
+        let y = self.dense(w, x, pass)?;
         Ok(pass.hook.after_linear(layer, target, x, y)?)
     }
 

@@ -4,12 +4,14 @@
 mod cache;
 mod config;
 pub mod fetch;
+mod frozen;
 mod llama;
 pub mod tiny;
 mod tokenizer;
 
 pub use cache::KvCache;
 pub use config::{Config, LLAMA_FAMILY};
+pub use frozen::frozen_linear;
 pub use llama::{LoadOptions, Logits, Model, Pass, WeightFormat};
 pub use tokenizer::{
     chatml_message, chatml_prompt, Message, TokenStream, Tokenizer, CHATML_ASSISTANT,

@@ -1,0 +1,213 @@
+//! `stancemix train sft|dpo`: train a stance expert (LoRA) on the stance pairs.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use stancemix::data::export::{export, Split, View};
+use stancemix::data::load_stance_dir;
+use stancemix::model::{fetch, LoadOptions, Model, WeightFormat};
+use stancemix::train::{Method, Outcome, TrainConfig, Trainer};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Supervised fine-tuning on the adapter's own answers (loss on answer tokens only).
+    Sft(Args),
+    /// DPO: own answer chosen, the other side's answer rejected, the base model as reference.
+    Dpo(Args),
+}
+
+/// Settings: a TOML `--config`, overridden by flags; saved as OUT/train.toml.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Output folder: the adapter, train.toml, train_log.jsonl, checkpoints.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue from OUT/checkpoint.safetensors with the settings in OUT/train.toml.
+    #[arg(long)]
+    pub resume: bool,
+    /// TOML file with any of the settings below (flags win).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Base model GGUF (default: the fetched SmolLM2-135M-Instruct).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The adapter's own side: progressive or conservative.
+    #[arg(long)]
+    pub stance: Option<String>,
+    /// Stance-pair folder.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long)]
+    pub rank: Option<usize>,
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Use rsLoRA scaling (alpha / sqrt(rank)).
+    #[arg(long)]
+    pub rslora: bool,
+    /// Target modules, comma separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj).
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Option<Vec<String>>,
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    #[arg(long)]
+    pub min_lr_ratio: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// DPO temperature.
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// Start from this adapter (e.g. the SFT one, for DPO).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    #[arg(long)]
+    pub eval_limit: Option<usize>,
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+}
+
+impl Args {
+    /// The run's settings: saved ones on resume, else defaults < --config < flags.
+    fn settings(&self, method: Method) -> anyhow::Result<TrainConfig> {
+        let saved = self.out.join("train.toml");
+        if self.resume && saved.exists() {
+            let c = TrainConfig::load(&saved)?;
+            if c.method != method {
+                anyhow::bail!(
+                    "{}: method is {:?}, not {method:?}",
+                    saved.display(),
+                    c.method
+                );
+            }
+            return Ok(c);
+        }
+        let mut c = match &self.config {
+            Some(p) => TrainConfig::load(p)?,
+            None => TrainConfig::default(),
+        };
+        c.method = method;
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        set!(
+            stance,
+            data,
+            rank,
+            alpha,
+            targets,
+            dropout,
+            lr,
+            warmup_steps,
+            min_lr_ratio
+        );
+        set!(
+            weight_decay,
+            batch_size,
+            grad_accum,
+            max_seq_len,
+            epochs,
+            max_steps,
+            seed,
+            beta
+        );
+        set!(eval_every, eval_limit, checkpoint_every);
+        if self.init.is_some() {
+            c.init = self.init.clone();
+        }
+        c.rslora |= self.rslora;
+        c.validate()
+            .map_err(|e| anyhow::anyhow!("train settings: {e}"))?;
+        Ok(c)
+    }
+}
+
+pub fn run(cmd: Command) -> anyhow::Result<()> {
+    let (method, args) = match cmd {
+        Command::Sft(a) => (Method::Sft, a),
+        Command::Dpo(a) => (Method::Dpo, a),
+    };
+    let config = args.settings(method)?;
+    let model_path = match &args.model {
+        Some(p) => p.clone(),
+        None => fetch::ensure_default_model()?,
+    };
+    let model = Model::load(
+        &model_path,
+        &LoadOptions {
+            format: WeightFormat::F32,
+        },
+    )?;
+    let pairs = load_stance_dir(&config.data)?;
+    let view = match method {
+        Method::Sft => View::Sft,
+        Method::Dpo => View::Dpo,
+    };
+    let train = export(&pairs, view, &config.stance, Split::Train)?;
+    let dev = export(&pairs, view, &config.stance, Split::Dev)?;
+    let mut trainer = Trainer::new(&model, config, &train, &dev, &args.out)?;
+    let (n_train, n_dev, dropped) = trainer.sizes();
+    eprintln!(
+        "training {} ({:?}): {n_train} train / {n_dev} dev examples ({dropped} records longer than max_seq_len left out), {} trainable parameters, {} steps, {} threads",
+        args.out.display(),
+        method,
+        trainer.lora().num_params(),
+        trainer.total_steps(),
+        candle_core::utils::get_num_threads(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} steps, ETA {eta}  {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    let report = trainer.run(args.resume, &stop, &bar)?;
+    bar.finish_and_clear();
+    match report.outcome {
+        Outcome::Interrupted => eprintln!(
+            "stopped at step {}/{}; checkpoint saved: resume with --resume --out {}",
+            report.steps,
+            report.total_steps,
+            args.out.display()
+        ),
+        Outcome::Finished => {
+            println!(
+                "{} steps, {} tokens in {:.0} s ({:.1} tok/s); dev loss {}{}; adapter in {}",
+                report.steps,
+                report.tokens,
+                report.train_seconds,
+                report.tokens_per_second,
+                report.dev_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                report
+                    .dev_reward_accuracy
+                    .map(|a| format!(", reward accuracy {a:.3}"))
+                    .unwrap_or_default(),
+                args.out.display()
+            );
+        }
+    }
+    Ok(())
+}

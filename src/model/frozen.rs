@@ -1,0 +1,34 @@
+//! A linear layer over a frozen dense weight that carries gradients to its input only.
+//!
+//! `x.matmul(&w.t())` would also compute `x^T @ grad` for the weight on every backward pass,
+//! although the base weights never train. This op returns only `grad @ W`: LoRA training
+//! gets faster and needs about half the memory.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+/// `y = x @ W^T` for `x` `(.., in)` and `W` `(out, in)`; gradients flow to `x` only.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let y = x.detach().broadcast_matmul(&w.t()?)?;
+    x.apply_op1(Frozen { w: w.clone(), y })
+}
+
+/// Carries the forward result computed outside the graph, and the weight for the backward.
+struct Frozen {
+    w: Tensor,
+    y: Tensor,
+}
+
+impl CustomOp1 for Frozen {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, _x: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let data = self.y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((CpuStorage::F32(data), self.y.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.broadcast_matmul(&self.w)?))
+    }
+}

@@ -1,0 +1,191 @@
+//! LoRA training of the stance experts: SFT on the adapter's own answers, and DPO with the
+//! other side's answer as the rejected one (the counterfactual pairs give preference pairs for
+//! free). Over dense f32 base weights with candle autograd; checkpoints and exact resume.
+
+mod batch;
+mod checkpoint;
+mod lora;
+mod optim;
+mod trainer;
+
+pub use batch::{epoch_batches, pack, row_sums, token_logprobs, tokenize, Example, Packed};
+pub use checkpoint::{Checkpoint, CHECKPOINT_FILE};
+pub use lora::{TrainLora, VarPair};
+pub use optim::{learning_rate, AdamParams, AdamW};
+pub use trainer::{dpo_loss, Outcome, TrainReport, Trainer};
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// Training objective.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Supervised fine-tuning: next-token loss on the adapter's own answers only.
+    Sft,
+    /// Direct preference optimisation against the base model as the reference.
+    Dpo,
+}
+
+/// Every setting of a run; saved as `train.toml` beside the adapter.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub method: Method,
+    /// `progressive` or `conservative`: the adapter's own side.
+    pub stance: String,
+    /// Stance-pair folder (`*.jsonl`).
+    pub data: PathBuf,
+    pub rank: usize,
+    pub alpha: f64,
+    pub rslora: bool,
+    /// PEFT module names (`q_proj`, ...).
+    pub targets: Vec<String>,
+    pub dropout: f64,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub warmup_steps: usize,
+    /// The cosine decays to `lr * min_lr_ratio`.
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    /// Sequences per micro-batch (DPO: pairs, each two sequences).
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Prompt + answer tokens; longer answers are cut.
+    pub max_seq_len: usize,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (0: run all epochs).
+    pub max_steps: usize,
+    pub seed: u64,
+    /// DPO temperature.
+    pub beta: f64,
+    /// Start from this adapter instead of a fresh one (e.g. DPO after SFT).
+    pub init: Option<PathBuf>,
+    /// Dev-set loss every this many optimizer steps (0: only at the end).
+    pub eval_every: usize,
+    /// Dev examples used for the periodic dev loss (0: all).
+    pub eval_limit: usize,
+    /// Checkpoint every this many optimizer steps.
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            method: Method::Sft,
+            stance: "progressive".into(),
+            data: PathBuf::from("adapters/data/stance"),
+            rank: 8,
+            alpha: 16.0,
+            rslora: false,
+            targets: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
+            dropout: 0.0,
+            lr: 2e-4,
+            warmup_steps: 10,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.0,
+            batch_size: 4,
+            grad_accum: 2,
+            max_seq_len: 192,
+            epochs: 1,
+            max_steps: 0,
+            seed: 1,
+            beta: 0.1,
+            init: None,
+            eval_every: 50,
+            eval_limit: 48,
+            checkpoint_every: 20,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Read a TOML config; errors name the file and the field.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let c: TrainConfig = toml::from_str(&text).map_err(|e| {
+            // `file:line: field: problem`, the field read from the line the error points at.
+            let at = e.span().map_or(0, |s| s.start).min(text.len());
+            let line = text[..at].matches('\n').count() + 1;
+            let field = text.lines().nth(line - 1).and_then(|l| l.split('=').next());
+            let field = field
+                .map(str::trim)
+                .filter(|f| !f.is_empty() && !f.starts_with('['));
+            Error::Invalid(format!(
+                "{}:{line}: {}{}",
+                path.display(),
+                field.map(|f| format!("{f}: ")).unwrap_or_default(),
+                e.message()
+            ))
+        })?;
+        c.validate()
+            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        Ok(c)
+    }
+
+    /// Write as TOML, atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = toml::to_string_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;
+        crate::error::write_atomic(path, text.as_bytes())
+    }
+
+    /// Check ranges; the message names the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        crate::data::export::other_stance(&self.stance).map_err(|e| format!("stance: {e}"))?;
+        let positive = [
+            ("rank", self.rank),
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("epochs", self.epochs),
+            ("checkpoint_every", self.checkpoint_every),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(format!("{name}: must be at least 1"));
+            }
+        }
+        if self.max_seq_len < 16 {
+            return Err("max_seq_len: must be at least 16".into());
+        }
+        if !(self.lr > 0.0 && self.lr < 1.0) {
+            return Err(format!("lr: {} is not in (0, 1)", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("dropout: {} is not in [0, 1)", self.dropout));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(format!(
+                "min_lr_ratio: {} is not in [0, 1]",
+                self.min_lr_ratio
+            ));
+        }
+        if self.beta <= 0.0 {
+            return Err(format!("beta: {} must be positive", self.beta));
+        }
+        for t in &self.targets {
+            if crate::model::Target::parse(t).is_none() {
+                return Err(format!(
+                    "targets: unknown module '{t}' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+                ));
+            }
+        }
+        if self.targets.is_empty() {
+            return Err("targets: at least one module is needed".into());
+        }
+        Ok(())
+    }
+}

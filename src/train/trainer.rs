@@ -1,0 +1,525 @@
+//! The training loop: micro-batches, gradient accumulation, AdamW, dev loss, checkpoints,
+//! resume and a clean stop on request.
+
+use candle_core::{Tensor, Var};
+use indicatif::ProgressBar;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use super::batch::{epoch_batches, pack, row_sums, token_logprobs, tokenize, Example};
+use super::{AdamParams, AdamW, Checkpoint, Method, TrainConfig, TrainLora, CHECKPOINT_FILE};
+use crate::data::export::Record;
+use crate::lora::{Adapter, AdapterConfig};
+use crate::model::{Model, NoHook, Pass, WeightFormat};
+use crate::{Error, Result};
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// All steps done; the adapter is saved.
+    Finished,
+    /// Stopped on request; a checkpoint is saved and `--resume` continues.
+    Interrupted,
+}
+
+/// What a run measured; also written to `train_summary.json`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainReport {
+    pub outcome: Outcome,
+    pub method: Method,
+    pub steps: usize,
+    pub total_steps: usize,
+    pub resumed_from: Option<usize>,
+    pub train_examples: usize,
+    pub dev_examples: usize,
+    pub trainable_params: usize,
+    /// Real (non-padding) tokens processed, including both answers for DPO.
+    pub tokens: usize,
+    pub train_seconds: f64,
+    pub tokens_per_second: f64,
+    /// Mean training loss over the last logged steps.
+    pub train_loss: Option<f64>,
+    /// SFT: mean answer-token NLL on the dev set; DPO: mean DPO loss on it.
+    pub dev_loss: Option<f64>,
+    /// DPO only: share of dev pairs whose implicit reward prefers the adapter's own side.
+    pub dev_reward_accuracy: Option<f64>,
+    pub peak_rss_mb: Option<f64>,
+    pub threads: usize,
+}
+
+/// DPO loss `-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`, averaged; also returns
+/// the margins `d` per pair. All arguments `(b,)`.
+pub fn dpo_loss(
+    pi_c: &Tensor,
+    pi_r: &Tensor,
+    ref_c: &Tensor,
+    ref_r: &Tensor,
+    beta: f64,
+) -> Result<(Tensor, Tensor)> {
+    let d = (((pi_c - ref_c)? - (pi_r - ref_r)?)? * beta)?;
+    // softplus(-d), written stably: relu(-d) + log(1 + exp(-|d|)).
+    let z = d.neg()?;
+    let loss = (z.relu()? + (z.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+    Ok((loss.mean_all()?, d))
+}
+
+/// One training run of one adapter.
+pub struct Trainer<'a> {
+    model: &'a Model,
+    config: TrainConfig,
+    lora: TrainLora,
+    train: Vec<Example>,
+    dev: Vec<Example>,
+    /// DPO reference log-probabilities `(chosen, rejected)` by example id.
+    reference: HashMap<String, (f32, f32)>,
+    out: PathBuf,
+    pad: u32,
+    /// Records left out because their prompt alone nearly fills `max_seq_len`.
+    dropped: usize,
+}
+
+impl<'a> Trainer<'a> {
+    /// Set up a run writing to `out`. The model must hold dense f32 weights
+    /// ([`WeightFormat::F32`]): gradients do not flow through quantized matmuls.
+    pub fn new(
+        model: &'a Model,
+        config: TrainConfig,
+        train: &[Record],
+        dev: &[Record],
+        out: &Path,
+    ) -> Result<Self> {
+        config.validate().map_err(Error::Invalid)?;
+        if model.format != WeightFormat::F32 {
+            return Err(Error::Invalid(
+                "training needs the model loaded with f32 weights".into(),
+            ));
+        }
+        if config.method == Method::Dpo && train.iter().chain(dev).any(|r| r.rejected.is_none()) {
+            return Err(Error::Invalid(
+                "DPO needs a rejected answer in every record".into(),
+            ));
+        }
+        let tok = &model.tokenizer;
+        let (train, d1) = tokenize(tok, train, config.max_seq_len)?;
+        let (dev, d2) = tokenize(tok, dev, config.max_seq_len)?;
+        if train.is_empty() {
+            return Err(Error::Invalid(
+                "no training examples fit in max_seq_len".into(),
+            ));
+        }
+        let lora = match &config.init {
+            Some(dir) => {
+                let a = Adapter::load(dir, &model.config)?;
+                TrainLora::from_adapter(&a, config.dropout as f32)?
+            }
+            None => {
+                let ac = AdapterConfig {
+                    r: config.rank,
+                    lora_alpha: config.alpha,
+                    target_modules: config.targets.clone(),
+                    use_rslora: config.rslora,
+                    base_model_name_or_path: model.config.name.clone(),
+                    stance: Some(config.stance.clone()),
+                    description: None,
+                    peft_type: "LORA".into(),
+                    task_type: "CAUSAL_LM".into(),
+                    lora_dropout: config.dropout,
+                    bias: "none".into(),
+                    fan_in_fan_out: false,
+                    inference_mode: true,
+                };
+                TrainLora::init(&model.config, ac, config.seed, config.dropout as f32)?
+            }
+        };
+        let pad = *model.tokenizer.stop_ids().first().unwrap_or(&0);
+        Ok(Trainer {
+            model,
+            config,
+            lora,
+            train,
+            dev,
+            reference: HashMap::new(),
+            out: out.to_path_buf(),
+            pad,
+            dropped: d1.len() + d2.len(),
+        })
+    }
+
+    /// The trainable parameters.
+    pub fn lora(&self) -> &TrainLora {
+        &self.lora
+    }
+
+    /// Training and dev examples used, and records dropped for length.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.train.len(), self.dev.len(), self.dropped)
+    }
+
+    /// Micro-batches in one epoch.
+    pub fn batches_per_epoch(&self) -> usize {
+        self.train.len().div_ceil(self.config.batch_size)
+    }
+
+    /// Optimizer steps the whole run takes.
+    pub fn total_steps(&self) -> usize {
+        let all = (self.batches_per_epoch() * self.config.epochs).div_ceil(self.config.grad_accum);
+        match self.config.max_steps {
+            0 => all,
+            m => m.min(all),
+        }
+    }
+
+    /// Loss of one micro-batch (with the graph for backward) and its real token count.
+    pub fn batch_loss(
+        &self,
+        examples: &[&Example],
+        differentiable: bool,
+    ) -> Result<(Tensor, usize)> {
+        let pass = Pass {
+            hook: &self.lora,
+            logits: crate::model::Logits::Hidden,
+            differentiable,
+        };
+        match self.config.method {
+            Method::Sft => {
+                let seqs: Vec<_> = examples
+                    .iter()
+                    .map(|e| (&e.prompt[..], &e.chosen[..]))
+                    .collect();
+                let packed = pack(&seqs, self.pad)?;
+                let logp = token_logprobs(self.model, &packed, &pass)?;
+                Ok((logp.mean_all()?.neg()?, packed.real_tokens))
+            }
+            Method::Dpo => {
+                let (loss, _, tokens) = self.dpo_batch(examples, &pass)?;
+                Ok((loss, tokens))
+            }
+        }
+    }
+
+    fn dpo_batch(&self, examples: &[&Example], pass: &Pass) -> Result<(Tensor, Tensor, usize)> {
+        let b = examples.len();
+        let mut seqs: Vec<_> = examples
+            .iter()
+            .map(|e| (&e.prompt[..], &e.chosen[..]))
+            .collect();
+        seqs.extend(examples.iter().map(|e| (&e.prompt[..], &e.rejected[..])));
+        let packed = pack(&seqs, self.pad)?;
+        let sums = row_sums(&packed, &token_logprobs(self.model, &packed, pass)?)?; // (2b,)
+        let (mut rc, mut rr) = (Vec::with_capacity(b), Vec::with_capacity(b));
+        for e in examples {
+            let (c, r) = self.reference.get(&e.id).copied().ok_or_else(|| {
+                Error::Invalid(format!("no reference log-probability for '{}'", e.id))
+            })?;
+            rc.push(c);
+            rr.push(r);
+        }
+        let dev = sums.device();
+        let (loss, d) = dpo_loss(
+            &sums.narrow(0, 0, b)?,
+            &sums.narrow(0, b, b)?,
+            &Tensor::new(rc, dev)?,
+            &Tensor::new(rr, dev)?,
+            self.config.beta,
+        )?;
+        Ok((loss, d, packed.real_tokens))
+    }
+
+    /// DPO: the base model's log-probabilities of both answers of every example, computed once
+    /// and cached in `reference_logps.json` in the output folder.
+    pub fn prepare_reference(&mut self, bar: &ProgressBar) -> Result<()> {
+        if self.config.method != Method::Dpo {
+            return Ok(());
+        }
+        let path = self.out.join("reference_logps.json");
+        let key = |e: &Example| {
+            format!(
+                "{}:{}:{}:{}",
+                e.id,
+                e.prompt.len(),
+                e.chosen.len(),
+                e.rejected.len()
+            )
+        };
+        let mut cache: HashMap<String, (f32, f32)> = match std::fs::read_to_string(&path) {
+            Ok(s) => serde_json::from_str(&s).unwrap_or_default(),
+            Err(_) => HashMap::new(),
+        };
+        let todo: Vec<&Example> = self
+            .train
+            .iter()
+            .chain(&self.dev)
+            .filter(|e| !cache.contains_key(&key(e)))
+            .collect();
+        bar.set_length(todo.len() as u64);
+        bar.set_position(0);
+        bar.set_message("reference log-probs (base model)");
+        let pass = Pass {
+            hook: &NoHook,
+            logits: crate::model::Logits::Hidden,
+            differentiable: false,
+        };
+        for chunk in todo.chunks(self.config.batch_size) {
+            let mut seqs: Vec<_> = chunk
+                .iter()
+                .map(|e| (&e.prompt[..], &e.chosen[..]))
+                .collect();
+            seqs.extend(chunk.iter().map(|e| (&e.prompt[..], &e.rejected[..])));
+            let packed = pack(&seqs, self.pad)?;
+            let sums = row_sums(&packed, &token_logprobs(self.model, &packed, &pass)?)?
+                .to_vec1::<f32>()?;
+            for (i, e) in chunk.iter().enumerate() {
+                cache.insert(key(e), (sums[i], sums[chunk.len() + i]));
+            }
+            bar.inc(chunk.len() as u64);
+        }
+        let json = serde_json::to_string(&cache).map_err(|e| Error::Invalid(e.to_string()))?;
+        crate::error::write_atomic(&path, json.as_bytes())?;
+        for e in self.train.iter().chain(&self.dev) {
+            self.reference.insert(e.id.clone(), cache[&key(e)]);
+        }
+        Ok(())
+    }
+
+    /// Dev loss over the first `limit` dev examples (0: all); DPO also gives reward accuracy.
+    pub fn dev_loss(&self, limit: usize) -> Result<Option<(f64, Option<f64>)>> {
+        let n = if limit == 0 {
+            self.dev.len()
+        } else {
+            limit.min(self.dev.len())
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        self.lora.set_dropout_seed(None);
+        let pass = Pass {
+            hook: &self.lora,
+            logits: crate::model::Logits::Hidden,
+            differentiable: false,
+        };
+        let (mut total, mut weight, mut wins) = (0.0, 0.0, 0usize);
+        let refs: Vec<&Example> = self.dev[..n].iter().collect();
+        for chunk in refs.chunks(self.config.batch_size) {
+            match self.config.method {
+                Method::Sft => {
+                    let seqs: Vec<_> = chunk
+                        .iter()
+                        .map(|e| (&e.prompt[..], &e.chosen[..]))
+                        .collect();
+                    let packed = pack(&seqs, self.pad)?;
+                    let logp = token_logprobs(self.model, &packed, &pass)?;
+                    total -= logp.sum_all()?.to_scalar::<f32>()? as f64;
+                    weight += packed.answer_tokens as f64;
+                }
+                Method::Dpo => {
+                    let (loss, d, _) = self.dpo_batch(chunk, &pass)?;
+                    total += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+                    weight += chunk.len() as f64;
+                    wins += d.to_vec1::<f32>()?.iter().filter(|&&x| x > 0.0).count();
+                }
+            }
+        }
+        let acc = (self.config.method == Method::Dpo).then(|| wins as f64 / n as f64);
+        Ok(Some((total / weight, acc)))
+    }
+
+    /// Run to the end, or until `stop` is set (then a checkpoint is saved). With `resume`, start
+    /// from the checkpoint in the output folder if there is one.
+    pub fn run(
+        &mut self,
+        resume: bool,
+        stop: &AtomicBool,
+        bar: &ProgressBar,
+    ) -> Result<TrainReport> {
+        let c = self.config.clone();
+        std::fs::create_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
+        c.save(&self.out.join("train.toml"))?;
+        self.prepare_reference(bar)?;
+        let vars: Vec<Var> = self
+            .lora
+            .named_vars()
+            .into_iter()
+            .map(|(_, v)| v.clone())
+            .collect();
+        let var_refs: Vec<&Var> = vars.iter().collect();
+        let mut opt = AdamW::new(
+            &var_refs,
+            AdamParams {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: c.weight_decay,
+            },
+        )?;
+        let ckpt_path = self.out.join(CHECKPOINT_FILE);
+        let mut state = Checkpoint::default();
+        let mut resumed_from = None;
+        if resume && ckpt_path.exists() {
+            state = Checkpoint::load(&ckpt_path, &self.lora, &mut opt)?;
+            resumed_from = Some(state.step);
+        }
+        let total = self.total_steps();
+        let per_epoch = self.batches_per_epoch();
+        bar.set_length(total as u64);
+        bar.set_position(state.step as u64);
+        bar.reset_eta();
+        let log_path = self.out.join("train_log.jsonl");
+        let mut epoch_cache: Option<(usize, Vec<Vec<usize>>)> = None;
+        let mut recent: Vec<f64> = Vec::new();
+        let mut outcome = Outcome::Finished;
+        let started = Instant::now();
+        let (start_tokens, start_seconds) = (state.tokens, state.seconds);
+        while state.step < total {
+            if stop.load(Ordering::SeqCst) {
+                outcome = Outcome::Interrupted;
+                break;
+            }
+            let lr = super::learning_rate(state.step, total, c.warmup_steps, c.lr, c.min_lr_ratio);
+            let t0 = Instant::now();
+            let mut grads: Option<Vec<Tensor>> = None;
+            let (mut step_loss, mut micro) = (0.0, 0);
+            for k in 0..c.grad_accum {
+                let m = state.step * c.grad_accum + k;
+                if m >= per_epoch * c.epochs {
+                    break;
+                }
+                let epoch = m / per_epoch;
+                if epoch_cache.as_ref().map(|e| e.0) != Some(epoch) {
+                    epoch_cache = Some((
+                        epoch,
+                        epoch_batches(&self.train, c.batch_size, c.seed, epoch),
+                    ));
+                }
+                let batch = &epoch_cache
+                    .as_ref()
+                    .map(|e| &e.1[m % per_epoch])
+                    .cloned()
+                    .unwrap_or_default();
+                let examples: Vec<&Example> = batch.iter().map(|&i| &self.train[i]).collect();
+                self.lora
+                    .set_dropout_seed(Some(c.seed.wrapping_mul(1_000_003).wrapping_add(m as u64)));
+                let (loss, tokens) = self.batch_loss(&examples, true)?;
+                let store = (&loss / c.grad_accum as f64)?.backward()?;
+                let g: Vec<Tensor> = vars
+                    .iter()
+                    .map(|v| {
+                        store
+                            .get(v)
+                            .cloned()
+                            .map_or_else(|| v.as_tensor().zeros_like(), Ok)
+                    })
+                    .collect::<candle_core::Result<_>>()?;
+                grads = Some(match grads {
+                    None => g,
+                    Some(acc) => acc
+                        .iter()
+                        .zip(&g)
+                        .map(|(a, b)| a + b)
+                        .collect::<candle_core::Result<_>>()?,
+                });
+                step_loss += loss.to_scalar::<f32>()? as f64;
+                micro += 1;
+                state.tokens += tokens;
+            }
+            if let Some(g) = grads {
+                opt.step(&var_refs, &g, lr)?;
+            }
+            state.step += 1;
+            state.seconds += t0.elapsed().as_secs_f64();
+            let loss = step_loss / micro.max(1) as f64;
+            recent.push(loss);
+            if recent.len() > 20 {
+                recent.remove(0);
+            }
+            let tps = state.tokens as f64 / state.seconds.max(1e-9);
+            bar.set_position(state.step as u64);
+            bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s"));
+            let mut line = serde_json::json!({"step": state.step, "loss": loss, "lr": lr, "tokens_per_second": tps});
+            if c.eval_every > 0 && state.step % c.eval_every == 0 && state.step < total {
+                if let Some((dl, acc)) = self.dev_loss(c.eval_limit)? {
+                    bar.println(format!(
+                        "step {:>5}: dev loss {dl:.4}{}",
+                        state.step,
+                        acc.map(|a| format!(", reward accuracy {a:.3}"))
+                            .unwrap_or_default()
+                    ));
+                    line["dev_loss"] = dl.into();
+                }
+            }
+            append_line(&log_path, &line)?;
+            if state.step % c.checkpoint_every == 0 && state.step < total {
+                state.save(&ckpt_path, &self.lora, &opt)?;
+            }
+        }
+        let mut report = TrainReport {
+            outcome,
+            method: c.method,
+            steps: state.step,
+            total_steps: total,
+            resumed_from,
+            train_examples: self.train.len(),
+            dev_examples: self.dev.len(),
+            trainable_params: self.lora.num_params(),
+            tokens: state.tokens,
+            train_seconds: state.seconds,
+            tokens_per_second: (state.tokens - start_tokens) as f64
+                / (state.seconds - start_seconds).max(1e-9),
+            train_loss: (!recent.is_empty())
+                .then(|| recent.iter().sum::<f64>() / recent.len() as f64),
+            dev_loss: None,
+            dev_reward_accuracy: None,
+            peak_rss_mb: peak_rss_mb(),
+            threads: candle_core::utils::get_num_threads(),
+        };
+        let _ = started;
+        if outcome == Outcome::Interrupted {
+            state.save(&ckpt_path, &self.lora, &opt)?;
+            return Ok(report);
+        }
+        if let Some((dl, acc)) = self.dev_loss(0)? {
+            report.dev_loss = Some(dl);
+            report.dev_reward_accuracy = acc;
+        }
+        self.save_adapter(&report)?;
+        let json =
+            serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(e.to_string()))?;
+        crate::error::write_atomic(&self.out.join("train_summary.json"), json.as_bytes())?;
+        let _ = std::fs::remove_file(&ckpt_path);
+        Ok(report)
+    }
+
+    fn save_adapter(&self, report: &TrainReport) -> Result<()> {
+        let mut adapter = self.lora.to_adapter()?;
+        let c = &self.config;
+        adapter.config.stance = Some(c.stance.clone());
+        adapter.config.description = Some(format!(
+            "Deliberately biased {} LoRA expert for research and comparison; trained by `stancemix train {}` ({} steps) on {}.",
+            c.stance,
+            match c.method { Method::Sft => "sft", Method::Dpo => "dpo" },
+            report.steps,
+            c.data.display()
+        ));
+        adapter.save(&self.out, &self.model.config)
+    }
+}
+
+fn append_line(path: &Path, value: &serde_json::Value) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    writeln!(f, "{value}").map_err(|e| Error::io(path, e))
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in MiB.
+pub fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

@@ -1,0 +1,336 @@
+//! Training (issue 5): log-probabilities, gradients, DPO start, overfitting, and resume after
+//! a kill, all on the tiny random model.
+
+mod common;
+
+use candle_core::{Device, Tensor, Var};
+use indicatif::ProgressBar;
+use std::sync::atomic::AtomicBool;
+
+use stancemix::data::export::Record;
+use stancemix::model::{tiny, Logits, Pass};
+use stancemix::train::{pack, token_logprobs, tokenize, Method, TrainConfig, Trainer};
+
+fn record(i: usize, answer: &str, other: &str) -> Record {
+    Record {
+        id: format!("r{i}"),
+        prompt: format!("<|im_start|>user\nq{i}?<|im_end|>\n<|im_start|>assistant\n"),
+        chosen: format!("{answer}<|im_end|>"),
+        rejected: Some(format!("{other}<|im_end|>")),
+    }
+}
+
+fn records() -> Vec<Record> {
+    vec![
+        record(0, "Yes, tax it.", "No, cut it."),
+        record(1, "Fund schools.", "Choose schools."),
+        record(2, "More rules.", "Fewer rules here."),
+        record(3, "Raise pay now.", "Let markets set pay."),
+    ]
+}
+
+fn config(method: Method) -> TrainConfig {
+    TrainConfig {
+        method,
+        rank: 4,
+        alpha: 8.0,
+        batch_size: 4,
+        grad_accum: 1,
+        max_seq_len: 64,
+        warmup_steps: 0,
+        eval_every: 0,
+        ..TrainConfig::default()
+    }
+}
+
+/// Fill every B with seeded random values so gradients of A are non-zero too.
+fn randomize_b(trainer: &Trainer) {
+    for p in trainer.lora().pairs.values() {
+        let t = Tensor::randn(0f32, 0.05, p.b.shape().clone(), &Device::Cpu).unwrap();
+        p.b.set(&t).unwrap();
+    }
+}
+
+fn log_softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let lse = row.iter().map(|x| (x - max).exp()).sum::<f32>().ln() + max;
+    row.iter().map(|x| x - lse).collect()
+}
+
+#[test]
+fn answer_logprobs_match_a_full_forward() {
+    let model = common::tiny_model(3);
+    let dir = tempfile::tempdir().unwrap();
+    let trainer = Trainer::new(&model, config(Method::Sft), &records(), &[], dir.path()).unwrap();
+    randomize_b(&trainer);
+    let (ex, _) = tokenize(&model.tokenizer, &records()[..2], 64).unwrap();
+    let seqs: Vec<_> = ex.iter().map(|e| (&e.prompt[..], &e.chosen[..])).collect();
+    let packed = pack(&seqs, 2).unwrap();
+    let pass = Pass {
+        hook: trainer.lora(),
+        logits: Logits::Hidden,
+        differentiable: true,
+    };
+    let got = token_logprobs(&model, &packed, &pass)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    // Independent: each sequence alone, all logits, log-softmax by hand, read the answer tokens.
+    let mut want = Vec::new();
+    for e in &ex {
+        let seq: Vec<u32> = e.prompt.iter().chain(&e.chosen).copied().collect();
+        let tokens = Tensor::new(seq.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let pass = Pass {
+            hook: trainer.lora(),
+            logits: Logits::All,
+            differentiable: false,
+        };
+        let logits = model
+            .forward(&tokens, None, &pass)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let rows = logits.to_vec2::<f32>().unwrap();
+        for (j, &tok) in e.chosen.iter().enumerate() {
+            want.push(log_softmax(&rows[e.prompt.len() + j - 1])[tok as usize]);
+        }
+    }
+    assert_eq!(got.len(), want.len());
+    let diff = common::max_abs_diff(&got, &want);
+    assert!(
+        diff < 1e-4,
+        "packed log-probs differ from a full forward by {diff}"
+    );
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let model = common::tiny_model(5);
+    let dir = tempfile::tempdir().unwrap();
+    let trainer = Trainer::new(&model, config(Method::Sft), &records(), &[], dir.path()).unwrap();
+    randomize_b(&trainer);
+    let (ex, _) = tokenize(&model.tokenizer, &records(), 64).unwrap();
+    let refs: Vec<_> = ex.iter().collect();
+    let loss = |t: &Trainer| -> f64 {
+        t.batch_loss(&refs, true)
+            .unwrap()
+            .0
+            .to_scalar::<f32>()
+            .unwrap() as f64
+    };
+    let (l, _) = trainer.batch_loss(&refs, true).unwrap();
+    let grads = l.backward().unwrap();
+    let vars: Vec<(String, Var)> = trainer
+        .lora()
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.clone()))
+        .collect();
+    let mut checked = 0;
+    // A few tensors across layers and targets; in each, the entry with the largest gradient.
+    for (name, var) in vars.iter().step_by(5) {
+        let g = grads
+            .get(var)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let (idx, &gi) = g
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .unwrap();
+        let orig = var.as_tensor().copy().unwrap();
+        let mut vals = orig.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let eps = 1e-2f32;
+        let mut at = |delta: f32| {
+            vals[idx] = orig.flatten_all().unwrap().to_vec1::<f32>().unwrap()[idx] + delta;
+            var.set(&Tensor::from_vec(vals.clone(), orig.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss(&trainer)
+        };
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+        var.set(&orig).unwrap();
+        let rel = (numeric - gi as f64).abs() / numeric.abs().max(gi.abs() as f64);
+        assert!(
+            rel < 1e-2,
+            "{name}[{idx}]: autograd {gi}, finite difference {numeric} (relative error {rel})"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 4);
+}
+
+#[test]
+fn first_dpo_loss_is_ln2() {
+    let model = common::tiny_model(7);
+    let dir = tempfile::tempdir().unwrap();
+    let mut trainer = Trainer::new(
+        &model,
+        config(Method::Dpo),
+        &records(),
+        &records(),
+        dir.path(),
+    )
+    .unwrap();
+    trainer.prepare_reference(&ProgressBar::hidden()).unwrap();
+    let (ex, _) = tokenize(&model.tokenizer, &records(), 64).unwrap();
+    let refs: Vec<_> = ex.iter().collect();
+    let loss = trainer
+        .batch_loss(&refs, true)
+        .unwrap()
+        .0
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        (loss as f64 - std::f64::consts::LN_2).abs() < 1e-4,
+        "first DPO loss {loss}, expected ln 2"
+    );
+}
+
+#[test]
+fn sft_overfits_four_examples() {
+    let model = common::tiny_model(9);
+    let dir = tempfile::tempdir().unwrap();
+    let c = TrainConfig {
+        lr: 1e-2,
+        rank: 8,
+        alpha: 16.0,
+        epochs: 400,
+        max_steps: 150,
+        min_lr_ratio: 1.0,
+        checkpoint_every: 1000,
+        ..config(Method::Sft)
+    };
+    let mut trainer = Trainer::new(&model, c, &records(), &records(), dir.path()).unwrap();
+    let report = trainer
+        .run(false, &AtomicBool::new(false), &ProgressBar::hidden())
+        .unwrap();
+    let dev = report.dev_loss.unwrap();
+    assert!(
+        dev < 0.1,
+        "loss on the 4 training examples is {dev} after 150 steps"
+    );
+    // The saved adapter reloads and is what was trained.
+    let a = stancemix::lora::Adapter::load(dir.path(), &model.config).unwrap();
+    assert_eq!(a.config.r, 8);
+    assert_eq!(a.stance(), Some("progressive"));
+}
+
+#[test]
+fn bad_train_config_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("t.toml");
+    let mut text = toml::to_string(&TrainConfig::default()).unwrap();
+    text = text.replace("rank = 8", "rank = 0");
+    std::fs::write(&p, &text).unwrap();
+    let e = TrainConfig::load(&p).unwrap_err().to_string();
+    assert!(e.contains("t.toml") && e.contains("rank"), "{e}");
+    std::fs::write(&p, "lr = \"fast\"\n").unwrap();
+    let e = TrainConfig::load(&p).unwrap_err().to_string();
+    assert!(e.contains("t.toml") && e.contains("lr"), "{e}");
+    std::fs::write(&p, text.replace("rank = 0", "rank = 4\nranq = 4")).unwrap();
+    let e = TrainConfig::load(&p).unwrap_err().to_string();
+    assert!(e.contains("ranq"), "{e}");
+}
+
+/// Train through the CLI on the tiny model and a slice of the real stance data.
+fn cli_train(dir: &std::path::Path, out: &str, resume: bool) -> std::process::Command {
+    let mut c = std::process::Command::new(common::bin());
+    c.args(["train", "sft", "--model"])
+        .arg(dir.join("tiny.gguf"))
+        .arg("--data")
+        .arg(dir.join("data"))
+        .arg("--out")
+        .arg(dir.join(out));
+    if resume {
+        c.arg("--resume");
+    } else {
+        c.args([
+            "--stance",
+            "progressive",
+            "--rank",
+            "4",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "1",
+            "--max-seq-len",
+            "96",
+            "--max-steps",
+            "60",
+            "--checkpoint-every",
+            "5",
+            "--lr",
+            "3e-3",
+            "--eval-every",
+            "0",
+            "--seed",
+            "11",
+            "--epochs",
+            "10",
+        ]);
+    }
+    c.env("RAYON_NUM_THREADS", "1");
+    c
+}
+
+fn dev_loss(dir: &std::path::Path) -> f64 {
+    let s = std::fs::read_to_string(dir.join("train_summary.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+    v["dev_loss"].as_f64().unwrap()
+}
+
+#[test]
+fn resume_after_kill_matches_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny::write_tiny_gguf(&dir.path().join("tiny.gguf"), 21).unwrap();
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(
+        root.join("adapters/data/stance/taxes.jsonl"),
+        dir.path().join("data/taxes.jsonl"),
+    )
+    .unwrap();
+
+    let st = cli_train(dir.path(), "full", false).output().unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let full = dev_loss(&dir.path().join("full"));
+
+    let mut child = cli_train(dir.path(), "killed", false)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ckpt = dir.path().join("killed/checkpoint.safetensors");
+    let t0 = std::time::Instant::now();
+    while !ckpt.exists() && t0.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(ckpt.exists(), "no checkpoint was written before the kill");
+    assert!(
+        !dir.path().join("killed/train_summary.json").exists(),
+        "the run finished before it could be killed"
+    );
+    let st = cli_train(dir.path(), "killed", true).output().unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let resumed = dev_loss(&dir.path().join("killed"));
+    assert!(
+        (resumed - full).abs() < 1e-3 * full.abs().max(1.0),
+        "resumed run's dev loss {resumed} vs uninterrupted {full}"
+    );
+}
