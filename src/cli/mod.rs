@@ -1,6 +1,7 @@
 //! The `stancemix` command line: parses arguments, calls the library, prints.
 
 pub mod adapter;
+pub mod chat;
 pub mod common;
 pub mod data;
 pub mod generate;
@@ -26,6 +27,8 @@ pub enum Command {
     Info(info::Args),
     /// Answer one prompt, streaming to stdout.
     Generate(generate::Args),
+    /// Chat with the blended model; steer it live with slash commands (/help lists them).
+    Chat(chat::Args),
     /// Create or inspect LoRA adapters.
     #[command(subcommand)]
     Adapter(adapter::Command),
@@ -51,6 +54,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Info(a) => info::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
         Command::Adapter(c) => adapter::run(c),
         Command::Merge(a) => merge::run(a),
         Command::Route(a) => route::run(a),
