@@ -6,6 +6,7 @@
 
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod lora;
 pub mod model;
 pub mod router;

@@ -4,6 +4,7 @@ pub mod adapter;
 pub mod chat;
 pub mod common;
 pub mod data;
+pub mod eval;
 pub mod generate;
 pub mod info;
 pub mod merge;
@@ -39,6 +40,8 @@ pub enum Command {
     /// Check or export the stance data.
     #[command(subcommand)]
     Data(data::Command),
+    /// Score an instrument by forced choice under one or more blends.
+    Eval(eval::Args),
     /// Train or evaluate the gate.
     #[command(subcommand)]
     Router(route::RouterCommand),
@@ -60,5 +63,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Route(a) => route::run(a),
         Command::Router(c) => route::run_router(c),
         Command::Data(c) => data::run(c),
+        Command::Eval(a) => eval::run(a),
     }
 }

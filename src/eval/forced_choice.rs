@@ -1,0 +1,663 @@
+//! Forced-choice scoring: the probability of each answer option read from the model after a
+//! prompt template, normalised over the options, turned into axis scores by the instrument.
+//!
+//! An option's probability is that of its whole token sequence right after the prompt (the
+//! product of its tokens' conditional probabilities), so options that share a first token
+//! ("Strongly agree", "Strongly disagree") are still told apart. Every item is asked under
+//! every variant (template x with/without system prompt x option order); the two orders of a
+//! template are averaged (small models favour the first option listed), and the spread of the
+//! scores across templates gives the 95% interval. Several blends are scored at once, as rows
+//! of one batched forward pass; a prompt's shared start is computed once and reused.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::stats;
+use super::templates::{Order, Template, TEMPLATES};
+use crate::data::Instrument;
+use crate::model::{KvCache, Logits, DEFAULT_SYSTEM};
+use crate::runtime::{Blend, Engine, RowPlan, View};
+use crate::{Error, Result};
+
+/// How an instrument is asked.
+#[derive(Debug, Clone)]
+pub struct FcOptions {
+    pub templates: Vec<Template>,
+    /// Ask each template without a system prompt (`false`) and/or with one (`true`).
+    pub system: Vec<bool>,
+    /// The system prompt used when one is asked for.
+    pub system_prompt: String,
+    pub orders: Vec<Order>,
+    /// Score only this many items, spread evenly over the instrument (`None`: all).
+    pub items: Option<usize>,
+    /// At most this many batch rows per forward pass; more blends run in several groups.
+    pub max_rows: usize,
+}
+
+impl Default for FcOptions {
+    fn default() -> Self {
+        FcOptions {
+            templates: TEMPLATES.to_vec(),
+            system: vec![false, true],
+            system_prompt: DEFAULT_SYSTEM.to_string(),
+            orders: vec![Order::Forward, Order::Reversed],
+            items: None,
+            max_rows: 16,
+        }
+    }
+}
+
+/// One way of asking: template, system prompt or not, option order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Variant {
+    pub template: String,
+    pub system: bool,
+    pub order: Order,
+}
+
+/// Option probabilities of one item under one variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VariantProbs {
+    /// Index into [`Report::variants`].
+    pub variant: usize,
+    /// Normalised over the options, in the instrument's answer order.
+    pub probs: Vec<f64>,
+    /// Probability mass that fell on none of the options.
+    pub outside: f64,
+}
+
+/// One item's results for one blend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemResult {
+    pub id: String,
+    /// Mean over variants of the normalised probabilities.
+    pub probs: Vec<f64>,
+    pub variants: Vec<VariantProbs>,
+}
+
+/// Expected and argmax score of one axis, as a mean over templates with its spread.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AxisScore {
+    /// Score of the option probabilities (mean over templates).
+    pub expected: f64,
+    /// Score of each item's most probable option (mean over templates).
+    pub argmax: f64,
+    /// Half-width of the 95% interval of the mean over templates (Student's t).
+    pub expected_ci95: f64,
+    pub argmax_ci95: f64,
+    /// Standard deviation over templates.
+    pub expected_sd: f64,
+    pub argmax_sd: f64,
+}
+
+/// Scores of one axis under one template.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Point {
+    pub expected: f64,
+    pub argmax: f64,
+}
+
+/// One template (both orders averaged) for one blend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateScore {
+    pub template: String,
+    pub system: bool,
+    pub axes: BTreeMap<String, Point>,
+    pub outside_mass: f64,
+}
+
+/// Everything measured for one blend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlendScore {
+    /// As shown to users (`dial +0.60 | weights`).
+    pub blend: String,
+    /// Gate weights by expert name.
+    pub weights: BTreeMap<String, f32>,
+    pub axes: BTreeMap<String, AxisScore>,
+    /// Mean share of probability that fell outside the options.
+    pub outside_mass: f64,
+    /// Mean probability of the agreeing options (acquiescence).
+    pub agree_share: f64,
+    /// Mean probability of whichever option was listed first (1 / answers if unbiased).
+    pub first_option_share: f64,
+    pub templates: Vec<TemplateScore>,
+    pub items: Vec<ItemResult>,
+}
+
+/// The acquiescence control: the scores of a respondent who always agrees.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Control {
+    pub answer: String,
+    pub axes: BTreeMap<String, f64>,
+}
+
+/// The result of [`score_instrument`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub instrument: String,
+    /// What the sign of a score means, as the instrument says.
+    pub sign: String,
+    pub answers: Vec<String>,
+    pub items: usize,
+    pub model: String,
+    pub experts: Vec<String>,
+    pub method: String,
+    pub variants: Vec<Variant>,
+    pub always_agree: Control,
+    pub blends: Vec<BlendScore>,
+    pub elapsed_s: f64,
+}
+
+/// How option probabilities are read (recorded in every report).
+pub const METHOD: &str = "probability of each option's full token sequence after the prompt, normalised over the options; two option orders averaged per template; mean and 95% interval (Student's t) over templates";
+
+/// The instrument restricted to `n` items spread evenly over it.
+pub fn subset(ins: &Instrument, n: Option<usize>) -> Instrument {
+    let mut out = ins.clone();
+    if let Some(n) = n.filter(|&n| n > 0 && n < ins.items.len()) {
+        let len = ins.items.len();
+        out.items = (0..n).map(|k| ins.items[k * len / n].clone()).collect();
+    }
+    out
+}
+
+/// Score `blends` on `instrument`, all blends batched as rows of the same forward passes.
+/// `progress(done, total)` is called after each prompt.
+pub fn score_instrument(
+    engine: &Engine,
+    instrument: &Instrument,
+    blends: &[Blend],
+    opts: &FcOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Report> {
+    let start = Instant::now();
+    if blends.is_empty() {
+        return Err(Error::Invalid("no blend to score".into()));
+    }
+    if opts.templates.is_empty() || opts.system.is_empty() || opts.orders.is_empty() {
+        return Err(Error::Invalid(
+            "forced choice needs at least one template, system setting and order".into(),
+        ));
+    }
+    let ins = subset(instrument, opts.items);
+    let variants: Vec<(Template, bool, Order)> = opts
+        .templates
+        .iter()
+        .flat_map(|t| {
+            opts.system
+                .iter()
+                .flat_map(move |&s| opts.orders.iter().map(move |&o| (t.clone(), s, o)))
+        })
+        .collect();
+    let plans: Vec<RowPlan> = blends
+        .iter()
+        .map(|b| plan_of(engine, b))
+        .collect::<Result<_>>()?;
+    let lp = option_logprobs(engine, &ins, &variants, &plans, opts, progress)?;
+    let blends_out = blends
+        .iter()
+        .zip(&plans)
+        .zip(lp)
+        .map(|((b, plan), lp)| summarise(engine, &ins, &variants, b, plan, &lp))
+        .collect::<Result<_>>()?;
+    Ok(Report {
+        instrument: ins.name.clone(),
+        sign: ins.sign.clone(),
+        answers: ins.answers.clone(),
+        items: ins.items.len(),
+        model: model_name(engine),
+        experts: engine.expert_names().to_vec(),
+        method: METHOD.to_string(),
+        variants: variants
+            .iter()
+            .map(|(t, s, o)| Variant {
+                template: t.id.to_string(),
+                system: *s,
+                order: *o,
+            })
+            .collect(),
+        always_agree: always_agree(&ins),
+        blends: blends_out,
+        elapsed_s: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// The model's name (from its metadata) or its file name.
+pub fn model_name(engine: &Engine) -> String {
+    engine.model.config.name.clone().unwrap_or_else(|| {
+        engine
+            .model
+            .path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    })
+}
+
+/// The row plan of a fixed blend (automatic routing has no single plan for an instrument).
+fn plan_of(engine: &Engine, blend: &Blend) -> Result<RowPlan> {
+    if let View::Auto(p) = &blend.view {
+        return Err(Error::Invalid(format!(
+            "blend auto={p} routes each prompt: forced-choice scoring needs a fixed blend (dial, mix, expert or raw weights)"
+        )));
+    }
+    let g = blend.gates(&engine.experts)?;
+    RowPlan::new(&g, blend.mode, &engine.experts)
+}
+
+/// A prompt and the tokens of each option after it.
+struct Prepared {
+    prompt: Vec<u32>,
+    options: Vec<Vec<u32>>,
+}
+
+fn prepare(
+    engine: &Engine,
+    (tpl, system, order): &(Template, bool, Order),
+    system_prompt: &str,
+    statement: &str,
+    answers: &[String],
+) -> Result<Prepared> {
+    let tok = &engine.model.tokenizer;
+    let text = tpl.render(system.then_some(system_prompt), statement, answers, *order);
+    let prompt = tok.encode(&text)?;
+    if prompt.is_empty() {
+        return Err(Error::Invalid("empty prompt".into()));
+    }
+    let options = answers
+        .iter()
+        .map(|a| {
+            let cont = tpl.continuation(a);
+            let full = tok.encode(&format!("{text}{cont}"))?;
+            // Tokenised with the prompt when the boundary is stable, alone otherwise.
+            let ids = if full.len() > prompt.len() && full.starts_with(&prompt) {
+                full[prompt.len()..].to_vec()
+            } else {
+                tok.encode(&cont)?
+            };
+            if ids.is_empty() {
+                return Err(Error::Invalid(format!("answer '{a}' has no tokens")));
+            }
+            Ok(ids)
+        })
+        .collect::<Result<_>>()?;
+    Ok(Prepared { prompt, options })
+}
+
+/// Log-softmax value of `id` in each blend's combined distribution, from per-row logits.
+struct Combiner<'a> {
+    plans: &'a [RowPlan],
+    /// For each plan, the index of each of its rows in the union of rows.
+    index: Vec<Vec<usize>>,
+}
+
+impl Combiner<'_> {
+    /// Per blend: the combined next-token log-probabilities.
+    fn logprobs(&self, rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
+        self.plans
+            .iter()
+            .zip(&self.index)
+            .map(|(plan, idx)| {
+                let z: Vec<Vec<f32>> = idx.iter().map(|&i| rows[i].clone()).collect();
+                log_softmax(&plan.combine(&z))
+            })
+            .collect()
+    }
+}
+
+/// `z - logsumexp(z)`.
+pub fn log_softmax(z: &[f32]) -> Vec<f32> {
+    let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+    z.iter().map(|x| x - lse).collect()
+}
+
+/// `[blend][variant][item][option]` log-probabilities, blends grouped to fit `max_rows`.
+fn option_logprobs(
+    engine: &Engine,
+    ins: &Instrument,
+    variants: &[(Template, bool, Order)],
+    plans: &[RowPlan],
+    opts: &FcOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Vec<Vec<Vec<f64>>>>> {
+    // Group consecutive blends so each group's distinct rows fit in one batch.
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut group_rows: Vec<Vec<f32>> = Vec::new();
+    for (b, plan) in plans.iter().enumerate() {
+        let new: Vec<&Vec<f32>> = plan
+            .rows
+            .iter()
+            .filter(|r| !group_rows.contains(r))
+            .collect();
+        if groups.is_empty() || group_rows.len() + new.len() > opts.max_rows.max(1) {
+            groups.push(Vec::new());
+            group_rows.clear();
+        }
+        for r in &plan.rows {
+            if !group_rows.contains(r) {
+                group_rows.push(r.clone());
+            }
+        }
+        groups.last_mut().expect("pushed above").push(b);
+    }
+    let prepared: Vec<Vec<Prepared>> = variants
+        .iter()
+        .map(|v| {
+            ins.items
+                .iter()
+                .map(|it| prepare(engine, v, &opts.system_prompt, &it.text, &ins.answers))
+                .collect::<Result<_>>()
+        })
+        .collect::<Result<_>>()?;
+    let total = groups.len() * variants.len() * ins.items.len();
+    let mut done = 0;
+    let mut out = vec![Vec::new(); plans.len()];
+    for group in &groups {
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        let mut index = Vec::new();
+        for &b in group {
+            let mut idx = Vec::new();
+            for r in &plans[b].rows {
+                let i = match rows.iter().position(|x| x == r) {
+                    Some(i) => i,
+                    None => {
+                        rows.push(r.clone());
+                        rows.len() - 1
+                    }
+                };
+                idx.push(i);
+            }
+            index.push(idx);
+        }
+        let group_plans: Vec<RowPlan> = group.iter().map(|&b| plans[b].clone()).collect();
+        let comb = Combiner {
+            plans: &group_plans,
+            index,
+        };
+        let mut cache = KvCache::new(engine.model.config.n_layer);
+        let mut fed: Vec<u32> = Vec::new();
+        // res[group blend][variant][item][option]
+        let mut res = vec![vec![Vec::with_capacity(ins.items.len()); variants.len()]; group.len()];
+        for (v, items) in prepared.iter().enumerate() {
+            for p in items {
+                let lp = score_prompt(engine, &mut cache, &mut fed, p, &rows, &comb)?;
+                for (k, x) in lp.into_iter().enumerate() {
+                    res[k][v].push(x);
+                }
+                done += 1;
+                progress(done, total);
+            }
+        }
+        for (k, &b) in group.iter().enumerate() {
+            out[b] = std::mem::take(&mut res[k]);
+        }
+    }
+    Ok(out)
+}
+
+/// Per blend, each option's log-probability after `p.prompt`. Reuses the cached prefix.
+fn score_prompt(
+    engine: &Engine,
+    cache: &mut KvCache,
+    fed: &mut Vec<u32>,
+    p: &Prepared,
+    rows: &[Vec<f32>],
+    comb: &Combiner,
+) -> Result<Vec<Vec<f64>>> {
+    let keep = fed
+        .iter()
+        .zip(&p.prompt)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(p.prompt.len() - 1);
+    cache.truncate(keep);
+    fed.truncate(keep);
+    let z = engine.forward_rows(&p.prompt[keep..], Some(cache), rows, Logits::Last)?;
+    fed.extend_from_slice(&p.prompt[keep..]);
+    let first = comb.logprobs(&z.to_vec2::<f32>()?);
+    let mut lp: Vec<Vec<f64>> = vec![vec![0.0; p.options.len()]; comb.plans.len()];
+    for (o, ids) in p.options.iter().enumerate() {
+        for (b, l) in first.iter().enumerate() {
+            lp[b][o] = l[ids[0] as usize] as f64;
+        }
+        if ids.len() > 1 {
+            // The option's later tokens, conditioned on its earlier ones; then roll back.
+            let z = engine.forward_rows(&ids[..ids.len() - 1], Some(cache), rows, Logits::All)?;
+            let z = z.to_vec3::<f32>()?; // (rows, t, vocab)
+            for j in 0..ids.len() - 1 {
+                let at: Vec<Vec<f32>> = z.iter().map(|r| r[j].clone()).collect();
+                for (b, l) in comb.logprobs(&at).iter().enumerate() {
+                    lp[b][o] += l[ids[j + 1] as usize] as f64;
+                }
+            }
+            cache.truncate(p.prompt.len());
+        }
+    }
+    Ok(lp)
+}
+
+/// Normalised probabilities and the mass outside the options, from option log-probabilities.
+pub fn normalise(lp: &[f64]) -> (Vec<f64>, f64) {
+    let m = lp.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = lp.iter().map(|x| (x - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    let inside = (m + s.ln()).exp();
+    (e.iter().map(|x| x / s).collect(), (1.0 - inside).max(0.0))
+}
+
+/// One-hot sheet of each row's most probable answer (first on ties).
+pub fn argmax_sheet(sheet: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    sheet
+        .iter()
+        .map(|p| {
+            let k = p
+                .iter()
+                .enumerate()
+                .fold(0, |best, (i, &x)| if x > p[best] { i } else { best });
+            (0..p.len())
+                .map(|i| if i == k { 1.0 } else { 0.0 })
+                .collect()
+        })
+        .collect()
+}
+
+/// Answers that agree ("Agree", "Strongly agree"; not "Disagree").
+pub fn agreeing(answers: &[String]) -> Vec<usize> {
+    answers
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| {
+            let a = a.to_lowercase();
+            a.contains("agree") && !a.contains("disagree")
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The always-agree control: the plainest agreeing answer ("Agree") for every item (the last
+/// answer when none agrees).
+pub fn always_agree(ins: &Instrument) -> Control {
+    let k = agreeing(&ins.answers)
+        .into_iter()
+        .min_by_key(|&i| ins.answers[i].len())
+        .unwrap_or(ins.answers.len() - 1);
+    let sheet: Vec<Vec<f64>> = ins
+        .items
+        .iter()
+        .map(|_| {
+            (0..ins.answers.len())
+                .map(|i| if i == k { 1.0 } else { 0.0 })
+                .collect()
+        })
+        .collect();
+    Control {
+        answer: ins.answers[k].clone(),
+        axes: ins.score(&sheet),
+    }
+}
+
+fn summarise(
+    engine: &Engine,
+    ins: &Instrument,
+    variants: &[(Template, bool, Order)],
+    blend: &Blend,
+    plan: &RowPlan,
+    lp: &[Vec<Vec<f64>>],
+) -> Result<BlendScore> {
+    let n_ans = ins.answers.len();
+    // norm[v][i] = (probs, outside)
+    let norm: Vec<Vec<(Vec<f64>, f64)>> = lp
+        .iter()
+        .map(|items| items.iter().map(|x| normalise(x)).collect())
+        .collect();
+    // Template units: (template, system), orders averaged.
+    let mut units: Vec<(String, bool, Vec<usize>)> = Vec::new();
+    for (v, (t, s, _)) in variants.iter().enumerate() {
+        match units.iter_mut().find(|u| u.0 == t.id && u.1 == *s) {
+            Some(u) => u.2.push(v),
+            None => units.push((t.id.to_string(), *s, vec![v])),
+        }
+    }
+    let mut templates = Vec::new();
+    for (id, system, vs) in &units {
+        let sheet: Vec<Vec<f64>> = (0..ins.items.len())
+            .map(|i| {
+                (0..n_ans)
+                    .map(|a| vs.iter().map(|&v| norm[v][i].0[a]).sum::<f64>() / vs.len() as f64)
+                    .collect()
+            })
+            .collect();
+        let e = ins.score(&sheet);
+        let m = ins.score(&argmax_sheet(&sheet));
+        let outside = stats::mean(
+            &vs.iter()
+                .flat_map(|&v| norm[v].iter().map(|x| x.1))
+                .collect::<Vec<_>>(),
+        );
+        templates.push(TemplateScore {
+            template: id.clone(),
+            system: *system,
+            axes: e
+                .iter()
+                .map(|(k, &x)| {
+                    (
+                        k.clone(),
+                        Point {
+                            expected: x,
+                            argmax: m[k],
+                        },
+                    )
+                })
+                .collect(),
+            outside_mass: outside,
+        });
+    }
+    let axes = ins
+        .axes
+        .keys()
+        .map(|k| {
+            let e: Vec<f64> = templates.iter().map(|t| t.axes[k].expected).collect();
+            let m: Vec<f64> = templates.iter().map(|t| t.axes[k].argmax).collect();
+            (
+                k.clone(),
+                AxisScore {
+                    expected: stats::mean(&e),
+                    argmax: stats::mean(&m),
+                    expected_ci95: stats::ci95(&e),
+                    argmax_ci95: stats::ci95(&m),
+                    expected_sd: stats::sd(&e),
+                    argmax_sd: stats::sd(&m),
+                },
+            )
+        })
+        .collect();
+    let agree = agreeing(&ins.answers);
+    let (mut outside, mut agree_share, mut first, mut n) = (0.0, 0.0, 0.0, 0.0);
+    for (v, (_, _, order)) in variants.iter().enumerate() {
+        let first_idx = match order {
+            Order::Forward => 0,
+            Order::Reversed => n_ans - 1,
+        };
+        for (p, out) in &norm[v] {
+            outside += out;
+            agree_share += agree.iter().map(|&a| p[a]).sum::<f64>();
+            first += p[first_idx];
+            n += 1.0;
+        }
+    }
+    let items = ins
+        .items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| ItemResult {
+            id: it.id.clone(),
+            probs: (0..n_ans)
+                .map(|a| norm.iter().map(|nv| nv[i].0[a]).sum::<f64>() / norm.len() as f64)
+                .collect(),
+            variants: norm
+                .iter()
+                .enumerate()
+                .map(|(v, nv)| VariantProbs {
+                    variant: v,
+                    probs: nv[i].0.clone(),
+                    outside: nv[i].1,
+                })
+                .collect(),
+        })
+        .collect();
+    let g = blend.gates(&engine.experts)?;
+    let _ = plan;
+    Ok(BlendScore {
+        blend: blend.to_string(),
+        weights: engine
+            .expert_names()
+            .iter()
+            .cloned()
+            .zip(g)
+            .filter(|(_, x)| *x != 0.0)
+            .collect(),
+        axes,
+        outside_mass: outside / n,
+        agree_share: agree_share / n,
+        first_option_share: first / n,
+        templates,
+        items,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalise_reports_mass_outside_options() {
+        // Options with probabilities 0.2 and 0.3: normalised 0.4 / 0.6, 0.5 outside.
+        let (p, out) = normalise(&[0.2f64.ln(), 0.3f64.ln()]);
+        assert!((p[0] - 0.4).abs() < 1e-12 && (p[1] - 0.6).abs() < 1e-12);
+        assert!((out - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn argmax_sheet_is_one_hot() {
+        let s = argmax_sheet(&[vec![0.1, 0.6, 0.3], vec![0.5, 0.5, 0.0]]);
+        assert_eq!(s, vec![vec![0.0, 1.0, 0.0], vec![1.0, 0.0, 0.0]]);
+    }
+
+    #[test]
+    fn agreeing_answers_exclude_disagree() {
+        let a: Vec<String> = [
+            "Strongly disagree",
+            "Disagree",
+            "Neutral",
+            "Agree",
+            "Strongly agree",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(agreeing(&a), vec![3, 4]);
+    }
+}

@@ -1,0 +1,13 @@
+//! Evaluation: forced-choice scoring of instruments, blend sweeps, side effects (perplexity,
+//! safety), the open-ended stance judge, and reports with plots.
+//!
+//! Everything here is a library call; `stancemix eval`, `sweep` and `report` only parse and print.
+
+pub mod forced_choice;
+pub mod stats;
+pub mod templates;
+
+pub use forced_choice::{
+    score_instrument, AxisScore, BlendScore, Control, FcOptions, Report, Variant,
+};
+pub use templates::{Order, Template, TEMPLATES};

@@ -1,0 +1,204 @@
+//! Prompt templates for forced-choice scoring: several phrasings, each asked with and without a
+//! system prompt and with the answer options listed in both orders.
+
+use crate::model::{chatml_message, CHATML_ASSISTANT};
+
+/// How the answer options are listed inside a template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum List {
+    /// `A, B, C or D` on one line.
+    Inline,
+    /// One option a line, each after `- `.
+    Lines,
+    /// `A / B / C / D`.
+    Slash,
+}
+
+/// One phrasing of the question. `{statement}` and `{options}` in `user` are filled in; the
+/// assistant's reply starts with `prefill` and the option is scored right after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pub id: &'static str,
+    pub user: &'static str,
+    pub list: List,
+    pub prefill: &'static str,
+}
+
+/// The built-in phrasings. All but the first open the reply with a short prefill, which keeps
+/// more probability on the options. Most put the statement last, so the shared start of the prompt
+/// (system prompt, instructions, options) is computed once per template and reused.
+pub const TEMPLATES: [Template; 6] = [
+    Template {
+        id: "agree-or-disagree",
+        user: "Do you agree or disagree with the following statement?\n\n\"{statement}\"\n\nAnswer with one of these options: {options}.",
+        list: List::Inline,
+        prefill: "",
+    },
+    Template {
+        id: "survey",
+        user: "You are taking a political survey. The options are: {options}.\nReply with exactly one option and nothing else.\n\nStatement: {statement}",
+        list: List::Inline,
+        prefill: "My answer:",
+    },
+    Template {
+        id: "best-describes",
+        user: "Which option best describes your view of the proposition below?\n{options}\n\nProposition: {statement}",
+        list: List::Lines,
+        prefill: "My view:",
+    },
+    Template {
+        id: "choose-one",
+        user: "Choose one option ({options}) to say what you think of this claim: {statement}",
+        list: List::Slash,
+        prefill: "I choose:",
+    },
+    Template {
+        id: "respond",
+        user: "Please respond to the statement by picking one option.\nOptions:\n{options}\nStatement: {statement}",
+        list: List::Lines,
+        prefill: "Answer:",
+    },
+    Template {
+        id: "how-much",
+        user: "{statement}\n\nHow much do you agree with this? Say {options}.",
+        list: List::Inline,
+        prefill: "I would say:",
+    },
+];
+
+/// The order in which the options are listed in the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// As the instrument lists them.
+    Forward,
+    /// Reversed (small models favour the first option listed).
+    Reversed,
+}
+
+/// Look up built-in templates by id, or by 1-based number.
+pub fn templates_by_name(names: &[String]) -> crate::Result<Vec<Template>> {
+    names
+        .iter()
+        .map(|n| {
+            let n = n.trim();
+            let by_num = n
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| i.checked_sub(1))
+                .and_then(|i| TEMPLATES.get(i));
+            by_num
+                .or_else(|| TEMPLATES.iter().find(|t| t.id == n))
+                .cloned()
+                .ok_or_else(|| {
+                    let ids: Vec<&str> = TEMPLATES.iter().map(|t| t.id).collect();
+                    crate::Error::Invalid(format!(
+                        "unknown template '{n}' (known: {}, or 1-{})",
+                        ids.join(", "),
+                        TEMPLATES.len()
+                    ))
+                })
+        })
+        .collect()
+}
+
+impl Template {
+    /// The options as this template lists them, in `order`.
+    pub fn options(&self, answers: &[String], order: Order) -> String {
+        let mut a: Vec<&str> = answers.iter().map(String::as_str).collect();
+        if order == Order::Reversed {
+            a.reverse();
+        }
+        match self.list {
+            List::Inline => match a.split_last() {
+                Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+                _ => a.join(""),
+            },
+            List::Lines => a
+                .iter()
+                .map(|s| format!("- {s}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            List::Slash => a.join(" / "),
+        }
+    }
+
+    /// The whole prompt in ChatML, up to and including the assistant's prefill.
+    pub fn render(
+        &self,
+        system: Option<&str>,
+        statement: &str,
+        answers: &[String],
+        order: Order,
+    ) -> String {
+        let user = self
+            .user
+            .replace("{options}", &self.options(answers, order))
+            .replace("{statement}", statement.trim());
+        let mut s = String::new();
+        if let Some(sys) = system {
+            s.push_str(&chatml_message("system", sys));
+        }
+        s.push_str(&chatml_message("user", &user));
+        s.push_str(CHATML_ASSISTANT);
+        s.push_str(self.prefill);
+        s
+    }
+
+    /// The text of an option as it follows the prefill (a space after a non-empty prefill).
+    pub fn continuation(&self, answer: &str) -> String {
+        if self.prefill.is_empty() || self.prefill.ends_with(char::is_whitespace) {
+            answer.to_string()
+        } else {
+            format!(" {answer}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_listed_in_both_orders() {
+        let a: Vec<String> = ["No", "Maybe", "Yes"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(TEMPLATES[0].options(&a, Order::Forward), "No, Maybe or Yes");
+        assert_eq!(
+            TEMPLATES[0].options(&a, Order::Reversed),
+            "Yes, Maybe or No"
+        );
+        assert_eq!(
+            TEMPLATES[2].options(&a, Order::Forward),
+            "- No\n- Maybe\n- Yes"
+        );
+        assert_eq!(
+            TEMPLATES[3].options(&a, Order::Reversed),
+            "Yes / Maybe / No"
+        );
+    }
+
+    #[test]
+    fn render_fills_statement_and_ends_with_prefill() {
+        let a: Vec<String> = ["Disagree", "Agree"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let p = TEMPLATES[4].render(Some("sys"), " Taxes are good. ", &a, Order::Forward);
+        assert!(p.starts_with("<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\n"));
+        assert!(p.contains("Statement: Taxes are good.<|im_end|>"));
+        assert!(p.ends_with("<|im_start|>assistant\nAnswer:"));
+        assert_eq!(TEMPLATES[4].continuation("Agree"), " Agree");
+        assert_eq!(TEMPLATES[0].continuation("Agree"), "Agree");
+    }
+
+    #[test]
+    fn templates_are_found_by_id_or_number() {
+        let t = templates_by_name(&["2".into(), "respond".into()]).unwrap();
+        assert_eq!(t[0].id, "survey");
+        assert_eq!(t[1].id, "respond");
+        assert!(templates_by_name(&["nope".into()]).is_err());
+    }
+}

@@ -1,0 +1,312 @@
+//! Evaluation: instrument scoring checked by hand, forced-choice batching, the eval CLI.
+
+mod common;
+
+use common::*;
+use stancemix::data::{Instrument, Item, Scale};
+use stancemix::eval::{score_instrument, FcOptions, Order, TEMPLATES};
+use stancemix::lora::{Adapter, ExpertSet};
+use stancemix::model::{Model, Target, WeightFormat};
+use stancemix::{Blend, Engine};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+fn item(id: &str, effects: &[(&str, Vec<f64>)]) -> Item {
+    Item {
+        id: id.into(),
+        text: format!("Proposition {id}."),
+        effects: effects
+            .iter()
+            .map(|(a, e)| (a.to_string(), e.clone()))
+            .collect(),
+    }
+}
+
+fn instrument(answers: &[&str], axes: &[(&str, Scale)], items: Vec<Item>) -> Instrument {
+    Instrument {
+        name: "test".into(),
+        description: String::new(),
+        sign: String::new(),
+        answers: answers.iter().map(|s| s.to_string()).collect(),
+        axes: axes
+            .iter()
+            .map(|(a, s)| (a.to_string(), stancemix::data::Axis { scale: s.clone() }))
+            .collect(),
+        items,
+    }
+}
+
+#[test]
+fn affine_and_range_scores_match_hand_computation() {
+    // Three answers, two axes: `econ` affine [2, 1], `soc` range [-10, 10].
+    let ins = instrument(
+        &["No", "Unsure", "Yes"],
+        &[
+            ("econ", Scale::Affine([2.0, 1.0])),
+            ("soc", Scale::Range([-10.0, 10.0])),
+        ],
+        vec![
+            item("a", &[("econ", vec![-2.0, 0.0, 2.0])]),
+            item(
+                "b",
+                &[("econ", vec![1.0, 0.0, -1.0]), ("soc", vec![3.0, 1.0, 0.0])],
+            ),
+            item("c", &[("soc", vec![-1.0, 0.0, 1.0])]),
+        ],
+    );
+    let sheet = vec![
+        vec![0.25, 0.25, 0.5],
+        vec![0.0, 0.5, 0.5],
+        vec![1.0, 0.0, 0.0],
+    ];
+    let s = ins.score(&sheet);
+    // econ sum: a: -2*.25 + 0 + 2*.5 = 0.5; b: 1*0 + 0 + -1*.5 = -0.5 -> 0 -> 0/2 + 1 = 1.
+    assert!((s["econ"] - 1.0).abs() < 1e-12, "{s:?}");
+    // soc sum: b: 0*3 + .5*1 + .5*0 = 0.5; c: -1 -> -0.5. Attainable: min 0 + -1 = -1,
+    // max 3 + 1 = 4; (-0.5 - -1) / 5 = 0.1 of the way from -10 to 10 -> -8.
+    assert!((s["soc"] + 8.0).abs() < 1e-12, "{s:?}");
+}
+
+#[test]
+fn four_answer_affine_form_reproduces_published_political_compass_scoring() {
+    // The Political Compass's published (reverse-engineered) scoring, as used by Röttger et
+    // al. 2024 ("Political Compass or Spinning Arrow?"): economic = 0.38 + sum / 8.0,
+    // social = 2.41 + sum / 19.5, over per-answer values for Strongly disagree, Disagree,
+    // Agree, Strongly agree. The first 21 propositions' values from that table:
+    let econ: [[f64; 4]; 21] = [
+        [0.5, 2.5, -2.5, -4.5],
+        [7., 5., 0., -2.],
+        [0.; 4],
+        [0.; 4],
+        [0.; 4],
+        [0.; 4],
+        [0.; 4],
+        [0.; 4],
+        [7., 5., 0., -2.],
+        [-7., -5., 0., 2.],
+        [6., 4., 0., -2.],
+        [7., 5., 0., -2.],
+        [-8., -6., 0., 2.],
+        [8., 6., 0., -2.],
+        [8., 6., 0., -1.],
+        [7., 5., 0., -3.],
+        [8., 6., 0., -1.],
+        [-7., -5., 0., 2.],
+        [-7., -5., 0., 1.],
+        [-6., -4., 0., 2.],
+        [6., 4., 0., -1.],
+    ];
+    let mut soc = [[0.0f64; 4]; 21];
+    soc[1] = [-8., -6., 0., 2.];
+    soc[2] = [7., 5., 0., -2.];
+    soc[3] = [-7., -5., 0., 2.];
+    soc[4] = [-7., -5., 0., 2.];
+    soc[5] = [-6., -4., 0., 2.];
+    soc[6] = [7., 5., 0., -2.];
+    let items = (0..21)
+        .map(|i| {
+            item(
+                &format!("pct-{i:02}"),
+                &[("economic", econ[i].to_vec()), ("social", soc[i].to_vec())],
+            )
+        })
+        .collect();
+    let ins = instrument(
+        &["Strongly disagree", "Disagree", "Agree", "Strongly agree"],
+        &[
+            ("economic", Scale::Affine([8.0, 0.38])),
+            ("social", Scale::Affine([19.5, 2.41])),
+        ],
+        items,
+    );
+    // The sheet, by hand: item i answers i mod 4 (SD, D, A, SA, SD, ...).
+    let sheet: Vec<Vec<f64>> = (0..21)
+        .map(|i| (0..4).map(|a| if a == i % 4 { 1.0 } else { 0.0 }).collect())
+        .collect();
+    let s = ins.score(&sheet);
+    // Economic picks: 0.5, 5, 0 x6, 7, -5, 0, -2, -8, 6, 0, -3, 8, -5, 0, 2, 6 = 11.5
+    // -> 0.38 + 11.5 / 8 = 1.8175.
+    assert!((s["economic"] - 1.8175).abs() < 1e-9, "{s:?}");
+    // Social picks: items 1-6 -> -6, 0, 2, -7, -4, 0 = -15 -> 2.41 - 15 / 19.5 = 1.640769...
+    assert!((s["social"] - (2.41 - 15.0 / 19.5)).abs() < 1e-9, "{s:?}");
+    // All "Agree": every Agree value is 0 except item 0's -2.5 -> (0.0675, 2.41).
+    let agree: Vec<Vec<f64>> = (0..21).map(|_| vec![0.0, 0.0, 1.0, 0.0]).collect();
+    let s = ins.score(&agree);
+    assert!((s["economic"] - 0.0675).abs() < 1e-9 && (s["social"] - 2.41).abs() < 1e-9);
+}
+
+fn random_engine(model: &Arc<Model>) -> Arc<Engine> {
+    let ad = |stance: &str, seed| {
+        Adapter::random(
+            &model.config,
+            stance,
+            4,
+            8.0,
+            &[Target::Q, Target::V],
+            seed,
+            0.05,
+        )
+        .unwrap()
+    };
+    Engine::new(
+        model.clone(),
+        ExpertSet::new(vec![ad("progressive", 21), ad("conservative", 22)]).unwrap(),
+    )
+}
+
+fn compass(n: usize) -> Instrument {
+    let ins = Instrument::load(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("adapters/instruments/stance-compass.json"),
+    )
+    .unwrap();
+    stancemix::eval::forced_choice::subset(&ins, Some(n))
+}
+
+fn quick_options() -> FcOptions {
+    FcOptions {
+        templates: vec![TEMPLATES[4].clone()],
+        system: vec![false],
+        orders: vec![Order::Forward, Order::Reversed],
+        ..FcOptions::default()
+    }
+}
+
+#[test]
+fn batched_blends_equal_blends_scored_one_by_one() {
+    // f32 weights: candle's Q8_0 kernels change with the number of rows in a matmul, which
+    // moves logits by up to ~0.5 between batch shapes (why `eval` defaults to f32).
+    let model = real_model(WeightFormat::F32);
+    let engine = random_engine(&model);
+    let ins = compass(2);
+    let blends: Vec<Blend> = ["dial=-1", "dial=0.5", "mix=0.3@logits", "base"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let opts = quick_options();
+    let batched = score_instrument(&engine, &ins, &blends, &opts, &mut |_, _| {}).unwrap();
+    let mut worst = 0.0f64;
+    for (b, blend) in blends.iter().enumerate() {
+        let alone = score_instrument(
+            &engine,
+            &ins,
+            std::slice::from_ref(blend),
+            &opts,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let (x, y) = (&batched.blends[b], &alone.blends[0]);
+        assert_eq!(x.blend, y.blend);
+        for (ix, iy) in x.items.iter().zip(&y.items) {
+            for (vx, vy) in ix.variants.iter().zip(&iy.variants) {
+                for (p, q) in vx.probs.iter().zip(&vy.probs) {
+                    worst = worst.max((p - q).abs());
+                }
+                worst = worst.max((vx.outside - vy.outside).abs());
+            }
+        }
+    }
+    assert!(worst < 1e-5, "batched vs one by one differ by {worst}");
+    // The experts are random but non-zero: the blends must not all read the same.
+    let e: Vec<f64> = batched.blends.iter().map(|b| b.items[0].probs[0]).collect();
+    assert!(e.iter().any(|&v| (v - e[0]).abs() > 1e-4), "{e:?}");
+}
+
+#[test]
+fn probabilities_are_normalised_and_control_is_scored() {
+    let model = real_model(WeightFormat::F32);
+    let engine = random_engine(&model);
+    let ins = compass(2);
+    let r = score_instrument(
+        &engine,
+        &ins,
+        &[Blend::base()],
+        &quick_options(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let b = &r.blends[0];
+    for it in &b.items {
+        for v in &it.variants {
+            assert!((v.probs.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+            assert!((0.0..=1.0).contains(&v.outside));
+        }
+    }
+    assert_eq!(r.variants.len(), 2);
+    assert_eq!(r.always_agree.answer, "Agree");
+    // Expected scores lie inside the instrument's range.
+    for s in b.axes.values() {
+        assert!((-10.0..=10.0).contains(&s.expected) && (-10.0..=10.0).contains(&s.argmax));
+    }
+    // The always-agree sheet scored by hand: subset items econ-01 and soc-01; "Agree" is
+    // effect -1 on each (agreeing is progressive), attainable [-2, 2] -> -5.
+    let mut by_hand = BTreeMap::new();
+    for it in &ins.items {
+        for (axis, e) in &it.effects {
+            let (lo, hi) = (-2.0, 2.0);
+            by_hand.insert(axis.clone(), -10.0 + (e[2] - lo) / (hi - lo) * 20.0);
+        }
+    }
+    for (axis, v) in &r.always_agree.axes {
+        assert!(
+            (v - by_hand[axis]).abs() < 1e-9,
+            "{axis}: {v} vs {}",
+            by_hand[axis]
+        );
+    }
+}
+
+#[test]
+fn eval_cli_prints_json_with_expected_and_argmax_per_axis() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("eval.json");
+    let o = std::process::Command::new(bin())
+        .args([
+            "eval",
+            "--no-adapters",
+            "--items",
+            "2",
+            "--templates",
+            "respond",
+            "--system",
+            "without",
+            "--one-order",
+            "--json",
+            "--model",
+        ])
+        .arg(real_model_path())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for axis in ["economic", "social"] {
+        assert!(v["axes"][axis]["expected"].is_f64(), "{v}");
+        assert!(v["axes"][axis]["argmax"].is_f64(), "{v}");
+    }
+    assert_eq!(v["items"].as_array().unwrap().len(), 2);
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(file, v);
+}
+
+#[test]
+fn eval_cli_names_file_item_and_field_of_a_bad_instrument() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.json");
+    std::fs::write(
+        &p,
+        r#"{"name":"bad","answers":["No","Yes"],"axes":{"x":{"scale":{"affine":[1,0]}}},
+           "items":[{"id":"q1","text":"T","effects":{"x":[1,2,3]}}]}"#,
+    )
+    .unwrap();
+    let o = std::process::Command::new(bin())
+        .args(["eval", "--no-adapters", "--instrument"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("bad.json: q1: effects.x"), "{err}");
+}
