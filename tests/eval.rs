@@ -310,3 +310,105 @@ fn eval_cli_names_file_item_and_field_of_a_bad_instrument() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("bad.json: q1: effects.x"), "{err}");
 }
+
+/// Random progressive and conservative adapters saved as directories, for the CLI.
+fn random_adapter_dirs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let model = real_model(WeightFormat::F32);
+    [("progressive", 31), ("conservative", 32)]
+        .iter()
+        .map(|(stance, seed)| {
+            let a = Adapter::random(
+                &model.config,
+                stance,
+                4,
+                8.0,
+                &[Target::Q, Target::V],
+                *seed,
+                0.05,
+            )
+            .unwrap();
+            let d = dir.join(stance);
+            a.save(&d, &model.config).unwrap();
+            d
+        })
+        .collect()
+}
+
+#[test]
+fn sweep_cli_writes_csv_json_and_a_valid_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapters = random_adapter_dirs(dir.path());
+    let out = dir.path().join("sweep");
+    let o = std::process::Command::new(bin())
+        .args(["sweep", "--path", "dial:-1:1:3", "--items", "2"])
+        .args(["--templates", "respond", "--system", "without", "--json"])
+        .arg("--model")
+        .arg(real_model_path())
+        .arg("--adapters")
+        .args(&adapters)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(points.len(), 3);
+    for axis in ["economic", "social"] {
+        assert!(points[0]["axes"][axis]["expected"].is_f64());
+        assert!(v["spearman"][axis].is_f64(), "{}", v["spearman"]);
+        assert!(v["experts_gap"][axis].is_f64());
+    }
+    assert!(points[2]["blend"]
+        .as_str()
+        .unwrap()
+        .starts_with("dial +1.00"));
+    // CSV: a header and one row per point, every row as wide as the header.
+    let csv = std::fs::read_to_string(out.join("sweep.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 4, "{csv}");
+    assert!(lines[0].starts_with("x,blend,g_progressive,g_conservative,economic_expected"));
+    let width = lines[0].split(',').count();
+    assert!(lines[1..].iter().all(|l| l.split(',').count() == width));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    assert_eq!(json["forced_choice"]["blends"].as_array().unwrap().len(), 3);
+    // SVG: well-formed XML with an <svg> root, the curves and the three compass markers.
+    let svg = std::fs::read_to_string(out.join("sweep.svg")).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("sweep.svg is well-formed XML");
+    let root = doc.root_element();
+    assert_eq!(root.tag_name().name(), "svg");
+    assert_eq!(
+        root.tag_name().namespace(),
+        Some("http://www.w3.org/2000/svg")
+    );
+    assert!(root.attribute("viewBox").is_some());
+    let count = |tag: &str| doc.descendants().filter(|n| n.has_tag_name(tag)).count();
+    assert!(
+        count("polyline") >= 3,
+        "two axis curves and the compass path"
+    );
+    assert!(count("polygon") >= 1 && count("circle") >= 6);
+}
+
+#[test]
+fn mix_and_raw_paths_score_every_point() {
+    let model = real_model(WeightFormat::F32);
+    let engine = random_engine(&model);
+    let ins = compass(2);
+    let mut opts = quick_options();
+    opts.orders = vec![Order::Forward];
+    for spec in [
+        "mix:0:1:3",
+        "raw:progressive=0:progressive=-1,conservative=1:2",
+    ] {
+        let path = stancemix::eval::parse_path(spec).unwrap();
+        let r = stancemix::eval::sweep(&engine, &ins, &path, &opts, &mut |_, _| {}).unwrap();
+        assert_eq!(r.points.len(), path.points.len(), "{spec}");
+        assert!(r.progressive.is_some() && r.conservative.is_some());
+        // mix 1 is the progressive expert alone: the same numbers as the reference.
+        if spec.starts_with("mix") {
+            assert_eq!(r.points[2].axes, r.progressive.as_ref().unwrap().axes);
+        }
+    }
+}

@@ -9,6 +9,7 @@ pub mod generate;
 pub mod info;
 pub mod merge;
 pub mod route;
+pub mod sweep;
 
 use clap::{Parser, Subcommand};
 
@@ -42,6 +43,8 @@ pub enum Command {
     Data(data::Command),
     /// Score an instrument by forced choice under one or more blends.
     Eval(eval::Args),
+    /// Score a path through the blend (dial, mix, raw) on an instrument; CSV, JSON, SVG.
+    Sweep(sweep::Args),
     /// Train or evaluate the gate.
     #[command(subcommand)]
     Router(route::RouterCommand),
@@ -64,5 +67,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Router(c) => route::run_router(c),
         Command::Data(c) => data::run(c),
         Command::Eval(a) => eval::run(a),
+        Command::Sweep(a) => sweep::run(a),
     }
 }

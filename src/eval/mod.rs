@@ -4,10 +4,13 @@
 //! Everything here is a library call; `stancemix eval`, `sweep` and `report` only parse and print.
 
 pub mod forced_choice;
+pub mod plot;
 pub mod stats;
+pub mod sweep;
 pub mod templates;
 
 pub use forced_choice::{
     score_instrument, AxisScore, BlendScore, Control, FcOptions, Report, Variant,
 };
+pub use sweep::{parse_path, sweep, SweepPath, SweepPoint, SweepReport};
 pub use templates::{Order, Template, TEMPLATES};

@@ -1,0 +1,102 @@
+//! `stancemix sweep`: score every point of a path through the gate weights on an instrument,
+//! batched; write CSV, JSON and SVG; print Spearman per axis and the experts' gap.
+
+use std::path::PathBuf;
+
+use stancemix::data::Instrument;
+use stancemix::eval::{parse_path, sweep, SweepReport};
+
+use super::eval::{progress_bar, EvalEngineArgs, FcArgs, DEFAULT_INSTRUMENT};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Instrument JSON (see DESIGN.md "Data formats").
+    #[arg(long, default_value = DEFAULT_INSTRUMENT)]
+    pub instrument: PathBuf,
+    /// dial:FROM:TO:N, mix:FROM:TO:N or raw:name=w,..:name=w,..:N [@logits|@contrast].
+    #[arg(long, default_value = "dial:-1:1:11", allow_hyphen_values = true)]
+    pub path: String,
+    #[command(flatten)]
+    pub engine: EvalEngineArgs,
+    #[command(flatten)]
+    pub fc: FcArgs,
+    /// Directory for sweep.csv, sweep.json and sweep.svg.
+    #[arg(long, default_value = "target/sweep")]
+    pub out: PathBuf,
+    /// Print `{"points": [...], "spearman": {...}, ...}` to stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Print the sweep's table, Spearman's rho per axis and the experts' gap.
+pub fn print_sweep(r: &SweepReport) {
+    let axes: Vec<&String> = r.spearman.keys().collect();
+    let mut head = format!("{:>7}  {:<28}", "x", "blend");
+    for a in &axes {
+        head.push_str(&format!(
+            " | {:>9} {:>6} {:>7}",
+            a.as_str(),
+            "+-95%",
+            "argmax"
+        ));
+    }
+    head.push_str(" | outside");
+    println!("{head}");
+    let row = |label: String, p: &stancemix::eval::SweepPoint| {
+        let mut line = format!("{label}  {:<28}", p.blend);
+        for a in &axes {
+            let s = &p.axes[*a];
+            line.push_str(&format!(
+                " | {:>9.2} {:>6.2} {:>7.2}",
+                s.expected, s.expected_ci95, s.argmax
+            ));
+        }
+        line.push_str(&format!(" | {:>7.3}", p.outside_mass));
+        println!("{line}");
+    };
+    for p in &r.points {
+        row(format!("{:>7.3}", p.x), p);
+    }
+    row(format!("{:>7}", "ref"), &r.base);
+    for p in [&r.progressive, &r.conservative].into_iter().flatten() {
+        row(format!("{:>7}", "ref"), p);
+    }
+    for (a, rho) in &r.spearman {
+        println!(
+            "spearman {a}: {}",
+            rho.map_or("undefined (constant)".into(), |v| format!("{v:+.3}"))
+        );
+    }
+    match &r.experts_gap {
+        Some(g) => {
+            for (a, v) in g {
+                println!("experts' gap {a} (conservative - progressive): {v:+.2}");
+            }
+        }
+        None => println!("experts' gap: needs a progressive and a conservative expert"),
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let path = parse_path(&a.path)?;
+    let instrument = Instrument::load(&a.instrument)?;
+    let opts = a.fc.options()?;
+    let engine = a.engine.load()?;
+    let report = sweep(
+        &engine,
+        &instrument,
+        &path,
+        &opts,
+        &mut progress_bar(&format!("sweep {}", a.path)),
+    )?;
+    let files = report.write_files(&a.out)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report.summary())?);
+    } else {
+        print_sweep(&report);
+    }
+    for f in files {
+        eprintln!("wrote {}", f.display());
+    }
+    Ok(())
+}
