@@ -412,3 +412,119 @@ fn mix_and_raw_paths_score_every_point() {
         }
     }
 }
+
+fn train_judge() -> (
+    stancemix::eval::judge::Judge,
+    stancemix::eval::judge::JudgeReport,
+) {
+    let pairs = stancemix::data::load_stance_dir(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters/data/stance"),
+    )
+    .unwrap();
+    stancemix::eval::judge::Judge::train(
+        &pairs,
+        &stancemix::eval::judge::default_features(),
+        stancemix::eval::judge::DEFAULT_ALPHA,
+        stancemix::eval::judge::DEFAULT_MAX_ITER,
+    )
+    .unwrap()
+}
+
+#[test]
+fn judge_beats_chance_on_dev_answers_and_reads_plain_arguments() {
+    let (judge, r) = train_judge();
+    assert!(r.dev_answers >= 100, "{r:?}");
+    assert!(r.dev_accuracy >= 0.65, "{r:?}");
+    // Both sides of an unseen, plainly worded argument.
+    let pro = "Workers deserve a living wage and strong unions; the government should guarantee health care for everyone.";
+    let con = "Lower taxes and less regulation let businesses create jobs; free markets serve families better than government programs.";
+    assert!(judge.p_conservative(pro) < 0.5 && judge.p_conservative(con) > 0.5);
+}
+
+/// Acceptance 5 of the evaluation issue; not met yet by word n-gram features (~0.70-0.73).
+#[test]
+#[ignore = "open: the n-gram judge reaches about 0.70-0.73 on dev answers, the target is 0.85"]
+fn judge_reaches_85_percent_on_dev_answers() {
+    let (_, r) = train_judge();
+    assert!(r.dev_accuracy >= 0.85, "{r:?}");
+}
+
+#[test]
+fn perplexity_of_blends_batched_equals_each_alone() {
+    let model = real_model(WeightFormat::F32);
+    let engine = random_engine(&model);
+    let texts = vec![
+        "Bread is made from flour, water, salt and yeast. The dough rises as the yeast ferments."
+            .to_string(),
+    ];
+    let blends: Vec<Blend> = ["base", "dial=1", "dial=-1"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let ppl = stancemix::eval::side_effects::perplexity(&engine, &blends, &texts, &mut |_, _| {})
+        .unwrap();
+    for (b, p) in blends.iter().zip(&ppl) {
+        let alone = stancemix::eval::side_effects::perplexity(
+            &engine,
+            std::slice::from_ref(b),
+            &texts,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert!((p - alone[0]).abs() < 1e-4 * p, "{b}: {p} vs {}", alone[0]);
+        assert!(p.is_finite() && *p > 1.0 && *p < 200.0, "{b}: {p}");
+    }
+}
+
+#[test]
+fn report_cli_writes_the_page_with_plot_and_every_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapters = random_adapter_dirs(dir.path());
+    let out = dir.path().join("report");
+    let o = std::process::Command::new(bin())
+        .args(["report", "--path", "dial:-1:1:3", "--items", "2"])
+        .args([
+            "--templates",
+            "respond",
+            "--system",
+            "without",
+            "--one-order",
+        ])
+        .args(["--neutral-limit", "1", "--adversarial-limit", "1"])
+        .args([
+            "--open-items",
+            "1",
+            "--dev-prompts",
+            "1",
+            "--max-tokens",
+            "6",
+        ])
+        .arg("--model")
+        .arg(real_model_path())
+        .arg("--adapters")
+        .args(&adapters)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(out.join("README.md")).unwrap();
+    for needle in [
+        "## Base and experts",
+        "![stance along the sweep and compass](sweep.svg)",
+        "Spearman's rho",
+        "## Side effects",
+        "## Open-ended stance",
+        "Acquiescence control",
+    ] {
+        assert!(md.contains(needle), "missing {needle:?} in\n{md}");
+    }
+    roxmltree::Document::parse(&std::fs::read_to_string(out.join("sweep.svg")).unwrap()).unwrap();
+    let page: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(
+        page["side_effects"]["perplexity"].as_array().unwrap().len(),
+        3
+    );
+    assert!(page["open_ended"]["judge"]["dev_accuracy"].is_f64());
+}

@@ -4,10 +4,15 @@
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
+use stancemix::data::load_stance_dir;
 use stancemix::data::Instrument;
+use stancemix::eval::judge::{self, Judge};
+use stancemix::eval::open_ended::{instrument_prompts, open_ended, stance_dev_prompts};
+use stancemix::eval::report::{OpenEndedSection, SideEffects};
+use stancemix::eval::side_effects::{load_adversarial, load_neutral, perplexity, safety};
 use stancemix::eval::templates::templates_by_name;
 use stancemix::eval::{score_instrument, FcOptions, Order, Report, TEMPLATES};
-use stancemix::Blend;
+use stancemix::{Blend, GenParams};
 
 use stancemix::model::WeightFormat;
 use stancemix::{Engine, EngineOptions};
@@ -33,11 +38,27 @@ pub struct EvalEngineArgs {
     /// number of rows, which moves logits between batch shapes.
     #[arg(long, default_value = "f32")]
     pub format: WeightFormat,
+    /// Base weights for generating answers (open-ended, adversarial): q8_0 decodes fastest.
+    #[arg(long, default_value = "q8_0")]
+    pub gen_format: WeightFormat,
 }
 
 impl EvalEngineArgs {
     /// Load the engine these flags describe (no gate: evaluation uses fixed blends).
     pub fn load(&self) -> anyhow::Result<Arc<Engine>> {
+        self.load_as(self.format)
+    }
+
+    /// The engine for generating answers (`--gen-format`); `scoring` when the formats agree.
+    pub fn load_generator(&self, scoring: &Arc<Engine>) -> anyhow::Result<Arc<Engine>> {
+        if self.gen_format == self.format {
+            Ok(scoring.clone())
+        } else {
+            self.load_as(self.gen_format)
+        }
+    }
+
+    fn load_as(&self, format: WeightFormat) -> anyhow::Result<Arc<Engine>> {
         Ok(Engine::load(&EngineOptions {
             model: self.model.clone(),
             adapters: if self.no_adapters {
@@ -46,7 +67,7 @@ impl EvalEngineArgs {
                 self.adapters.clone()
             },
             gate: None,
-            format: self.format,
+            format,
         })?)
     }
 }
@@ -70,6 +91,130 @@ pub struct Args {
     /// Print one JSON object to stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also generate answers and judge their stance, per blend.
+    #[arg(long)]
+    pub open_ended: bool,
+    /// Also measure side effects per blend: perplexity on neutral text; flagged and refusing
+    /// answers to adversarial prompts.
+    #[arg(long)]
+    pub side_effects: bool,
+    #[command(flatten)]
+    pub extra: ExtraArgs,
+}
+
+/// Settings of the open-ended and side-effect checks.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ExtraArgs {
+    /// Stance pairs the judge trains on (train split) and is checked against (dev split).
+    #[arg(long, default_value = "adapters/data/stance")]
+    pub stance_data: PathBuf,
+    /// Open-ended: instrument items to answer, spread evenly (0 = all).
+    #[arg(long, default_value_t = 8)]
+    pub open_items: usize,
+    /// Open-ended: stance-data dev prompts to answer, spread evenly (0 = all).
+    #[arg(long, default_value_t = 8)]
+    pub dev_prompts: usize,
+    #[arg(long, default_value = "adapters/data/neutral.jsonl")]
+    pub neutral: PathBuf,
+    /// Neutral texts for perplexity, spread evenly (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub neutral_limit: usize,
+    #[arg(long, default_value = "adapters/data/adversarial.jsonl")]
+    pub adversarial: PathBuf,
+    /// Adversarial prompts to answer, spread evenly (0 = all).
+    #[arg(long, default_value_t = 16)]
+    pub adversarial_limit: usize,
+    /// Longest generated answer, in tokens (greedy decoding).
+    #[arg(long, default_value_t = 80)]
+    pub max_tokens: usize,
+}
+
+/// `n` elements spread evenly over `v` (all when `n` is 0 or too large).
+pub fn spread<T: Clone>(v: &[T], n: usize) -> Vec<T> {
+    if n == 0 || n >= v.len() {
+        return v.to_vec();
+    }
+    (0..n).map(|k| v[k * v.len() / n].clone()).collect()
+}
+
+impl ExtraArgs {
+    fn params(&self) -> GenParams {
+        GenParams {
+            max_tokens: self.max_tokens,
+            ..GenParams::default()
+        }
+    }
+
+    /// Perplexity (batched on `scoring`) and the adversarial check (generated on `gen`).
+    pub fn side_effects(
+        &self,
+        scoring: &Arc<Engine>,
+        gen: &Arc<Engine>,
+        blends: &[Blend],
+    ) -> anyhow::Result<SideEffects> {
+        let texts: Vec<String> = spread(&load_neutral(&self.neutral)?, self.neutral_limit)
+            .into_iter()
+            .map(|t| t.text)
+            .collect();
+        let ppl = perplexity(scoring, blends, &texts, &mut progress_bar("perplexity"))?;
+        let prompts = spread(
+            &load_adversarial(&self.adversarial)?,
+            self.adversarial_limit,
+        );
+        let safety = blends
+            .iter()
+            .map(|b| {
+                safety(
+                    gen,
+                    b,
+                    &prompts,
+                    &self.params(),
+                    &mut progress_bar(&format!("adversarial {b}")),
+                )
+            })
+            .collect::<stancemix::Result<_>>()?;
+        Ok(SideEffects {
+            neutral_texts: texts.len(),
+            perplexity: blends.iter().map(|b| b.to_string()).zip(ppl).collect(),
+            safety,
+        })
+    }
+
+    /// Train the judge, answer the prompts under each blend, judge the answers.
+    pub fn open_ended(
+        &self,
+        gen: &Arc<Engine>,
+        instrument: &Instrument,
+        blends: &[Blend],
+    ) -> anyhow::Result<OpenEndedSection> {
+        let pairs = load_stance_dir(&self.stance_data)?;
+        let (judge, report) = Judge::train(
+            &pairs,
+            &judge::default_features(),
+            judge::DEFAULT_ALPHA,
+            judge::DEFAULT_MAX_ITER,
+        )?;
+        let mut prompts = spread(&instrument_prompts(instrument), self.open_items);
+        prompts.extend(spread(&stance_dev_prompts(&pairs), self.dev_prompts));
+        let blends = blends
+            .iter()
+            .map(|b| {
+                open_ended(
+                    gen,
+                    &judge,
+                    b,
+                    &prompts,
+                    &self.params(),
+                    &mut progress_bar(&format!("open-ended {b}")),
+                )
+            })
+            .collect::<stancemix::Result<_>>()?;
+        Ok(OpenEndedSection {
+            judge: report,
+            prompts: prompts.len(),
+            blends,
+        })
+    }
 }
 
 /// Which system-prompt settings to ask each template with.
@@ -239,6 +384,43 @@ pub fn print_table(r: &Report) {
     );
 }
 
+/// Print the side-effect and open-ended sections of an eval's JSON, when present.
+fn print_extras(v: &serde_json::Value) {
+    if let Ok(se) = serde_json::from_value::<SideEffects>(v["side_effects"].clone()) {
+        println!("side effects ({} neutral texts):", se.neutral_texts);
+        for ((b, ppl), s) in se.perplexity.iter().zip(&se.safety) {
+            println!(
+                "  {b:<28} perplexity {ppl:>7.2} | adversarial {}: flagged {:.1}%, refused {:.1}%",
+                s.prompts,
+                100.0 * s.flagged_share,
+                100.0 * s.refusal_share
+            );
+        }
+    }
+    if let Ok(oe) = serde_json::from_value::<OpenEndedSection>(v["open_ended"].clone()) {
+        println!(
+            "open-ended ({} prompts; judge dev accuracy {:.1}% on {} answers):",
+            oe.prompts,
+            100.0 * oe.judge.dev_accuracy,
+            oe.judge.dev_answers
+        );
+        for b in &oe.blends {
+            let axes: Vec<String> = b
+                .by_axis
+                .iter()
+                .map(|(a, j)| format!("{a} {:+.2}", j.stance))
+                .collect();
+            println!(
+                "  {:<28} stance {:+.2} ({}) | judged conservative {:.0}%",
+                b.blend,
+                b.overall.stance,
+                axes.join(", "),
+                100.0 * b.overall.share_conservative
+            );
+        }
+    }
+}
+
 fn default_out(instrument: &Path, blends: &[Blend]) -> PathBuf {
     let name = instrument
         .file_stem()
@@ -270,7 +452,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &opts,
         &mut progress_bar("forced choice"),
     )?;
-    let value = report_json(&report)?;
+    let mut value = report_json(&report)?;
+    if a.side_effects || a.open_ended {
+        let gen = a.engine.load_generator(&engine)?;
+        if a.side_effects {
+            let se = a.extra.side_effects(&engine, &gen, &a.blends)?;
+            value["side_effects"] = serde_json::to_value(&se)?;
+        }
+        if a.open_ended {
+            let oe = a.extra.open_ended(&gen, &instrument, &a.blends)?;
+            value["open_ended"] = serde_json::to_value(&oe)?;
+        }
+    }
     let out = a
         .out
         .clone()
@@ -280,6 +473,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&value)?);
     } else {
         print_table(&report);
+        print_extras(&value);
     }
     eprintln!("wrote {}", out.display());
     Ok(())

@@ -8,6 +8,7 @@ pub mod eval;
 pub mod generate;
 pub mod info;
 pub mod merge;
+pub mod report;
 pub mod route;
 pub mod sweep;
 
@@ -45,6 +46,8 @@ pub enum Command {
     Eval(eval::Args),
     /// Score a path through the blend (dial, mix, raw) on an instrument; CSV, JSON, SVG.
     Sweep(sweep::Args),
+    /// Write a Markdown report (tables, plots) for the base, both experts and a dial sweep.
+    Report(report::Args),
     /// Train or evaluate the gate.
     #[command(subcommand)]
     Router(route::RouterCommand),
@@ -68,5 +71,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Data(c) => data::run(c),
         Command::Eval(a) => eval::run(a),
         Command::Sweep(a) => sweep::run(a),
+        Command::Report(a) => report::run(a),
     }
 }

@@ -237,7 +237,7 @@ pub fn model_name(engine: &Engine) -> String {
 }
 
 /// The row plan of a fixed blend (automatic routing has no single plan for an instrument).
-fn plan_of(engine: &Engine, blend: &Blend) -> Result<RowPlan> {
+pub fn plan_of(engine: &Engine, blend: &Blend) -> Result<RowPlan> {
     if let View::Auto(p) = &blend.view {
         return Err(Error::Invalid(format!(
             "blend auto={p} routes each prompt: forced-choice scoring needs a fixed blend (dial, mix, expert or raw weights)"
@@ -286,16 +286,51 @@ fn prepare(
     Ok(Prepared { prompt, options })
 }
 
-/// Log-softmax value of `id` in each blend's combined distribution, from per-row logits.
-struct Combiner<'a> {
-    plans: &'a [RowPlan],
-    /// For each plan, the index of each of its rows in the union of rows.
+/// Several blends' row plans as one batch: the distinct gate rows, and how each blend
+/// combines its rows' logits into log-probabilities.
+pub struct Batch {
+    pub plans: Vec<RowPlan>,
+    /// Distinct gate rows of all plans: the batch rows of a forward pass.
+    pub rows: Vec<Vec<f32>>,
+    /// For each plan, the index of each of its rows in `rows`.
     index: Vec<Vec<usize>>,
 }
 
-impl Combiner<'_> {
-    /// Per blend: the combined next-token log-probabilities.
-    fn logprobs(&self, rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
+impl Batch {
+    /// The batch of `plans`.
+    pub fn new(plans: Vec<RowPlan>) -> Batch {
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        let index = plans
+            .iter()
+            .map(|plan| {
+                plan.rows
+                    .iter()
+                    .map(|r| match rows.iter().position(|x| x == r) {
+                        Some(i) => i,
+                        None => {
+                            rows.push(r.clone());
+                            rows.len() - 1
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        Batch { plans, rows, index }
+    }
+
+    /// The batch of fixed `blends` on `engine`.
+    pub fn of_blends(engine: &Engine, blends: &[Blend]) -> Result<Batch> {
+        Ok(Batch::new(
+            blends
+                .iter()
+                .map(|b| plan_of(engine, b))
+                .collect::<Result<_>>()?,
+        ))
+    }
+
+    /// Per blend: the combined next-token log-probabilities, from one position's logits of
+    /// every batch row.
+    pub fn logprobs(&self, rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
         self.plans
             .iter()
             .zip(&self.index)
@@ -356,34 +391,14 @@ fn option_logprobs(
     let mut done = 0;
     let mut out = vec![Vec::new(); plans.len()];
     for group in &groups {
-        let mut rows: Vec<Vec<f32>> = Vec::new();
-        let mut index = Vec::new();
-        for &b in group {
-            let mut idx = Vec::new();
-            for r in &plans[b].rows {
-                let i = match rows.iter().position(|x| x == r) {
-                    Some(i) => i,
-                    None => {
-                        rows.push(r.clone());
-                        rows.len() - 1
-                    }
-                };
-                idx.push(i);
-            }
-            index.push(idx);
-        }
-        let group_plans: Vec<RowPlan> = group.iter().map(|&b| plans[b].clone()).collect();
-        let comb = Combiner {
-            plans: &group_plans,
-            index,
-        };
+        let comb = Batch::new(group.iter().map(|&b| plans[b].clone()).collect());
         let mut cache = KvCache::new(engine.model.config.n_layer);
         let mut fed: Vec<u32> = Vec::new();
         // res[group blend][variant][item][option]
         let mut res = vec![vec![Vec::with_capacity(ins.items.len()); variants.len()]; group.len()];
         for (v, items) in prepared.iter().enumerate() {
             for p in items {
-                let lp = score_prompt(engine, &mut cache, &mut fed, p, &rows, &comb)?;
+                let lp = score_prompt(engine, &mut cache, &mut fed, p, &comb)?;
                 for (k, x) in lp.into_iter().enumerate() {
                     res[k][v].push(x);
                 }
@@ -404,9 +419,9 @@ fn score_prompt(
     cache: &mut KvCache,
     fed: &mut Vec<u32>,
     p: &Prepared,
-    rows: &[Vec<f32>],
-    comb: &Combiner,
+    comb: &Batch,
 ) -> Result<Vec<Vec<f64>>> {
+    let rows = &comb.rows;
     let keep = fed
         .iter()
         .zip(&p.prompt)

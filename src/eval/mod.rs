@@ -4,7 +4,11 @@
 //! Everything here is a library call; `stancemix eval`, `sweep` and `report` only parse and print.
 
 pub mod forced_choice;
+pub mod judge;
+pub mod open_ended;
 pub mod plot;
+pub mod report;
+pub mod side_effects;
 pub mod stats;
 pub mod sweep;
 pub mod templates;

@@ -1,0 +1,105 @@
+//! `stancemix report --out DIR`: one Markdown page with the tables and SVG plot for the base,
+//! both experts and a dial sweep, plus side effects and open-ended stance.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use stancemix::data::Instrument;
+use stancemix::eval::report::{markdown, Page};
+use stancemix::eval::{parse_path, sweep};
+use stancemix::runtime::{CONSERVATIVE, PROGRESSIVE};
+use stancemix::Blend;
+
+use super::eval::{progress_bar, EvalEngineArgs, ExtraArgs, FcArgs, DEFAULT_INSTRUMENT};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Directory for README.md, report.json and the sweep's CSV, JSON and SVG.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = DEFAULT_INSTRUMENT)]
+    pub instrument: PathBuf,
+    /// The sweep's path (it also yields the base and both experts).
+    #[arg(long, default_value = "dial:-1:1:11", allow_hyphen_values = true)]
+    pub path: String,
+    #[command(flatten)]
+    pub engine: EvalEngineArgs,
+    #[command(flatten)]
+    pub fc: FcArgs,
+    /// Skip perplexity and the adversarial check.
+    #[arg(long)]
+    pub no_side_effects: bool,
+    /// Skip the open-ended answers and their judged stance.
+    #[arg(long)]
+    pub no_open_ended: bool,
+    #[command(flatten)]
+    pub extra: ExtraArgs,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let path = parse_path(&a.path)?;
+    let instrument = Instrument::load(&a.instrument)?;
+    let opts = a.fc.options()?;
+    let engine = a.engine.load()?;
+    for stance in [PROGRESSIVE, CONSERVATIVE] {
+        if engine.experts.by_stance(stance).is_none() {
+            anyhow::bail!(
+                "the report needs a {stance} expert: pass --adapters DIR... whose adapter_config.json says \"stance\": \"{stance}\""
+            );
+        }
+    }
+    let r = sweep(
+        &engine,
+        &instrument,
+        &path,
+        &opts,
+        &mut progress_bar(&format!("sweep {}", a.path)),
+    )?;
+    let mut files = r.write_files(&a.out)?;
+    let refs = [
+        Blend::base(),
+        Blend::expert(PROGRESSIVE),
+        Blend::expert(CONSERVATIVE),
+    ];
+    let gen = if a.no_side_effects && a.no_open_ended {
+        engine.clone()
+    } else {
+        a.engine.load_generator(&engine)?
+    };
+    let side_effects = if a.no_side_effects {
+        None
+    } else {
+        Some(a.extra.side_effects(&engine, &gen, &refs)?)
+    };
+    let open_ended = if a.no_open_ended {
+        None
+    } else {
+        Some(a.extra.open_ended(&gen, &instrument, &refs)?)
+    };
+    let fc = r.forced_choice.as_ref();
+    let page = Page {
+        command,
+        model: fc.map(|f| f.model.clone()).unwrap_or_default(),
+        experts: engine.expert_names().to_vec(),
+        method: fc.map(|f| f.method.clone()).unwrap_or_default(),
+        variants: fc.map_or(0, |f| f.variants.len()),
+        items: fc.map_or(0, |f| f.items),
+        always_agree: fc.map(|f| f.always_agree.clone()),
+        sweep: r.summary(),
+        side_effects,
+        open_ended,
+        elapsed_s: start.elapsed().as_secs_f64(),
+    };
+    let md = a.out.join("README.md");
+    stancemix::error::write_atomic(&md, markdown(&page, "sweep.svg").as_bytes())?;
+    let json = a.out.join("report.json");
+    stancemix::error::write_atomic(&json, serde_json::to_string_pretty(&page)?.as_bytes())?;
+    files.extend([md.clone(), json]);
+    println!("{}", std::fs::read_to_string(&md)?);
+    for f in files {
+        eprintln!("wrote {}", f.display());
+    }
+    Ok(())
+}
