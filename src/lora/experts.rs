@@ -8,11 +8,18 @@ use super::Adapter;
 use crate::model::{LinearHook, Target};
 use crate::{Error, Result};
 
-/// The experts of every adaptable linear, stacked: `A_cat^T` `(in, R)` and `B_cat^T` `(R, out)`.
+/// The experts of every adaptable linear, stacked: `A_cat^T` `(in, R)` and `B_cat^T` `(R, out)`,
+/// as tensors for prompts and as plain row-major arrays for the decode fast path.
 #[derive(Debug)]
 struct Stack {
     a_t: Tensor,
     b_t: Tensor,
+    /// `A_cat` `(R, in)` row-major.
+    a: Vec<f32>,
+    /// `B_cat^T` `(R, out)` row-major.
+    b: Vec<f32>,
+    n_in: usize,
+    n_out: usize,
     /// `(expert index, column offset, rank)` for each expert in the stack.
     spans: Vec<(usize, usize, usize)>,
     width: usize,
@@ -65,13 +72,18 @@ impl ExpertSet {
                     off += r;
                 }
             }
-            let a_t = Tensor::cat(&a_parts, 0)?.t()?.contiguous()?; // (in, R)
+            let a_cat = Tensor::cat(&a_parts, 0)?; // (R, in)
             let b_t = Tensor::cat(&b_parts, 1)?.t()?.contiguous()?; // (R, out)
+            let (n_out, n_in) = (b_t.dim(1)?, a_cat.dim(1)?);
             stacks.insert(
                 key,
                 Stack {
-                    a_t,
+                    a: a_cat.flatten_all()?.to_vec1()?,
+                    b: b_t.flatten_all()?.to_vec1()?,
+                    a_t: a_cat.t()?.contiguous()?,
                     b_t,
+                    n_in,
+                    n_out,
                     spans,
                     width: off,
                 },
@@ -169,6 +181,9 @@ impl LinearHook for ExpertHook<'_> {
         if xb != b {
             candle_core::bail!("batch has {xb} rows but {b} gate rows were given");
         }
+        if b * t <= FAST_ROWS {
+            return fast_delta(stack, &scale, x, y);
+        }
         let h = x.reshape((b * t, d_in))?.matmul(&stack.a_t)?; // (b*t, R)
         let scale = Tensor::from_vec(scale, (b, 1, stack.width), &Device::Cpu)?;
         let h = h.reshape((b, t, stack.width))?.broadcast_mul(&scale)?; // (b, t, R)
@@ -176,4 +191,43 @@ impl LinearHook for ExpertHook<'_> {
         let shape = y.shape().clone();
         y + delta.reshape(shape)?
     }
+}
+
+/// Up to this many token rows (decode), the delta is computed in plain loops over the stacked
+/// arrays: for one token the candle path's six small ops per linear cost more than the math.
+const FAST_ROWS: usize = 4;
+
+/// `y + (scale * (x A_cat^T)) B_cat^T` for a few rows, skipping experts whose scale is zero.
+fn fast_delta(stack: &Stack, scale: &[f32], x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+    let (b, t, n_in) = x.dims3()?;
+    let (r_all, n_out) = (stack.width, stack.n_out);
+    debug_assert_eq!(n_in, stack.n_in);
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let shape = y.shape().clone();
+    let mut ys = y.flatten_all()?.to_vec1::<f32>()?;
+    for row in 0..b * t {
+        let s = &scale[(row / t) * r_all..(row / t + 1) * r_all];
+        let xr = &xs[row * n_in..(row + 1) * n_in];
+        let yr = &mut ys[row * n_out..(row + 1) * n_out];
+        for j in (0..r_all).filter(|&j| s[j] != 0.0) {
+            let h = dot(&stack.a[j * n_in..(j + 1) * n_in], xr) * s[j];
+            for (yo, bo) in yr.iter_mut().zip(&stack.b[j * n_out..(j + 1) * n_out]) {
+                *yo += h * bo;
+            }
+        }
+    }
+    Tensor::from_vec(ys, shape, x.device())
+}
+
+/// Dot product in eight lanes (vectorizes under AVX2).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (xa, xb) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += xa[k] * xb[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }

@@ -19,7 +19,7 @@ pub struct Example {
 
 impl Example {
     /// Tokens a training pass over this example processes (both answers for DPO).
-    pub fn len(&self) -> usize {
+    pub fn tokens(&self) -> usize {
         2 * self.prompt.len() + self.chosen.len() + self.rejected.len()
     }
 }
@@ -72,7 +72,7 @@ pub fn epoch_batches(
     let mut batches: Vec<Vec<usize>> = Vec::new();
     for chunk in order.chunks(batch * 8) {
         let mut chunk = chunk.to_vec();
-        chunk.sort_by_key(|&i| examples[i].len());
+        chunk.sort_by_key(|&i| examples[i].tokens());
         batches.extend(chunk.chunks(batch).map(<[usize]>::to_vec));
     }
     batches.shuffle(&mut rng);
