@@ -528,3 +528,68 @@ fn report_cli_writes_the_page_with_plot_and_every_section() {
     );
     assert!(page["open_ended"]["judge"]["dev_accuracy"].is_f64());
 }
+
+#[test]
+fn option_probabilities_match_a_direct_full_sequence_computation() {
+    use candle_core::IndexOp;
+    use stancemix::model::Logits;
+    let model = real_model(WeightFormat::F32);
+    let engine = random_engine(&model);
+    let ins = compass(2);
+    let blend: Blend = "dial=0.7".parse().unwrap();
+    let opts = quick_options();
+    let r = score_instrument(
+        &engine,
+        &ins,
+        std::slice::from_ref(&blend),
+        &opts,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let g = blend.gates(&engine.experts).unwrap();
+    let tok = &model.tokenizer;
+    for (v, variant) in r.variants.iter().enumerate() {
+        let tpl = &opts.templates[0];
+        assert_eq!(tpl.id, variant.template);
+        for (i, it) in ins.items.iter().enumerate() {
+            let text = tpl.render(None, &it.text, &ins.answers, variant.order);
+            let n = tok.encode(&text).unwrap().len();
+            // log p(option) from one uncached pass over prompt + option.
+            let lp: Vec<f64> = ins
+                .answers
+                .iter()
+                .map(|a| {
+                    let ids = tok
+                        .encode(&format!("{text}{}", tpl.continuation(a)))
+                        .unwrap();
+                    let z = engine
+                        .forward_rows(&ids, None, std::slice::from_ref(&g), Logits::All)
+                        .unwrap()
+                        .i(0)
+                        .unwrap();
+                    (n..ids.len())
+                        .map(|t| {
+                            let row: Vec<f32> = z.i(t - 1).unwrap().to_vec1().unwrap();
+                            let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+                            let lse =
+                                m + row.iter().map(|x| (*x as f64 - m).exp()).sum::<f64>().ln();
+                            row[ids[t] as usize] as f64 - lse
+                        })
+                        .sum()
+                })
+                .collect();
+            let total: f64 = lp.iter().map(|x| x.exp()).sum();
+            let got = &r.blends[0].items[i].variants[v];
+            for (a, l) in lp.iter().enumerate() {
+                let want = l.exp() / total;
+                assert!(
+                    (got.probs[a] - want).abs() < 1e-4,
+                    "{}: {a}: {} vs {want}",
+                    it.id,
+                    got.probs[a]
+                );
+            }
+            assert!((got.outside - (1.0 - total)).abs() < 1e-4);
+        }
+    }
+}

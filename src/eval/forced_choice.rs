@@ -434,21 +434,38 @@ fn score_prompt(
     fed.extend_from_slice(&p.prompt[keep..]);
     let first = comb.logprobs(&z.to_vec2::<f32>()?);
     let mut lp: Vec<Vec<f64>> = vec![vec![0.0; p.options.len()]; comb.plans.len()];
+    // Per-position log-probabilities `[position][blend]` after each option prefix fed so far,
+    // so options sharing their leading tokens ("Strongly ...") share the forward pass.
+    let mut memo: Vec<(&[u32], Vec<Vec<Vec<f32>>>)> = Vec::new();
     for (o, ids) in p.options.iter().enumerate() {
         for (b, l) in first.iter().enumerate() {
             lp[b][o] = l[ids[0] as usize] as f64;
         }
         if ids.len() > 1 {
             // The option's later tokens, conditioned on its earlier ones; then roll back.
-            let z = engine.forward_rows(&ids[..ids.len() - 1], Some(cache), rows, Logits::All)?;
-            let z = z.to_vec3::<f32>()?; // (rows, t, vocab)
-            for j in 0..ids.len() - 1 {
-                let at: Vec<Vec<f32>> = z.iter().map(|r| r[j].clone()).collect();
-                for (b, l) in comb.logprobs(&at).iter().enumerate() {
+            let prefix = &ids[..ids.len() - 1];
+            if !memo.iter().any(|(k, _)| *k == prefix) {
+                let z = engine.forward_rows(prefix, Some(cache), rows, Logits::All)?;
+                let z = z.to_vec3::<f32>()?; // (rows, t, vocab)
+                let per_pos = (0..prefix.len())
+                    .map(|j| {
+                        let at: Vec<Vec<f32>> = z.iter().map(|r| r[j].clone()).collect();
+                        comb.logprobs(&at)
+                    })
+                    .collect();
+                memo.push((prefix, per_pos));
+                cache.truncate(p.prompt.len());
+            }
+            let per_pos = &memo
+                .iter()
+                .find(|(k, _)| *k == prefix)
+                .expect("memoised above")
+                .1;
+            for (j, at) in per_pos.iter().enumerate() {
+                for (b, l) in at.iter().enumerate() {
                     lp[b][o] += l[ids[j + 1] as usize] as f64;
                 }
             }
-            cache.truncate(p.prompt.len());
         }
     }
     Ok(lp)
