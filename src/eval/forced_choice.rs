@@ -198,9 +198,8 @@ pub fn score_instrument(
     let lp = option_logprobs(engine, &ins, &variants, &plans, opts, progress)?;
     let blends_out = blends
         .iter()
-        .zip(&plans)
         .zip(lp)
-        .map(|((b, plan), lp)| summarise(engine, &ins, &variants, b, plan, &lp))
+        .map(|(b, lp)| summarise(engine, &ins, &variants, b, &lp))
         .collect::<Result<_>>()?;
     Ok(Report {
         instrument: ins.name.clone(),
@@ -413,6 +412,9 @@ fn option_logprobs(
     Ok(out)
 }
 
+/// Log-probabilities `[position][blend][token]` after a run of fed tokens.
+type PositionLogprobs = Vec<Vec<Vec<f32>>>;
+
 /// Per blend, each option's log-probability after `p.prompt`. Reuses the cached prefix.
 fn score_prompt(
     engine: &Engine,
@@ -436,7 +438,7 @@ fn score_prompt(
     let mut lp: Vec<Vec<f64>> = vec![vec![0.0; p.options.len()]; comb.plans.len()];
     // Per-position log-probabilities `[position][blend]` after each option prefix fed so far,
     // so options sharing their leading tokens ("Strongly ...") share the forward pass.
-    let mut memo: Vec<(&[u32], Vec<Vec<Vec<f32>>>)> = Vec::new();
+    let mut memo: Vec<(&[u32], PositionLogprobs)> = Vec::new();
     for (o, ids) in p.options.iter().enumerate() {
         for (b, l) in first.iter().enumerate() {
             lp[b][o] = l[ids[0] as usize] as f64;
@@ -536,7 +538,6 @@ fn summarise(
     ins: &Instrument,
     variants: &[(Template, bool, Order)],
     blend: &Blend,
-    plan: &RowPlan,
     lp: &[Vec<Vec<f64>>],
 ) -> Result<BlendScore> {
     let n_ans = ins.answers.len();
@@ -641,7 +642,6 @@ fn summarise(
         })
         .collect();
     let g = blend.gates(&engine.experts)?;
-    let _ = plan;
     Ok(BlendScore {
         blend: blend.to_string(),
         weights: engine
