@@ -79,7 +79,7 @@ pub struct Args {
     pub instrument: PathBuf,
     /// Blend(s) to score: base | dial=D | mix=A | expert=NAME | name=w,... [@mode]. Several are
     /// scored together, as rows of one batched forward pass.
-    #[arg(long = "blend", num_args = 1.., default_value = "base", allow_hyphen_values = true)]
+    #[arg(long = "blend", num_args = 1.., default_value = "base")]
     pub blends: Vec<Blend>,
     #[command(flatten)]
     pub engine: EvalEngineArgs,
@@ -339,7 +339,14 @@ pub fn print_table(r: &Report) {
     if !r.sign.is_empty() {
         println!("sign: {}", r.sign);
     }
-    let mut head = format!("{:<28}", "blend");
+    let w = r
+        .blends
+        .iter()
+        .map(|b| b.blend.len())
+        .max()
+        .unwrap_or(0)
+        .max(28);
+    let mut head = format!("{:<w$}", "blend");
     for a in &axes {
         head.push_str(&format!(
             " | {:>9} {:>6} {:>7}",
@@ -351,7 +358,7 @@ pub fn print_table(r: &Report) {
     head.push_str(" | outside  agree  first");
     println!("{head}");
     for b in &r.blends {
-        let mut line = format!("{:<28}", b.blend);
+        let mut line = format!("{:<w$}", b.blend);
         for a in &axes {
             let s = &b.axes[*a];
             line.push_str(&format!(
