@@ -593,3 +593,53 @@ fn option_probabilities_match_a_direct_full_sequence_computation() {
         }
     }
 }
+
+#[test]
+fn eval_cli_scores_repeated_blend_flags_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapters = random_adapter_dirs(dir.path());
+    let o = std::process::Command::new(bin())
+        .args([
+            "eval",
+            "--items",
+            "1",
+            "--templates",
+            "respond",
+            "--system",
+            "without",
+        ])
+        .args([
+            "--one-order",
+            "--json",
+            "--blend",
+            "base",
+            "--blend",
+            "dial=-0.5",
+        ])
+        .args(["--blend", "mix=0.25@logits"])
+        .arg("--model")
+        .arg(real_model_path())
+        .arg("--adapters")
+        .args(&adapters)
+        .arg("--out")
+        .arg(dir.path().join("e.json"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = v["blends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["blend"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "base | weights",
+            "dial -0.50 | weights",
+            "mix 0.25 | logits"
+        ]
+    );
+    assert!(v["blends"][1]["weights"]["conservative"].is_f64());
+}
