@@ -8,7 +8,12 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// `y = x @ W^T` for `x` `(.., in)` and `W` `(out, in)`; gradients flow to `x` only.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let y = x.detach().broadcast_matmul(&w.t()?)?;
+    let x2 = x.detach().flatten_to(x.rank().saturating_sub(2))?; // (rows, in)
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = w.dim(0)?;
+    }
+    let y = x2.matmul(&w.t()?)?.reshape(dims)?;
     x.apply_op1(Frozen { w: w.clone(), y })
 }
 
@@ -29,6 +34,11 @@ impl CustomOp1 for Frozen {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.broadcast_matmul(&self.w)?))
+        let g2 = grad.flatten_to(grad.rank().saturating_sub(2))?; // (rows, out)
+        let mut dims = grad.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.w.dim(1)?;
+        }
+        Ok(Some(g2.matmul(&self.w)?.reshape(dims)?))
     }
 }

@@ -159,8 +159,11 @@ impl LinearHook for TrainLora {
             Some(m) => (x * m)?,
             None => x.clone(),
         };
-        let h = x.broadcast_matmul(&p.a.as_tensor().t()?)?; // (b, t, r)
-        let delta = h.broadcast_matmul(&p.b.as_tensor().t()?)?; // (b, t, out)
+        // As 2-D matmuls over all b * t rows: no broadcast copies of A and B.
+        let x2 = x.flatten_to(x.rank() - 2)?; // (b * t, in)
+        let h = x2.matmul(&p.a.as_tensor().t()?)?; // (b * t, r)
+        let delta = h.matmul(&p.b.as_tensor().t()?)?; // (b * t, out)
+        let delta = delta.reshape(y.shape())?;
         y + (delta * self.scale)?
     }
 }

@@ -12,7 +12,7 @@ pub use batch::{epoch_batches, pack, row_sums, token_logprobs, tokenize, Example
 pub use checkpoint::{Checkpoint, CHECKPOINT_FILE};
 pub use lora::{TrainLora, VarPair};
 pub use optim::{learning_rate, AdamParams, AdamW};
-pub use trainer::{dpo_loss, Outcome, TrainReport, Trainer};
+pub use trainer::{dpo_loss, peak_rss_mb, Outcome, TrainReport, Trainer};
 
 use std::path::{Path, PathBuf};
 

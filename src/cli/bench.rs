@@ -1,0 +1,223 @@
+//! `stancemix bench`: stancemix's side of the performance table (docs/BENCHMARKS.md), each figure
+//! the median of several repeats, as a table or one JSON object.
+
+use indicatif::ProgressBar;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use stancemix::data::export::{export, Split, View};
+use stancemix::data::load_stance_dir;
+use stancemix::lora::{Adapter, ExpertSet};
+use stancemix::model::{fetch, KvCache, LoadOptions, Logits, Model, Target, WeightFormat};
+use stancemix::router::{load_policies, policies_dir, shipped_gate_dir, Gate, GATE_FILE};
+use stancemix::runtime::repo_dir;
+use stancemix::train::{Method, TrainConfig, Trainer};
+use stancemix::{Blend, Engine};
+
+const N: usize = 64;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Repeats per figure (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Base weights for inference: stored, q8_0 or f32.
+    #[arg(long, default_value = "q8_0")]
+    pub format: WeightFormat,
+    /// Optimizer steps per training repeat (after one warm-up step).
+    #[arg(long, default_value_t = 4)]
+    pub train_steps: usize,
+    /// Skip the training figure (the slowest).
+    #[arg(long)]
+    pub no_train: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds of `f` over `repeats` runs, after one warm-up run.
+fn time(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    let mut v = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(v))
+}
+
+fn prompt_ids(model: &Model) -> anyhow::Result<Vec<u32>> {
+    let text = "The history of bread is long and varied. People have baked flat loaves from ground grain for thousands of years, and every region developed its own methods, ovens and recipes. Today bakers still argue about";
+    let mut ids = model.tokenizer.encode(text)?;
+    while ids.len() < N {
+        ids.extend(ids.clone());
+    }
+    ids.truncate(N);
+    Ok(ids)
+}
+
+/// 64 decode steps after an 8-token prompt.
+fn decode(engine: &Engine, ids: &[u32], rows: &[Vec<f32>]) -> anyhow::Result<()> {
+    let mut cache = KvCache::new(engine.model.config.n_layer);
+    engine.forward_rows(&ids[..8], Some(&mut cache), rows, Logits::Last)?;
+    for i in 0..N {
+        engine.forward_rows(&[ids[i]], Some(&mut cache), rows, Logits::Last)?;
+    }
+    Ok(())
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    if let Some(t) = a.threads {
+        // candle reads this when its thread pool starts, which has not happened yet.
+        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let path = fetch::ensure_default_model()?;
+    let model = Model::load(&path, &LoadOptions { format: a.format })?;
+    let ids = prompt_ids(&model)?;
+    let r = a.repeats;
+    let say = |s: &str| {
+        if !a.json {
+            eprintln!("{s}")
+        }
+    };
+
+    say("prompt processing...");
+    let base = Engine::new(model.clone(), ExpertSet::empty());
+    let prompt_s = time(r, || {
+        let mut cache = KvCache::new(model.config.n_layer);
+        base.forward_rows(&ids, Some(&mut cache), &[], Logits::Last)?;
+        Ok(())
+    })?;
+    say("decode, base...");
+    let decode_s = time(r, || decode(&base, &ids, &[]))?;
+
+    say("decode, two rank-16 experts blended...");
+    let random = |stance: &str, seed| {
+        Adapter::random(&model.config, stance, 16, 16.0, &Target::ALL, seed, 0.02)
+    };
+    let experts = ExpertSet::new(vec![random("progressive", 1)?, random("conservative", 2)?])?;
+    let gate_dir = shipped_gate_dir();
+    let engine = if gate_dir.join(GATE_FILE).exists() {
+        Engine::with_gate(
+            model.clone(),
+            experts,
+            Gate::load(&gate_dir)?,
+            load_policies(&policies_dir())?,
+        )
+    } else {
+        Engine::new(model.clone(), experts)
+    };
+    let blend2_s = time(r, || decode(&engine, &ids, &[vec![0.6, 0.4]]))?;
+
+    let mut session = engine.session();
+    let (b1, b2) = (Blend::dial(0.7)?, Blend::dial(-0.3)?);
+    let switch_s = time(r, || {
+        for _ in 0..500 {
+            session.set_blend(b1.clone())?;
+            session.set_blend(b2.clone())?;
+        }
+        Ok(())
+    })? / 1000.0;
+
+    let route_s = if engine.gate.is_some() {
+        let text = "My landlord raised the rent again and I can barely cover it.";
+        Some(
+            time(r, || {
+                for _ in 0..20 {
+                    engine.route(text, "libertarian")?;
+                }
+                Ok(())
+            })? / 20.0,
+        )
+    } else {
+        None
+    };
+
+    let train = if a.no_train {
+        None
+    } else {
+        say("training (rank 8, q/v, batch 4 x 64)...");
+        Some(train_figure(&path, r.min(3), a.train_steps)?)
+    };
+
+    let j = serde_json::json!({
+        "threads": threads,
+        "format": format!("{:?}", a.format),
+        "repeats": r,
+        "prompt_tok_s": N as f64 / prompt_s,
+        "decode_tok_s": N as f64 / decode_s,
+        "decode_tok_s_blend2": N as f64 / blend2_s,
+        "blend2_cost": blend2_s / decode_s - 1.0,
+        "switch_ms": switch_s * 1e3,
+        "route_ms": route_s.map(|s| s * 1e3),
+        "route_share_of_64_token_answer": route_s.map(|s| s / (prompt_s + decode_s)),
+        "train_tok_s": train.map(|t| t.0),
+        "train_peak_rss_mb": train.and_then(|t| t.1),
+    });
+    if a.json {
+        println!("{j}");
+    } else {
+        for (k, v) in j.as_object().into_iter().flatten() {
+            println!("{k:<32} {v}");
+        }
+    }
+    Ok(())
+}
+
+/// Training tokens/s (median over repeats) and the process's peak memory.
+fn train_figure(
+    path: &std::path::Path,
+    repeats: usize,
+    steps: usize,
+) -> anyhow::Result<(f64, Option<f64>)> {
+    let model = Model::load(
+        path,
+        &LoadOptions {
+            format: WeightFormat::F32,
+        },
+    )?;
+    let pairs = load_stance_dir(&repo_dir().join("adapters/data/stance"))?;
+    let records = export(&pairs, View::Sft, "progressive", Split::Train)?;
+    let mut rates = Vec::new();
+    for rep in 0..repeats.max(1) {
+        let dir = tempfile_dir(rep)?;
+        let c = TrainConfig {
+            method: Method::Sft,
+            rank: 8,
+            alpha: 16.0,
+            targets: vec!["q_proj".into(), "v_proj".into()],
+            batch_size: 4,
+            grad_accum: 1,
+            max_seq_len: 64,
+            max_steps: steps + 1,
+            eval_every: 0,
+            checkpoint_every: 1000,
+            seed: rep as u64 + 1,
+            ..TrainConfig::default()
+        };
+        let mut t = Trainer::new(&model, c, &records, &[], &dir)?;
+        let rep = t.run(false, &AtomicBool::new(false), &ProgressBar::hidden())?;
+        rates.push(rep.tokens_per_second);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok((median(rates), stancemix::train::peak_rss_mb()))
+}
+
+fn tempfile_dir(rep: usize) -> anyhow::Result<std::path::PathBuf> {
+    let d = std::env::temp_dir().join(format!(
+        "stancemix-bench-train-{}-{rep}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
