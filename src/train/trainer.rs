@@ -3,6 +3,7 @@
 
 use candle_core::{Tensor, Var};
 use indicatif::ProgressBar;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +15,21 @@ use crate::data::export::Record;
 use crate::lora::{Adapter, AdapterConfig};
 use crate::model::{Model, NoHook, Pass, WeightFormat};
 use crate::{Error, Result};
+
+/// The DPO reference cache's file name inside the output folder.
+pub const REFERENCE_FILE: &str = "reference_logps.json";
+
+/// Cache key of an example's reference log-probabilities: its id and token lengths, so a change
+/// of data or `max_seq_len` never reuses a stale entry.
+fn reference_key(e: &Example) -> String {
+    format!(
+        "{}:{}:{}:{}",
+        e.id,
+        e.prompt.len(),
+        e.chosen.len(),
+        e.rejected.len()
+    )
+}
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -73,8 +89,8 @@ pub struct Trainer<'a> {
     lora: TrainLora,
     train: Vec<Example>,
     dev: Vec<Example>,
-    /// DPO reference log-probabilities `(chosen, rejected)` by example id.
-    reference: HashMap<String, (f32, f32)>,
+    /// DPO reference log-probabilities `(chosen, rejected)`, by [`reference_key`].
+    reference: RefCell<HashMap<String, (f32, f32)>>,
     out: PathBuf,
     pad: u32,
     /// Records left out because their prompt alone nearly fills `max_seq_len`.
@@ -141,7 +157,7 @@ impl<'a> Trainer<'a> {
             lora,
             train,
             dev,
-            reference: HashMap::new(),
+            reference: RefCell::new(HashMap::new()),
             out: out.to_path_buf(),
             pad,
             dropped: d1.len() + d2.len(),
@@ -209,14 +225,7 @@ impl<'a> Trainer<'a> {
         seqs.extend(examples.iter().map(|e| (&e.prompt[..], &e.rejected[..])));
         let packed = pack(&seqs, self.pad)?;
         let sums = row_sums(&packed, &token_logprobs(self.model, &packed, pass)?)?; // (2b,)
-        let (mut rc, mut rr) = (Vec::with_capacity(b), Vec::with_capacity(b));
-        for e in examples {
-            let (c, r) = self.reference.get(&e.id).copied().ok_or_else(|| {
-                Error::Invalid(format!("no reference log-probability for '{}'", e.id))
-            })?;
-            rc.push(c);
-            rr.push(r);
-        }
+        let (rc, rr): (Vec<f32>, Vec<f32>) = self.reference_for(examples)?.into_iter().unzip();
         let dev = sums.device();
         let (loss, d) = dpo_loss(
             &sums.narrow(0, 0, b)?,
@@ -228,60 +237,61 @@ impl<'a> Trainer<'a> {
         Ok((loss, d, packed.real_tokens))
     }
 
-    /// DPO: the base model's log-probabilities of both answers of every example, computed once
-    /// and cached in `reference_logps.json` in the output folder.
-    pub fn prepare_reference(&mut self, bar: &ProgressBar) -> Result<()> {
+    /// DPO: load the cache of the base model's log-probabilities (`reference_logps.json` in the
+    /// output folder). Missing entries are computed when a batch first needs them, so a short
+    /// run pays only for the examples it uses; the cache is saved with every checkpoint.
+    pub fn prepare_reference(&mut self, _bar: &ProgressBar) -> Result<()> {
         if self.config.method != Method::Dpo {
             return Ok(());
         }
-        let path = self.out.join("reference_logps.json");
-        let key = |e: &Example| {
-            format!(
-                "{}:{}:{}:{}",
-                e.id,
-                e.prompt.len(),
-                e.chosen.len(),
-                e.rejected.len()
-            )
-        };
-        let mut cache: HashMap<String, (f32, f32)> = match std::fs::read_to_string(&path) {
-            Ok(s) => serde_json::from_str(&s).unwrap_or_default(),
-            Err(_) => HashMap::new(),
-        };
-        let todo: Vec<&Example> = self
-            .train
+        let path = self.out.join(REFERENCE_FILE);
+        if let Ok(s) = std::fs::read_to_string(&path) {
+            let cache: HashMap<String, (f32, f32)> = serde_json::from_str(&s)
+                .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+            self.reference.borrow_mut().extend(cache);
+        }
+        Ok(())
+    }
+
+    /// Write the reference cache, atomically.
+    fn save_reference(&self) -> Result<()> {
+        if self.config.method != Method::Dpo {
+            return Ok(());
+        }
+        let json = serde_json::to_string(&*self.reference.borrow())
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        crate::error::write_atomic(&self.out.join(REFERENCE_FILE), json.as_bytes())
+    }
+
+    /// Reference log-probabilities `(chosen, rejected)` of `examples`, computing missing ones
+    /// with the base model (experts off).
+    fn reference_for(&self, examples: &[&Example]) -> Result<Vec<(f32, f32)>> {
+        let todo: Vec<&Example> = examples
             .iter()
-            .chain(&self.dev)
-            .filter(|e| !cache.contains_key(&key(e)))
+            .copied()
+            .filter(|e| !self.reference.borrow().contains_key(&reference_key(e)))
             .collect();
-        bar.set_length(todo.len() as u64);
-        bar.set_position(0);
-        bar.set_message("reference log-probs (base model)");
-        let pass = Pass {
-            hook: &NoHook,
-            logits: crate::model::Logits::Hidden,
-            differentiable: false,
-        };
-        for chunk in todo.chunks(self.config.batch_size) {
-            let mut seqs: Vec<_> = chunk
+        if !todo.is_empty() {
+            let pass = Pass {
+                hook: &NoHook,
+                logits: crate::model::Logits::Hidden,
+                differentiable: false,
+            };
+            let mut seqs: Vec<_> = todo
                 .iter()
                 .map(|e| (&e.prompt[..], &e.chosen[..]))
                 .collect();
-            seqs.extend(chunk.iter().map(|e| (&e.prompt[..], &e.rejected[..])));
+            seqs.extend(todo.iter().map(|e| (&e.prompt[..], &e.rejected[..])));
             let packed = pack(&seqs, self.pad)?;
             let sums = row_sums(&packed, &token_logprobs(self.model, &packed, &pass)?)?
                 .to_vec1::<f32>()?;
-            for (i, e) in chunk.iter().enumerate() {
-                cache.insert(key(e), (sums[i], sums[chunk.len() + i]));
+            let mut cache = self.reference.borrow_mut();
+            for (i, e) in todo.iter().enumerate() {
+                cache.insert(reference_key(e), (sums[i], sums[todo.len() + i]));
             }
-            bar.inc(chunk.len() as u64);
         }
-        let json = serde_json::to_string(&cache).map_err(|e| Error::Invalid(e.to_string()))?;
-        crate::error::write_atomic(&path, json.as_bytes())?;
-        for e in self.train.iter().chain(&self.dev) {
-            self.reference.insert(e.id.clone(), cache[&key(e)]);
-        }
-        Ok(())
+        let cache = self.reference.borrow();
+        Ok(examples.iter().map(|e| cache[&reference_key(e)]).collect())
     }
 
     /// Dev loss over the first `limit` dev examples (0: all); DPO also gives reward accuracy.
@@ -451,6 +461,7 @@ impl<'a> Trainer<'a> {
             }
             append_line(&log_path, &line)?;
             if state.step % c.checkpoint_every == 0 && state.step < total {
+                self.save_reference()?;
                 state.save(&ckpt_path, &self.lora, &opt)?;
             }
         }
@@ -476,10 +487,11 @@ impl<'a> Trainer<'a> {
         };
         let _ = started;
         if outcome == Outcome::Interrupted {
+            self.save_reference()?;
             state.save(&ckpt_path, &self.lora, &opt)?;
             return Ok(report);
         }
-        if let Some((dl, acc)) = self.dev_loss(0)? {
+        if let Some((dl, acc)) = self.dev_loss(c.eval_limit)? {
             report.dev_loss = Some(dl);
             report.dev_reward_accuracy = acc;
         }
