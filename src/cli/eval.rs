@@ -237,7 +237,7 @@ pub struct FcArgs {
     /// List the options in the instrument's order only (default: both orders).
     #[arg(long)]
     pub one_order: bool,
-    /// Score only N items, spread evenly over the instrument (quick checks).
+    /// Score only N items, balanced over axes and keying (quick checks).
     #[arg(long)]
     pub items: Option<usize>,
     /// At most this many batch rows per forward pass.

@@ -30,7 +30,7 @@ pub struct FcOptions {
     /// The system prompt used when one is asked for.
     pub system_prompt: String,
     pub orders: Vec<Order>,
-    /// Score only this many items, spread evenly over the instrument (`None`: all).
+    /// Score only this many items, balanced over axes and keying (`None`: all; see [`subset`]).
     pub items: Option<usize>,
     /// At most this many batch rows per forward pass; more blends run in several groups.
     pub max_rows: usize,
@@ -153,14 +153,70 @@ pub struct Report {
 /// How option probabilities are read (recorded in every report).
 pub const METHOD: &str = "probability of each option's full token sequence after the prompt, normalised over the options; two option orders averaged per template; mean and 95% interval (Student's t) over templates";
 
-/// The instrument restricted to `n` items spread evenly over it.
+/// The instrument restricted to `n` items, balanced over strata of (first axis, keying) so a
+/// small subset keeps both axes and both directions of wording (an agreeing answer that moves
+/// the score up or down); within a stratum, items are spread evenly. Original order is kept.
 pub fn subset(ins: &Instrument, n: Option<usize>) -> Instrument {
     let mut out = ins.clone();
-    if let Some(n) = n.filter(|&n| n > 0 && n < ins.items.len()) {
-        let len = ins.items.len();
-        out.items = (0..n).map(|k| ins.items[k * len / n].clone()).collect();
+    let Some(n) = n.filter(|&n| n > 0 && n < ins.items.len()) else {
+        return out;
+    };
+    // Strata in order of first appearance: (axis, whether the last answer scores higher).
+    let mut strata: Vec<((String, bool), Vec<usize>)> = Vec::new();
+    for (i, it) in ins.items.iter().enumerate() {
+        let key = it
+            .effects
+            .iter()
+            .next()
+            .map(|(a, e)| (a.clone(), e.last() > e.first()))
+            .unwrap_or_default();
+        match strata.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(i),
+            None => strata.push((key, vec![i])),
+        }
     }
+    // Interleave strata of different axes, so ties in the share go to distinct axes first.
+    strata.sort_by_key(|(k, _)| {
+        let rank = strata_rank(&ins.items, k);
+        (rank, ins.axes.keys().position(|a| *a == k.0))
+    });
+    // Largest-remainder shares of n, in that order.
+    let len = ins.items.len() as f64;
+    let exact: Vec<f64> = strata
+        .iter()
+        .map(|(_, v)| n as f64 * v.len() as f64 / len)
+        .collect();
+    let mut take: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
+    let mut order: Vec<usize> = (0..strata.len()).collect();
+    order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+    for &s in order.iter().cycle().take(n - take.iter().sum::<usize>()) {
+        take[s] += 1;
+    }
+    let mut chosen: Vec<usize> = strata
+        .iter()
+        .zip(&take)
+        .flat_map(|((_, v), &t)| (0..t.min(v.len())).map(move |k| v[k * v.len() / t]))
+        .collect();
+    chosen.sort_unstable();
+    out.items = chosen.into_iter().map(|i| ins.items[i].clone()).collect();
     out
+}
+
+/// How many strata of the same axis appear before this one (0 for an axis's first stratum).
+fn strata_rank(items: &[crate::data::Item], key: &(String, bool)) -> usize {
+    let mut seen: Vec<(String, bool)> = Vec::new();
+    for it in items {
+        if let Some((a, e)) = it.effects.iter().next() {
+            let k = (a.clone(), e.last() > e.first());
+            if !seen.contains(&k) {
+                seen.push(k);
+            }
+        }
+    }
+    seen.iter()
+        .take_while(|k| *k != key)
+        .filter(|k| k.0 == key.0)
+        .count()
 }
 
 /// Score `blends` on `instrument`, all blends batched as rows of the same forward passes.
@@ -663,6 +719,57 @@ fn summarise(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subset_balances_axes_and_keying() {
+        use crate::data::{Axis, Item, Scale};
+        // Items alternate keying within each axis, all economic first: an even stride would
+        // pick one keying only.
+        let items: Vec<Item> = (0..16)
+            .map(|i| Item {
+                id: format!("q{i}"),
+                text: "t".into(),
+                effects: [(
+                    if i < 8 { "econ" } else { "soc" }.to_string(),
+                    if i % 2 == 0 {
+                        vec![1.0, -1.0]
+                    } else {
+                        vec![-1.0, 1.0]
+                    },
+                )]
+                .into(),
+            })
+            .collect();
+        let ins = Instrument {
+            name: "t".into(),
+            description: String::new(),
+            sign: String::new(),
+            answers: vec!["No".into(), "Yes".into()],
+            axes: ["econ", "soc"]
+                .iter()
+                .map(|a| {
+                    (
+                        a.to_string(),
+                        Axis {
+                            scale: Scale::Range([-1.0, 1.0]),
+                        },
+                    )
+                })
+                .collect(),
+            items,
+        };
+        let ids = |n| -> Vec<String> {
+            subset(&ins, Some(n))
+                .items
+                .iter()
+                .map(|i| i.id.clone())
+                .collect()
+        };
+        assert_eq!(ids(2), ["q0", "q8"]);
+        assert_eq!(ids(4), ["q0", "q1", "q8", "q9"]);
+        assert_eq!(ids(8).len(), 8);
+        assert_eq!(subset(&ins, None).items.len(), 16);
+    }
 
     #[test]
     fn normalise_reports_mass_outside_options() {
