@@ -1,6 +1,7 @@
 //! The `stancemix` command line: parses arguments, calls the library, prints.
 
 pub mod adapter;
+pub mod bench;
 pub mod chat;
 pub mod common;
 pub mod data;
@@ -11,6 +12,7 @@ pub mod merge;
 pub mod report;
 pub mod route;
 pub mod sweep;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -51,6 +53,11 @@ pub enum Command {
     /// Train or evaluate the gate.
     #[command(subcommand)]
     Router(route::RouterCommand),
+    /// Measure speed: prompt, decode, two experts blended, blend switch, routing, training.
+    Bench(bench::Args),
+    /// Train a stance expert (LoRA) by SFT or DPO.
+    #[command(subcommand)]
+    Train(train::Command),
 }
 
 /// Run a parsed command line.
@@ -72,5 +79,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Sweep(a) => sweep::run(a),
         Command::Report(a) => report::run(a),
+        Command::Train(c) => train::run(c),
+        Command::Bench(a) => bench::run(a),
     }
 }
