@@ -14,13 +14,17 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         *last = w.dim(0)?;
     }
     let y = x2.matmul(&w.t()?)?.reshape(dims)?;
-    x.apply_op1(Frozen { w: w.clone(), y })
+    x.apply_op1(Frozen {
+        w: w.clone(),
+        y: std::sync::Mutex::new(Some(y)),
+    })
 }
 
-/// Carries the forward result computed outside the graph, and the weight for the backward.
+/// Carries the forward result computed outside the graph (handed over, not kept: the graph
+/// holds this op until backward), and the weight for the backward.
 struct Frozen {
     w: Tensor,
-    y: Tensor,
+    y: std::sync::Mutex<Option<Tensor>>,
 }
 
 impl CustomOp1 for Frozen {
@@ -29,8 +33,14 @@ impl CustomOp1 for Frozen {
     }
 
     fn cpu_fwd(&self, _x: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let data = self.y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((CpuStorage::F32(data), self.y.shape().clone()))
+        let y = self
+            .y
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("frozen-linear: poisoned lock".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-linear: forward ran twice".into()))?;
+        let data = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((CpuStorage::F32(data), y.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
