@@ -69,8 +69,8 @@ fn prompt_ids(model: &Model) -> anyhow::Result<Vec<u32>> {
 fn decode(engine: &Engine, ids: &[u32], rows: &[Vec<f32>]) -> anyhow::Result<()> {
     let mut cache = KvCache::new(engine.model.config.n_layer);
     engine.forward_rows(&ids[..8], Some(&mut cache), rows, Logits::Last)?;
-    for i in 0..N {
-        engine.forward_rows(&[ids[i]], Some(&mut cache), rows, Logits::Last)?;
+    for &id in &ids[..N] {
+        engine.forward_rows(&[id], Some(&mut cache), rows, Logits::Last)?;
     }
     Ok(())
 }
