@@ -78,6 +78,12 @@ pub enum RouterCommand {
         alpha: f64,
         #[arg(long, default_value_t = 200)]
         max_iter: u64,
+        /// Restart linfa's solver from its last parameters up to this many times.
+        #[arg(long, default_value_t = 8)]
+        restarts: usize,
+        /// Extra training-only prompts: stance files (their `prompt` and `topic`); empty for none.
+        #[arg(long, default_value = "adapters/data/stance")]
+        extra: PathBuf,
     },
 }
 
@@ -88,22 +94,27 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
         dim,
         alpha,
         max_iter,
+        restarts,
+        extra,
     } = c;
     let prompts = load_router_prompts(&data)?;
     let all = topics::all_topics();
     let (dev, train): (Vec<_>, Vec<_>) = prompts.iter().partition(|p| is_dev(&p.id));
     let cfg = FeatureConfig { dim, bigrams: true };
-    let ex: Vec<(String, String)> = train
+    let mut ex: Vec<(String, String)> = train
         .iter()
         .map(|p| (p.text.clone(), p.topic.clone()))
         .collect();
+    let n_extra = add_stance_prompts(&extra, &mut ex)?;
     eprintln!(
-        "training on {} prompts ({} held out for dev)...",
+        "training on {} prompts ({} from {}; {} held out for dev)...",
         ex.len(),
+        n_extra,
+        extra.display(),
         dev.len()
     );
     let t0 = std::time::Instant::now();
-    let mut gate = Gate::train(&ex, &all, &cfg, alpha, max_iter)?;
+    let mut gate = Gate::train(&ex, &all, &cfg, alpha, max_iter, restarts)?;
     eprintln!("trained in {:.1}s", t0.elapsed().as_secs_f64());
     let report = stancemix::router::evaluate(
         &gate,
@@ -119,15 +130,43 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
     gate.notes
         .insert("train_examples".into(), serde_json::json!(ex.len()));
     gate.notes
+        .insert("extra_train_examples".into(), serde_json::json!(n_extra));
+    gate.notes
         .insert("dev_examples".into(), serde_json::json!(dev.len()));
     gate.notes.insert(
         "command".into(),
         serde_json::json!(format!(
-            "stancemix router train --data {} --dim {dim} --alpha {alpha} --max-iter {max_iter}",
-            data.display()
+            "stancemix router train --data {} --dim {dim} --alpha {alpha} --max-iter {max_iter} --restarts {restarts} --extra {}",
+            data.display(),
+            extra.display()
         )),
     );
     gate.save(&out)?;
     println!("wrote {}", out.join(stancemix::router::GATE_FILE).display());
     Ok(())
+}
+
+/// Append the `prompt`/`topic` of every stance pair under `dir` (training only); returns how many.
+fn add_stance_prompts(
+    dir: &std::path::Path,
+    ex: &mut Vec<(String, String)>,
+) -> anyhow::Result<usize> {
+    if dir.as_os_str().is_empty() {
+        return Ok(0);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    let before = ex.len();
+    for f in files {
+        for (_, p) in stancemix::data::load_stance_pairs(&f)? {
+            if topics::is_political(&p.topic) {
+                ex.push((p.prompt, p.topic));
+            }
+        }
+    }
+    Ok(ex.len() - before)
 }

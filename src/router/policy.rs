@@ -56,8 +56,9 @@ impl Policy {
     /// Parse a policy file's text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Policy> {
         let f: PolicyFile = toml::from_str(text).map_err(|e| {
+            // 1-based line of the span's start.
             let line = e.span().map_or(1, |s| {
-                text[..s.start.min(text.len())].lines().count().max(1)
+                text[..s.start.min(text.len())].matches('\n').count() + 1
             });
             Error::data(path, line, "policy", e.message().to_string())
         })?;
@@ -72,6 +73,14 @@ impl Policy {
                         "a toggle policy needs `weights = { expert = g, ... }`",
                     )
                 })?;
+                if let Some((e, _)) = w.iter().find(|(_, x)| !x.is_finite()) {
+                    return Err(Error::data(
+                        path,
+                        line_of(text, "weights"),
+                        format!("weights.{e}"),
+                        "weight is not a finite number",
+                    ));
+                }
                 for t in topics::all_topics() {
                     table.insert(
                         t.to_string(),
