@@ -71,7 +71,7 @@ pub enum RouterCommand {
         #[arg(long, default_value = "router-data")]
         out: PathBuf,
         /// Hash buckets.
-        #[arg(long, default_value_t = 1 << 14)]
+        #[arg(long, default_value_t = 1 << 12)]
         dim: usize,
         /// L2 penalty.
         #[arg(long, default_value_t = 1e-4)]
@@ -79,7 +79,7 @@ pub enum RouterCommand {
         #[arg(long, default_value_t = 200)]
         max_iter: u64,
         /// Restart linfa's solver from its last parameters up to this many times.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 6)]
         restarts: usize,
         /// Extra training-only prompts: stance files (their `prompt` and `topic`); empty for none.
         #[arg(long, default_value = "adapters/data/stance")]
@@ -115,7 +115,11 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
     );
     let t0 = std::time::Instant::now();
     let mut gate = Gate::train(&ex, &all, &cfg, alpha, max_iter, restarts)?;
-    eprintln!("trained in {:.1}s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "trained in {:.1}s (loss after each solver run: {})",
+        t0.elapsed().as_secs_f64(),
+        gate.notes.get("train_loss").cloned().unwrap_or_default()
+    );
     let report = stancemix::router::evaluate(
         &gate,
         dev.iter().map(|p| (p.text.as_str(), p.topic.as_str())),

@@ -158,7 +158,8 @@ impl Gate {
         let mut init: Option<Array2<f64>> = None;
         let mut best_loss = f64::INFINITY;
         let mut fit = None;
-        for round in 0..restarts.max(1) {
+        let mut losses = Vec::new();
+        for _ in 0..restarts.max(1) {
             let mut params = MultiLogisticRegression::default()
                 .alpha(alpha)
                 .max_iterations(max_iter)
@@ -170,7 +171,7 @@ impl Gate {
                 .fit(&ds)
                 .map_err(|e| Error::Invalid(format!("gate training failed: {e}")))?;
             let loss = train_loss(&f, &ds, alpha);
-            eprintln!("  round {round}: loss {loss:.4}");
+            losses.push(loss);
             let p = f.params();
             let mut next = Array2::<f64>::zeros((p.nrows() + 1, p.ncols()));
             next.slice_mut(ndarray::s![..p.nrows(), ..]).assign(p);
@@ -201,7 +202,7 @@ impl Gate {
             features: cfg.clone(),
             weight,
             bias,
-            notes: BTreeMap::new(),
+            notes: BTreeMap::from([("train_loss".into(), serde_json::json!(losses))]),
             path: PathBuf::new(),
         })
     }
