@@ -27,7 +27,7 @@ pub struct Args {
     /// Base weights for inference: stored, q8_0 or f32.
     #[arg(long, default_value = "q8_0")]
     pub format: WeightFormat,
-    /// Optimizer steps per training repeat (after one warm-up step).
+    /// Optimizer steps per training repeat (after one uncounted warm-up repeat).
     #[arg(long, default_value_t = 4)]
     pub train_steps: usize,
     /// Skip the training figure (the slowest).
@@ -189,8 +189,9 @@ fn train_figure(
     let pairs = load_stance_dir(&repo_dir().join("adapters/data/stance"))?;
     let records = export(&pairs, View::Sft, "progressive", Split::Train)?;
     let mut rates = Vec::new();
-    for rep in 0..repeats.max(1) {
-        let dir = tempfile_dir(rep)?;
+    // Repeat 0 warms up (allocator, thread pool) and is not counted.
+    for i in 0..=repeats.max(1) {
+        let dir = tempfile_dir(i)?;
         let c = TrainConfig {
             method: Method::Sft,
             rank: 8,
@@ -199,15 +200,17 @@ fn train_figure(
             batch_size: 4,
             grad_accum: 1,
             max_seq_len: 64,
-            max_steps: steps + 1,
+            max_steps: steps.max(1),
             eval_every: 0,
             checkpoint_every: 1000,
-            seed: rep as u64 + 1,
+            seed: i as u64 + 1,
             ..TrainConfig::default()
         };
         let mut t = Trainer::new(&model, c, &records, &[], &dir)?;
         let rep = t.run(false, &AtomicBool::new(false), &ProgressBar::hidden())?;
-        rates.push(rep.tokens_per_second);
+        if i > 0 {
+            rates.push(rep.tokens_per_second);
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok((median(rates), stancemix::train::peak_rss_mb()))
