@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use super::batch::{epoch_batches, pack, row_sums, token_logprobs, tokenize, Example};
+use super::batch::{epoch_batches, pack, row_sums, token_logprobs, tokenize, Example, Packed};
 use super::{AdamParams, AdamW, Checkpoint, Method, TrainConfig, TrainLora, CHECKPOINT_FILE};
 use crate::data::export::Record;
 use crate::lora::{Adapter, AdapterConfig};
@@ -188,6 +188,18 @@ impl<'a> Trainer<'a> {
         }
     }
 
+    /// Pack `prompt ++ chosen` for every example, then (DPO) `prompt ++ rejected` for every one.
+    fn pack_answers(&self, examples: &[&Example], with_rejected: bool) -> Result<Packed> {
+        let mut seqs: Vec<_> = examples
+            .iter()
+            .map(|e| (&e.prompt[..], &e.chosen[..]))
+            .collect();
+        if with_rejected {
+            seqs.extend(examples.iter().map(|e| (&e.prompt[..], &e.rejected[..])));
+        }
+        pack(&seqs, self.pad)
+    }
+
     /// Loss of one micro-batch (with the graph for backward) and its real token count.
     pub fn batch_loss(
         &self,
@@ -201,11 +213,7 @@ impl<'a> Trainer<'a> {
         };
         match self.config.method {
             Method::Sft => {
-                let seqs: Vec<_> = examples
-                    .iter()
-                    .map(|e| (&e.prompt[..], &e.chosen[..]))
-                    .collect();
-                let packed = pack(&seqs, self.pad)?;
+                let packed = self.pack_answers(examples, false)?;
                 let logp = token_logprobs(self.model, &packed, &pass)?;
                 Ok((logp.mean_all()?.neg()?, packed.real_tokens))
             }
@@ -218,12 +226,7 @@ impl<'a> Trainer<'a> {
 
     fn dpo_batch(&self, examples: &[&Example], pass: &Pass) -> Result<(Tensor, Tensor, usize)> {
         let b = examples.len();
-        let mut seqs: Vec<_> = examples
-            .iter()
-            .map(|e| (&e.prompt[..], &e.chosen[..]))
-            .collect();
-        seqs.extend(examples.iter().map(|e| (&e.prompt[..], &e.rejected[..])));
-        let packed = pack(&seqs, self.pad)?;
+        let packed = self.pack_answers(examples, true)?;
         let sums = row_sums(&packed, &token_logprobs(self.model, &packed, pass)?)?; // (2b,)
         let (rc, rr): (Vec<f32>, Vec<f32>) = self.reference_for(examples)?.into_iter().unzip();
         let dev = sums.device();
@@ -277,12 +280,7 @@ impl<'a> Trainer<'a> {
                 logits: crate::model::Logits::Hidden,
                 differentiable: false,
             };
-            let mut seqs: Vec<_> = todo
-                .iter()
-                .map(|e| (&e.prompt[..], &e.chosen[..]))
-                .collect();
-            seqs.extend(todo.iter().map(|e| (&e.prompt[..], &e.rejected[..])));
-            let packed = pack(&seqs, self.pad)?;
+            let packed = self.pack_answers(&todo, true)?;
             let sums = row_sums(&packed, &token_logprobs(self.model, &packed, &pass)?)?
                 .to_vec1::<f32>()?;
             let mut cache = self.reference.borrow_mut();
@@ -315,11 +313,7 @@ impl<'a> Trainer<'a> {
         for chunk in refs.chunks(self.config.batch_size) {
             match self.config.method {
                 Method::Sft => {
-                    let seqs: Vec<_> = chunk
-                        .iter()
-                        .map(|e| (&e.prompt[..], &e.chosen[..]))
-                        .collect();
-                    let packed = pack(&seqs, self.pad)?;
+                    let packed = self.pack_answers(chunk, false)?;
                     let logp = token_logprobs(self.model, &packed, &pass)?;
                     total -= logp.sum_all()?.to_scalar::<f32>()? as f64;
                     weight += packed.answer_tokens as f64;
@@ -380,7 +374,6 @@ impl<'a> Trainer<'a> {
         let mut epoch_cache: Option<(usize, Vec<Vec<usize>>)> = None;
         let mut recent: Vec<f64> = Vec::new();
         let mut outcome = Outcome::Finished;
-        let started = Instant::now();
         let (start_tokens, start_seconds) = (state.tokens, state.seconds);
         while state.step < total {
             if stop.load(Ordering::SeqCst) {
@@ -485,7 +478,6 @@ impl<'a> Trainer<'a> {
             peak_rss_mb: peak_rss_mb(),
             threads: candle_core::utils::get_num_threads(),
         };
-        let _ = started;
         if outcome == Outcome::Interrupted {
             self.save_reference()?;
             state.save(&ckpt_path, &self.lora, &opt)?;
