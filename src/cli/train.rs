@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use stancemix::data::export::{export, Split, View};
 use stancemix::data::load_stance_dir;
+use stancemix::data::survey::survey;
 use stancemix::model::{fetch, LoadOptions, Model, WeightFormat};
 use stancemix::train::{Method, Outcome, TrainConfig, Trainer};
 
@@ -85,6 +86,9 @@ pub struct Args {
     pub eval_limit: Option<usize>,
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
+    /// Add N survey-format examples (statement -> one Likert option) per proposition pair.
+    #[arg(long)]
+    pub survey: Option<usize>,
 }
 
 impl Args {
@@ -131,7 +135,7 @@ impl Args {
             seed,
             beta
         );
-        set!(eval_every, eval_limit, checkpoint_every);
+        set!(eval_every, eval_limit, checkpoint_every, survey);
         if self.init.is_some() {
             c.init = self.init.clone();
         }
@@ -163,8 +167,21 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Method::Sft => View::Sft,
         Method::Dpo => View::Dpo,
     };
-    let train = export(&pairs, view, &config.stance, Split::Train)?;
-    let dev = export(&pairs, view, &config.stance, Split::Dev)?;
+    let mut train = export(&pairs, view, &config.stance, Split::Train)?;
+    let mut dev = export(&pairs, view, &config.stance, Split::Dev)?;
+    if config.survey > 0 {
+        train.extend(survey(&pairs, view, &config.stance, Split::Train, config.survey)?);
+        // Alternate long-form and survey dev records, so a limited dev loss sees both kinds.
+        let extra = survey(&pairs, view, &config.stance, Split::Dev, config.survey)?;
+        let long = std::mem::take(&mut dev);
+        let (mut a, mut b) = (long.into_iter(), extra.into_iter());
+        loop {
+            match (a.next(), b.next()) {
+                (None, None) => break,
+                (x, y) => dev.extend(x.into_iter().chain(y)),
+            }
+        }
+    }
     let mut trainer = Trainer::new(&model, config, &train, &dev, &args.out)?;
     let (n_train, n_dev, dropped) = trainer.sizes();
     eprintln!(

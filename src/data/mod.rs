@@ -5,6 +5,7 @@ pub mod export;
 mod instrument;
 mod router_prompts;
 mod stance;
+pub mod survey;
 pub mod topics;
 
 pub use check::{check, is_offensive, split_of, CheckReport, INSTRUMENT_JACCARD, NEAR_DUP_JACCARD};

@@ -52,6 +52,9 @@ pub enum Logits {
     All,
     /// No head: the final-norm hidden states `(b, t, hidden)`; see [`Model::head`].
     Hidden,
+    /// Stop after this many blocks and return the residual stream there `(b, t, hidden)`, no
+    /// final norm (features for classifiers; a cache passed along is left partly filled).
+    Layer(usize),
 }
 
 /// Per-call settings of a forward pass.
@@ -285,12 +288,21 @@ impl Model {
             let h = self.rms_norm(&x, &block.ffn_norm, pass)?;
             let m = self.mlp(i, block, &h, pass)?;
             x = (x + m)?;
+            if pass.logits == Logits::Layer(i + 1) {
+                return Ok(x);
+            }
         }
         let x = self.rms_norm(&x, &self.norm, pass)?;
         match pass.logits {
             Logits::Last => self.head(&x.i((.., t - 1, ..))?.contiguous()?, pass), // (b, vocab)
             Logits::All => self.head(&x, pass),                                    // (b, t, vocab)
             Logits::Hidden => Ok(x),                                               // (b, t, hidden)
+            // A layer in range returned inside the loop.
+            Logits::Layer(n) => Err(Error::Invalid(format!(
+                "Logits::Layer({n}): the model has {} layers (1-{} allowed)",
+                self.blocks.len(),
+                self.blocks.len()
+            ))),
         }
     }
 

@@ -71,6 +71,9 @@ pub struct TrainConfig {
     pub eval_limit: usize,
     /// Checkpoint every this many optimizer steps.
     pub checkpoint_every: usize,
+    /// Survey-format examples added per proposition pair (0: none); see `data::survey`.
+    #[serde(default)]
+    pub survey: usize,
 }
 
 impl Default for TrainConfig {
@@ -109,6 +112,7 @@ impl Default for TrainConfig {
             eval_every: 50,
             eval_limit: 48,
             checkpoint_every: 20,
+            survey: 0,
         }
     }
 }
