@@ -172,3 +172,63 @@ fn tokenizer_matches_smollm2_conventions() {
         assert_eq!(t.decode(&t.encode(s).unwrap(), true).unwrap(), s);
     }
 }
+
+#[test]
+fn pooled_hidden_is_the_mean_of_the_last_residual_stream() {
+    // Independent check of Logits::Layer(n_layer): RMS-normalising its states by hand must give
+    // the final-norm Hidden states up to one per-channel weight, the same at every position.
+    use stancemix::model::features::pooled_hidden_ids;
+    let model = real_model(WeightFormat::Q8_0);
+    let ids = model
+        .tokenizer
+        .encode("Taxes, tariffs and the price of bread")
+        .unwrap();
+    let (n, hd, t) = (model.config.n_layer, model.config.hidden, ids.len());
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let run = |logits| -> Vec<f32> {
+        let pass = Pass {
+            hook: &NoHook,
+            logits,
+            differentiable: false,
+        };
+        model
+            .forward(&x, None, &pass)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let (raw, normed) = (run(Logits::Layer(n)), run(Logits::Hidden));
+    let mut weight: Vec<f32> = Vec::new();
+    for p in 0..t {
+        let row = &raw[p * hd..(p + 1) * hd];
+        let rms = (row.iter().map(|v| v * v).sum::<f32>() / hd as f32 + 1e-5).sqrt();
+        let w: Vec<f32> = (0..hd)
+            .map(|c| normed[p * hd + c] / (row[c] / rms))
+            .collect();
+        if weight.is_empty() {
+            weight = w;
+        } else {
+            let close = w
+                .iter()
+                .zip(&weight)
+                .filter(|(a, b)| (*a - *b).abs() <= 1e-2 * b.abs().max(1e-3))
+                .count();
+            assert!(
+                close as f32 >= 0.99 * hd as f32,
+                "position {p}: {close}/{hd} channels agree"
+            );
+        }
+    }
+    let mean: Vec<f32> = (0..hd)
+        .map(|c| (0..t).map(|p| raw[p * hd + c]).sum::<f32>() / t as f32)
+        .collect();
+    assert!(max_abs_diff(&mean, &pooled_hidden_ids(&model, &ids, n).unwrap()) < 1e-4);
+    assert!(pooled_hidden_ids(&model, &ids, n + 1).is_err());
+    assert!(pooled_hidden_ids(&model, &[], 3).is_err());
+    assert!(max_abs_diff(&pooled_hidden_ids(&model, &ids, 3).unwrap(), &mean) > 1e-2);
+}

@@ -3,6 +3,7 @@
 
 mod cache;
 mod config;
+pub mod features;
 pub mod fetch;
 mod frozen;
 mod llama;
