@@ -24,6 +24,9 @@ pub enum Command {
         split: Split,
         #[arg(long, default_value = "adapters/data/stance")]
         data: PathBuf,
+        /// Also N survey-format records per proposition pair (as `train --survey N` adds them).
+        #[arg(long, default_value_t = 0)]
+        survey: usize,
         /// Output file (default: stdout).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -65,10 +68,16 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             stance,
             split,
             data,
+            survey,
             out,
         } => {
             let pairs = load_stance_dir(&data)?;
-            let recs = export(&pairs, format, &stance, split)?;
+            let mut recs = export(&pairs, format, &stance, split)?;
+            if survey > 0 {
+                recs.extend(stancemix::data::survey::survey(
+                    &pairs, format, &stance, split, survey,
+                )?);
+            }
             let mut buf = Vec::new();
             for r in &recs {
                 writeln!(buf, "{}", serde_json::to_string(r)?)?;

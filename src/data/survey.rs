@@ -88,10 +88,7 @@ fn options_text(order: &[&str], style: u64) -> String {
             None => String::new(),
         },
         1 => order.join(" / "),
-        _ => order
-            .iter()
-            .map(|o| format!("\n- {o}"))
-            .collect::<String>(),
+        _ => order.iter().map(|o| format!("\n- {o}")).collect::<String>(),
     }
 }
 
@@ -168,7 +165,10 @@ mod tests {
 
     #[test]
     fn options_follow_the_opening_sentence() {
-        assert_eq!(option_of("I strongly agree. Because"), Some("Strongly agree"));
+        assert_eq!(
+            option_of("I strongly agree. Because"),
+            Some("Strongly agree")
+        );
         assert_eq!(option_of("I agree. Because"), Some("Agree"));
         assert_eq!(option_of("I disagree. No"), Some("Disagree"));
         assert_eq!(option_of("I strongly disagree."), Some("Strongly disagree"));
