@@ -105,9 +105,12 @@ pub struct Args {
 /// Settings of the open-ended and side-effect checks.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ExtraArgs {
-    /// Stance pairs the judge trains on (train split) and is checked against (dev split).
+    /// Stance pairs whose dev prompts are answered openly.
     #[arg(long, default_value = "adapters/data/stance")]
     pub stance_data: PathBuf,
+    /// The open-ended stance judge (trained by `cargo run --release --example train_judge`).
+    #[arg(long, default_value = judge::DEFAULT_JUDGE)]
+    pub judge: PathBuf,
     /// Open-ended: instrument items to answer, spread evenly (0 = all).
     #[arg(long, default_value_t = 8)]
     pub open_items: usize,
@@ -180,7 +183,7 @@ impl ExtraArgs {
         })
     }
 
-    /// Train the judge, answer the prompts under each blend, judge the answers.
+    /// Load the judge, answer the prompts under each blend, judge the answers.
     pub fn open_ended(
         &self,
         gen: &Arc<Engine>,
@@ -188,12 +191,8 @@ impl ExtraArgs {
         blends: &[Blend],
     ) -> anyhow::Result<OpenEndedSection> {
         let pairs = load_stance_dir(&self.stance_data)?;
-        let (judge, report) = Judge::train(
-            &pairs,
-            &judge::default_features(),
-            judge::DEFAULT_ALPHA,
-            judge::DEFAULT_MAX_ITER,
-        )?;
+        let judge = Judge::load(&self.judge)?;
+        let report = judge.report.clone();
         let mut prompts = spread(&instrument_prompts(instrument), self.open_items);
         prompts.extend(spread(&stance_dev_prompts(&pairs), self.dev_prompts));
         let blends = blends

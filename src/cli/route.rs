@@ -4,7 +4,10 @@ use std::io::BufRead;
 use std::path::PathBuf;
 
 use stancemix::data::{is_dev, load_router_prompts, topics};
-use stancemix::router::{FeatureConfig, Gate};
+use stancemix::model::{LoadOptions, Model, WeightFormat};
+use stancemix::router::{
+    argmax, FeatureConfig, Gate, GateFeatures, HiddenFeatures, PooledCache, Report, Template,
+};
 
 use super::common::EngineArgs;
 
@@ -65,66 +68,182 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 #[derive(clap::Subcommand, Debug)]
 pub enum RouterCommand {
     /// Train the gate on labelled prompts; print dev accuracy, recall, confusion matrix.
-    Train {
-        #[arg(long, default_value = "router-data/prompts.jsonl")]
-        data: PathBuf,
-        #[arg(long, default_value = "router-data")]
-        out: PathBuf,
-        /// Hash buckets.
-        #[arg(long, default_value_t = 1 << 12)]
-        dim: usize,
-        /// L2 penalty.
-        #[arg(long, default_value_t = 1e-4)]
-        alpha: f64,
-        #[arg(long, default_value_t = 200)]
-        max_iter: u64,
-        /// Restart linfa's solver from its last parameters up to this many times.
-        #[arg(long, default_value_t = 6)]
-        restarts: usize,
-        /// Extra training-only prompts: stance files (their `prompt` and `topic`); empty for none.
-        #[arg(long, default_value = "adapters/data/stance")]
-        extra: PathBuf,
-    },
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    #[arg(long, default_value = "router-data/prompts.jsonl")]
+    data: PathBuf,
+    #[arg(long, default_value = "router-data")]
+    out: PathBuf,
+    /// Hash buckets for word 1-2-grams (0: no n-gram features).
+    #[arg(long, default_value_t = 1 << 12)]
+    dim: usize,
+    /// Factor on the unit-length n-gram vector (the hidden part is standardised).
+    #[arg(long, default_value_t = 1.0)]
+    ngram_scale: f32,
+    /// Also read the base model's residual stream after this block (1-based; 0: n-grams only).
+    #[arg(long, default_value_t = 0)]
+    layer: usize,
+    /// How the prompt is wrapped for the hidden-state pass.
+    #[arg(long, value_enum, default_value = "raw")]
+    template: Template,
+    /// Base weights for the hidden-state pass (use the format the runtime loads).
+    #[arg(long, default_value = "q8_0")]
+    format: WeightFormat,
+    /// Base model GGUF (default: the fetched SmolLM2-135M-Instruct).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Cache of pooled hidden states (empty: none).
+    #[arg(long, default_value = "target/router-cache")]
+    cache_dir: PathBuf,
+    /// L2 penalty.
+    #[arg(long, default_value_t = 1e-4)]
+    alpha: f64,
+    #[arg(long, default_value_t = 200)]
+    max_iter: u64,
+    /// Restart linfa's solver from its last parameters up to this many times.
+    #[arg(long, default_value_t = 6)]
+    restarts: usize,
+    /// Extra training-only prompts: stance files (their `prompt` and `topic`); empty for none.
+    #[arg(long, default_value = "adapters/data/stance")]
+    extra: PathBuf,
 }
 
 pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
-    let RouterCommand::Train {
-        data,
-        out,
-        dim,
-        alpha,
-        max_iter,
-        restarts,
-        extra,
-    } = c;
-    let prompts = load_router_prompts(&data)?;
+    let RouterCommand::Train(a) = c;
+    let prompts = load_router_prompts(&a.data)?;
     let all = topics::all_topics();
     let (dev, train): (Vec<_>, Vec<_>) = prompts.iter().partition(|p| is_dev(&p.id));
-    let cfg = FeatureConfig { dim, bigrams: true };
     let mut ex: Vec<(String, String)> = train
         .iter()
         .map(|p| (p.text.clone(), p.topic.clone()))
         .collect();
-    let n_extra = add_stance_prompts(&extra, &mut ex)?;
+    let n_extra = add_stance_prompts(&a.extra, &mut ex)?;
+    let dev_ex: Vec<(String, String)> = dev
+        .iter()
+        .map(|p| (p.text.clone(), p.topic.clone()))
+        .collect();
+
+    // Hidden states of every training and dev prompt (cached), if the gate reads them.
+    let mut cfg = GateFeatures {
+        ngrams: FeatureConfig {
+            dim: a.dim,
+            bigrams: true,
+        },
+        ngram_scale: a.ngram_scale,
+        hidden: None,
+    };
+    let (pooled_train, pooled_dev) = if a.layer > 0 {
+        let path = match &a.model {
+            Some(p) => p.clone(),
+            None => stancemix::model::fetch::ensure_default_model()?,
+        };
+        let model = Model::load(&path, &LoadOptions { format: a.format })?;
+        if a.layer > model.config.n_layer {
+            anyhow::bail!(
+                "--layer {}: the model has {} layers",
+                a.layer,
+                model.config.n_layer
+            );
+        }
+        let h = HiddenFeatures {
+            layer: a.layer,
+            template: a.template,
+            size: model.config.hidden,
+            mean: Vec::new(),
+            std: Vec::new(),
+        };
+        let mut cache = if a.cache_dir.as_os_str().is_empty() {
+            None
+        } else {
+            Some(PooledCache::open(&a.cache_dir, &model, &h)?)
+        };
+        eprintln!(
+            "hidden states after block {} of {} ({:?} template) for {} prompts{}...",
+            a.layer,
+            model.config.n_layer,
+            a.template,
+            ex.len() + dev_ex.len(),
+            cache
+                .as_ref()
+                .map(|c| format!(" ({} cached)", c.len()))
+                .unwrap_or_default()
+        );
+        let t0 = std::time::Instant::now();
+        let mut get = |set: &[(String, String)]| -> anyhow::Result<Vec<Vec<f32>>> {
+            let mut out = Vec::with_capacity(set.len());
+            for (i, (text, _)) in set.iter().enumerate() {
+                out.push(match cache.as_mut() {
+                    Some(c) => c.pooled(&model, &h, text)?,
+                    None => h.pooled(&model, text)?,
+                });
+                if (i + 1) % 250 == 0 {
+                    eprintln!(
+                        "  {} / {} ({:.0}s)",
+                        i + 1,
+                        set.len(),
+                        t0.elapsed().as_secs_f64()
+                    );
+                    if let Some(c) = cache.as_mut() {
+                        c.save()?;
+                    }
+                }
+            }
+            Ok(out)
+        };
+        let pt = get(&ex)?;
+        let pd = get(&dev_ex)?;
+        if let Some(c) = cache.as_mut() {
+            c.save()?;
+        }
+        eprintln!("hidden states done in {:.0}s", t0.elapsed().as_secs_f64());
+        cfg.hidden = Some(h);
+        (Some(pt), Some(pd))
+    } else {
+        (None, None)
+    };
+
     eprintln!(
         "training on {} prompts ({} from {}; {} held out for dev)...",
         ex.len(),
         n_extra,
-        extra.display(),
+        a.extra.display(),
         dev.len()
     );
     let t0 = std::time::Instant::now();
-    let mut gate = Gate::train(&ex, &all, &cfg, alpha, max_iter, restarts)?;
+    let mut gate = Gate::train(
+        &ex,
+        pooled_train.as_deref(),
+        &all,
+        &cfg,
+        a.alpha,
+        a.max_iter,
+        a.restarts,
+    )?;
     eprintln!(
         "trained in {:.1}s (loss after each solver run: {})",
         t0.elapsed().as_secs_f64(),
         gate.notes.get("train_loss").cloned().unwrap_or_default()
     );
-    let report = stancemix::router::evaluate(
-        &gate,
-        dev.iter().map(|p| (p.text.as_str(), p.topic.as_str())),
-    );
+    let mut pairs = Vec::with_capacity(dev_ex.len());
+    for (i, (text, topic)) in dev_ex.iter().enumerate() {
+        let pooled = pooled_dev.as_ref().map(|p| p[i].as_slice());
+        let p = gate.probabilities_pooled(text, pooled)?;
+        let t = gate
+            .topics
+            .iter()
+            .position(|x| x == topic)
+            .ok_or_else(|| anyhow::anyhow!("unknown topic '{topic}'"))?;
+        pairs.push((t, argmax(&p)));
+    }
+    let report = Report::from_predictions(&gate.topics, pairs);
     print!("{}", report.render());
+    println!(
+        "non_political recall {:.3}",
+        report.recall(topics::NON_POLITICAL)
+    );
     gate.notes
         .insert("dev_accuracy".into(), serde_json::json!(report.accuracy));
     gate.notes.insert(
@@ -137,17 +256,36 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
         .insert("extra_train_examples".into(), serde_json::json!(n_extra));
     gate.notes
         .insert("dev_examples".into(), serde_json::json!(dev.len()));
+    let template = format!("{:?}", a.template).to_lowercase();
     gate.notes.insert(
         "command".into(),
         serde_json::json!(format!(
-            "stancemix router train --data {} --dim {dim} --alpha {alpha} --max-iter {max_iter} --restarts {restarts} --extra {}",
-            data.display(),
-            extra.display()
+            "stancemix router train --data {} --dim {} --ngram-scale {} --layer {} --template {template} --format {} --alpha {} --max-iter {} --restarts {} --extra {}",
+            a.data.display(),
+            a.dim,
+            a.ngram_scale,
+            a.layer,
+            weight_format_name(a.format),
+            a.alpha,
+            a.max_iter,
+            a.restarts,
+            a.extra.display()
         )),
     );
-    gate.save(&out)?;
-    println!("wrote {}", out.join(stancemix::router::GATE_FILE).display());
+    gate.save(&a.out)?;
+    println!(
+        "wrote {}",
+        a.out.join(stancemix::router::GATE_FILE).display()
+    );
     Ok(())
+}
+
+fn weight_format_name(f: WeightFormat) -> &'static str {
+    match f {
+        WeightFormat::Stored => "stored",
+        WeightFormat::Q8_0 => "q8_0",
+        WeightFormat::F32 => "f32",
+    }
 }
 
 /// Append the `prompt`/`topic` of every stance pair under `dir` (training only); returns how many.

@@ -89,6 +89,9 @@ pub struct Args {
     /// Add N survey-format examples (statement -> one Likert option) per proposition pair.
     #[arg(long)]
     pub survey: Option<usize>,
+    /// Train on the long-form answers too (`--long-form false`: survey examples only).
+    #[arg(long)]
+    pub long_form: Option<bool>,
 }
 
 impl Args {
@@ -135,7 +138,7 @@ impl Args {
             seed,
             beta
         );
-        set!(eval_every, eval_limit, checkpoint_every, survey);
+        set!(eval_every, eval_limit, checkpoint_every, survey, long_form);
         if self.init.is_some() {
             c.init = self.init.clone();
         }
@@ -167,10 +170,22 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Method::Sft => View::Sft,
         Method::Dpo => View::Dpo,
     };
-    let mut train = export(&pairs, view, &config.stance, Split::Train)?;
-    let mut dev = export(&pairs, view, &config.stance, Split::Dev)?;
+    let (mut train, mut dev) = if config.long_form {
+        (
+            export(&pairs, view, &config.stance, Split::Train)?,
+            export(&pairs, view, &config.stance, Split::Dev)?,
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
     if config.survey > 0 {
-        train.extend(survey(&pairs, view, &config.stance, Split::Train, config.survey)?);
+        train.extend(survey(
+            &pairs,
+            view,
+            &config.stance,
+            Split::Train,
+            config.survey,
+        )?);
         // Alternate long-form and survey dev records, so a limited dev loss sees both kinds.
         let extra = survey(&pairs, view, &config.stance, Split::Dev, config.survey)?;
         let long = std::mem::take(&mut dev);

@@ -103,10 +103,16 @@ pub fn open_ended(
         let mut s = engine.session();
         s.set_blend(blend.clone())?;
         let reply = s.chat(&p.text, params, |_| true)?;
+        // An empty answer takes no side.
+        let p_conservative = if reply.text.trim().is_empty() {
+            0.5
+        } else {
+            judge.p_conservative(&engine.model, &p.text, &reply.text)?
+        };
         answers.push(JudgedAnswer {
             id: p.id.clone(),
             axis: p.axis.clone(),
-            p_conservative: judge.p_conservative(&reply.text),
+            p_conservative,
             answer: reply.text,
         });
         progress(k + 1, prompts.len());

@@ -313,7 +313,9 @@ mod tests {
         let vals: Vec<f32> = (0..3 * cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 30.0)
             .collect();
-        let x: Vec<f32> = (0..cols).map(|i| ((i * 13 % 7) as f32 - 3.0) / 2.0).collect();
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 13 % 7) as f32 - 3.0) / 2.0)
+            .collect();
         let m = Q8Rows::new(&vals, cols);
         for r in 0..3 {
             let row = &vals[r * cols..(r + 1) * cols];

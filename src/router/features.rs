@@ -1,14 +1,22 @@
-//! Gate features: hashed word unigrams and bigrams, L2-normalised (the "hashing trick").
+//! Gate features: hashed word unigrams and bigrams, L2-normalised (the "hashing trick"), and
+//! optionally the base model's residual stream after a middle block, mean-pooled over the
+//! prompt's tokens and standardised.
 //!
-//! Cheap (microseconds, no forward pass); hidden states of the base model classify better but
-//! cost a forward pass per prompt. Measurements: `router-data/README.md`.
+//! The n-grams cost microseconds; the hidden states cost a pass through the first `layer`
+//! blocks of the base model over the prompt (`layer / n_layer` of a prompt pass) and classify
+//! far better. Measurements: `router-data/README.md`.
 
 use serde::{Deserialize, Serialize};
 
-/// Feature settings, saved beside the gate's weights.
+use candle_core::{Device, Tensor};
+
+use crate::model::{chatml_message, Logits, Model, NoHook, Pass};
+use crate::{Error, Result};
+
+/// N-gram feature settings, saved beside the gate's weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FeatureConfig {
-    /// Number of hash buckets.
+    /// Number of hash buckets (0: no n-gram features).
     pub dim: usize,
     /// Use word bigrams as well as unigrams.
     pub bigrams: bool,
@@ -23,6 +31,120 @@ impl Default for FeatureConfig {
     }
 }
 
+/// Everything a gate reads: n-grams (scaled) and optionally hidden states.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateFeatures {
+    pub ngrams: FeatureConfig,
+    /// Factor on the (unit-length) n-gram vector, to weigh it against the hidden states.
+    pub ngram_scale: f32,
+    /// The base model's hidden states, if the gate reads them.
+    pub hidden: Option<HiddenFeatures>,
+}
+
+impl GateFeatures {
+    /// N-grams only.
+    pub fn ngrams(cfg: FeatureConfig) -> GateFeatures {
+        GateFeatures {
+            ngrams: cfg,
+            ngram_scale: 1.0,
+            hidden: None,
+        }
+    }
+
+    /// Length of the feature vector: hash buckets, then hidden dimensions.
+    pub fn input_dim(&self) -> usize {
+        self.ngrams.dim + self.hidden.as_ref().map_or(0, |h| h.size)
+    }
+}
+
+/// How the prompt is wrapped before the hidden-state pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Template {
+    /// The prompt's text as is.
+    Raw,
+    /// A ChatML user turn, `<|im_start|>user\n{text}<|im_end|>\n` (no system prompt).
+    User,
+}
+
+/// Hidden-state features: which block, which wrapping, and the standardisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HiddenFeatures {
+    /// The residual stream after this many blocks (1-based) is mean-pooled over the tokens.
+    pub layer: usize,
+    pub template: Template,
+    /// Hidden size of the base model the gate was trained with.
+    pub size: usize,
+    /// Per-dimension mean over the training prompts (subtracted before the classifier).
+    pub mean: Vec<f32>,
+    /// Per-dimension standard deviation over the training prompts (divided out).
+    pub std: Vec<f32>,
+}
+
+impl HiddenFeatures {
+    /// The text the model reads for `prompt`.
+    pub fn wrap(&self, prompt: &str) -> String {
+        match self.template {
+            Template::Raw => prompt.to_string(),
+            Template::User => chatml_message("user", prompt),
+        }
+    }
+
+    /// The residual stream of `prompt` after `layer` blocks, each token's vector RMS-normalised
+    /// (as the next block's input norm does, without its gain), mean-pooled; before
+    /// standardisation. Normalising each token first keeps the first tokens' large residuals
+    /// from dominating the mean.
+    pub fn pooled(&self, model: &Model, prompt: &str) -> Result<Vec<f32>> {
+        if model.config.hidden != self.size {
+            return Err(Error::Invalid(format!(
+                "the gate reads hidden states of size {} but the model's hidden size is {}: \
+                 use the base model the gate was trained with, or retrain it",
+                self.size, model.config.hidden
+            )));
+        }
+        if self.layer == 0 || self.layer > model.config.n_layer {
+            return Err(Error::Invalid(format!(
+                "the gate reads layer {} but the model has {} layers",
+                self.layer, model.config.n_layer
+            )));
+        }
+        if prompt.trim().is_empty() {
+            return Err(Error::Invalid("cannot route an empty prompt".into()));
+        }
+        let ids = model.tokenizer.encode(&self.wrap(prompt))?;
+        if ids.is_empty() {
+            return Err(Error::Invalid(
+                "cannot route a prompt with no tokens".into(),
+            ));
+        }
+        let ids = &ids[ids.len().saturating_sub(model.config.context_len)..];
+        let x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+        let pass = Pass {
+            hook: &NoHook,
+            logits: Logits::Layer(self.layer),
+            differentiable: false,
+        };
+        let h = model.forward(&x, None, &pass)?.squeeze(0)?; // (t, hidden)
+        Ok(rms_pooled(&h.to_vec2::<f32>()?, model.config.rms_eps))
+    }
+}
+
+/// Mean over rows of `rows[i] / rms(rows[i])`, `rms = sqrt(mean(x^2) + eps)`.
+pub fn rms_pooled(rows: &[Vec<f32>], eps: f64) -> Vec<f32> {
+    let n = rows.first().map_or(0, |r| r.len());
+    let mut out = vec![0f64; n];
+    for r in rows {
+        let ms = r.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / n.max(1) as f64;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (o, v) in out.iter_mut().zip(r) {
+            *o += *v as f64 * inv;
+        }
+    }
+    out.iter()
+        .map(|v| (v / rows.len().max(1) as f64) as f32)
+        .collect()
+}
+
 /// Lower-cased words (letters, digits, apostrophes inside words).
 pub fn words(text: &str) -> Vec<String> {
     text.split(|c: char| !(c.is_alphanumeric() || c == '\''))
@@ -32,7 +154,7 @@ pub fn words(text: &str) -> Vec<String> {
 }
 
 /// FNV-1a, stable across platforms and releases (unlike `std`'s hasher).
-fn fnv1a(s: &str) -> u64 {
+pub(crate) fn fnv1a(s: &str) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in s.bytes() {
         h ^= b as u64;
@@ -41,8 +163,12 @@ fn fnv1a(s: &str) -> u64 {
     h
 }
 
-/// Sparse feature vector of `text`: (bucket, value) pairs, L2-normalised.
+/// Sparse n-gram feature vector of `text`: (bucket, value) pairs, L2-normalised
+/// (before `ngram_scale`). Empty when `cfg.dim` is 0.
 pub fn features(text: &str, cfg: &FeatureConfig) -> Vec<(usize, f32)> {
+    if cfg.dim == 0 {
+        return Vec::new();
+    }
     let w = words(text);
     let mut grams: Vec<String> = w.clone();
     if cfg.bigrams {
@@ -60,4 +186,36 @@ pub fn features(text: &str, cfg: &FeatureConfig) -> Vec<(usize, f32)> {
         .filter(|(_, v)| *v != 0.0)
         .map(|(k, v)| (k, v / norm.max(1e-6)))
         .collect()
+}
+
+/// The dense feature vector (`cfg.input_dim()` long) of `text`, given its pooled hidden state
+/// when `cfg` reads one.
+pub fn assemble(text: &str, pooled: Option<&[f32]>, cfg: &GateFeatures) -> Result<Vec<f32>> {
+    let mut x = vec![0f32; cfg.input_dim()];
+    for (j, v) in features(text, &cfg.ngrams) {
+        x[j] = v * cfg.ngram_scale;
+    }
+    match (&cfg.hidden, pooled) {
+        (None, _) => {}
+        (Some(h), Some(p)) => {
+            if p.len() != h.size || h.mean.len() != h.size || h.std.len() != h.size {
+                return Err(Error::Invalid(format!(
+                    "hidden features: expected {} values, mean and std, got {}, {} and {}",
+                    h.size,
+                    p.len(),
+                    h.mean.len(),
+                    h.std.len()
+                )));
+            }
+            for (i, v) in p.iter().enumerate() {
+                x[cfg.ngrams.dim + i] = (v - h.mean[i]) / h.std[i];
+            }
+        }
+        (Some(_), None) => {
+            return Err(Error::Invalid(
+                "this gate reads the base model's hidden states: it needs the model".into(),
+            ))
+        }
+    }
+    Ok(x)
 }

@@ -1,5 +1,6 @@
-//! The gate: hashed n-gram features -> multinomial logistic regression (trained with linfa)
-//! -> topic distribution -> policy -> gate weights.
+//! The gate: features (hashed n-grams and/or the base model's pooled hidden states) ->
+//! multinomial logistic regression (trained with linfa) -> topic distribution -> policy -> gate
+//! weights.
 
 use linfa::prelude::*;
 use linfa_logistic::MultiLogisticRegression;
@@ -7,8 +8,9 @@ use ndarray::{Array1, Array2};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::features::{features, FeatureConfig};
+use super::features::{assemble, FeatureConfig, GateFeatures, HiddenFeatures};
 use super::Policy;
+use crate::model::Model;
 use crate::runtime::Engine;
 use crate::{Error, Result};
 
@@ -71,37 +73,72 @@ impl Route {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct GateFile {
     classifier: String,
+    /// The n-gram settings.
     features: FeatureConfig,
+    #[serde(default = "one")]
+    ngram_scale: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hidden: Option<HiddenFeatures>,
     topics: Vec<String>,
-    /// `(classes, dim)` row-major.
+    /// `(classes, features.input_dim())` row-major.
     weight: Vec<f32>,
     bias: Vec<f32>,
     #[serde(default)]
     notes: BTreeMap<String, serde_json::Value>,
 }
 
+fn one() -> f32 {
+    1.0
+}
+
 /// A trained topic classifier.
 #[derive(Debug, Clone)]
 pub struct Gate {
     pub topics: Vec<String>,
-    pub features: FeatureConfig,
-    weight: Vec<f32>, // (classes, dim)
+    pub features: GateFeatures,
+    weight: Vec<f32>, // (classes, input_dim)
     bias: Vec<f32>,
     pub notes: BTreeMap<String, serde_json::Value>,
     pub path: PathBuf,
 }
 
 impl Gate {
-    /// Topic probabilities of `text`, in `self.topics` order.
-    pub fn probabilities(&self, text: &str) -> Vec<f32> {
-        let x = features(text, &self.features);
-        let d = self.features.dim;
+    /// Whether the gate reads the base model's hidden states (and so needs the model).
+    pub fn needs_model(&self) -> bool {
+        self.features.hidden.is_some()
+    }
+
+    /// The pooled hidden state of `text` this gate reads, if it reads one.
+    pub fn pooled(&self, model: Option<&Model>, text: &str) -> Result<Option<Vec<f32>>> {
+        match (&self.features.hidden, model) {
+            (None, _) => Ok(None),
+            (Some(h), Some(m)) => Ok(Some(h.pooled(m, text)?)),
+            (Some(_), None) => Err(Error::Invalid(
+                "this gate reads the base model's hidden states: it needs the model".into(),
+            )),
+        }
+    }
+
+    /// Topic probabilities of `text`, in `self.topics` order; `model` is the base model (needed
+    /// when [`Gate::needs_model`]).
+    pub fn probabilities(&self, model: Option<&Model>, text: &str) -> Result<Vec<f32>> {
+        let pooled = self.pooled(model, text)?;
+        self.probabilities_pooled(text, pooled.as_deref())
+    }
+
+    /// [`Gate::probabilities`] given the pooled hidden state already computed.
+    pub fn probabilities_pooled(&self, text: &str, pooled: Option<&[f32]>) -> Result<Vec<f32>> {
+        let x = assemble(text, pooled, &self.features)?;
+        Ok(self.probabilities_of(&x))
+    }
+
+    /// Softmax of the classifier on a dense feature vector (`features.input_dim()` long).
+    pub fn probabilities_of(&self, x: &[f32]) -> Vec<f32> {
+        let d = self.features.input_dim();
         let z: Vec<f32> = (0..self.topics.len())
             .map(|c| {
-                self.bias[c]
-                    + x.iter()
-                        .map(|&(j, v)| self.weight[c * d + j] * v)
-                        .sum::<f32>()
+                let w = &self.weight[c * d..(c + 1) * d];
+                self.bias[c] + w.iter().zip(x).map(|(w, v)| w * v).sum::<f32>()
             })
             .collect();
         crate::runtime::softmax(&z)
@@ -109,7 +146,7 @@ impl Gate {
 
     /// Route `text` under `policy` with `engine`'s experts.
     pub fn route(&self, engine: &Engine, text: &str, policy: &Policy) -> Result<Route> {
-        let p = self.probabilities(text);
+        let p = self.probabilities(Some(&engine.model), text)?;
         let gates = policy.gates(&self.topics, &p, &engine.experts)?;
         let mut probabilities: Vec<(String, f32)> = self.topics.iter().cloned().zip(p).collect();
         probabilities.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -131,20 +168,60 @@ impl Gate {
     }
 
     /// Train on `(text, topic)` examples with linfa's multinomial logistic regression,
-    /// restarting its solver up to `restarts` times from the last parameters.
+    /// restarting its solver up to `restarts` times from the last parameters. When `cfg` reads
+    /// hidden states, `pooled[i]` is example `i`'s pooled hidden state
+    /// ([`super::HiddenFeatures::pooled`]); their mean and standard deviation become the
+    /// standardisation saved with the gate.
     pub fn train(
         examples: &[(String, String)],
+        pooled: Option<&[Vec<f32>]>,
         topics: &[&str],
-        cfg: &FeatureConfig,
+        cfg: &GateFeatures,
         alpha: f64,
         max_iter: u64,
         restarts: usize,
     ) -> Result<Gate> {
-        let d = cfg.dim;
+        if examples.is_empty() {
+            return Err(Error::Invalid("gate training: no examples".into()));
+        }
+        let mut cfg = cfg.clone();
+        if let Some(h) = cfg.hidden.as_mut() {
+            let pooled = pooled.ok_or_else(|| {
+                Error::Invalid("gate training: hidden features need pooled hidden states".into())
+            })?;
+            if pooled.len() != examples.len() || pooled.iter().any(|p| p.len() != h.size) {
+                return Err(Error::Invalid(format!(
+                    "gate training: need one pooled hidden state of size {} per example",
+                    h.size
+                )));
+            }
+            let n = pooled.len() as f64;
+            let mut mean = vec![0f64; h.size];
+            for p in pooled {
+                for (m, v) in mean.iter_mut().zip(p) {
+                    *m += *v as f64 / n;
+                }
+            }
+            let mut var = vec![0f64; h.size];
+            for p in pooled {
+                for ((s, v), m) in var.iter_mut().zip(p).zip(&mean) {
+                    *s += (*v as f64 - m).powi(2) / n;
+                }
+            }
+            h.mean = mean.iter().map(|m| *m as f32).collect();
+            h.std = var.iter().map(|v| (v.sqrt() as f32).max(1e-6)).collect();
+        }
+        let d = cfg.input_dim();
+        if d == 0 {
+            return Err(Error::Invalid(
+                "gate training: no features (dim 0 and no hidden layer)".into(),
+            ));
+        }
         let mut x = Array2::<f64>::zeros((examples.len(), d));
         let mut y = Array1::<usize>::zeros(examples.len());
         for (i, (text, topic)) in examples.iter().enumerate() {
-            for (j, v) in features(text, cfg) {
+            let p = pooled.map(|p| p[i].as_slice());
+            for (j, v) in assemble(text, p, &cfg)?.into_iter().enumerate() {
                 x[[i, j]] = v as f64;
             }
             y[i] = topics
@@ -199,7 +276,7 @@ impl Gate {
         }
         Ok(Gate {
             topics: topics.iter().map(|s| s.to_string()).collect(),
-            features: cfg.clone(),
+            features: cfg,
             weight,
             bias,
             notes: BTreeMap::from([("train_loss".into(), serde_json::json!(losses))]),
@@ -213,25 +290,70 @@ impl Gate {
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let f: GateFile = serde_json::from_str(&text)
             .map_err(|e| Error::data(&path, e.line(), "gate", e.to_string()))?;
-        if f.weight.len() != f.topics.len() * f.features.dim
-            || f.bias.len() != f.topics.len()
-            || f.features.dim == 0
-        {
-            return Err(Error::data(
-                &path,
-                1,
+        let bad = |field: &str, msg: String| Err(Error::data(&path, 1, field, msg));
+        let features = GateFeatures {
+            ngrams: f.features,
+            ngram_scale: f.ngram_scale,
+            hidden: f.hidden,
+        };
+        let d = features.input_dim();
+        if d == 0 {
+            return bad(
+                "features",
+                "no features: dim is 0 and there is no hidden layer".into(),
+            );
+        }
+        if f.topics.is_empty() {
+            return bad("topics", "no topics".into());
+        }
+        if !features.ngram_scale.is_finite() {
+            return bad("ngram_scale", "must be finite".into());
+        }
+        if let Some(h) = &features.hidden {
+            if h.layer == 0 {
+                return bad("hidden.layer", "must be at least 1".into());
+            }
+            if h.size == 0 {
+                return bad("hidden.size", "must be at least 1".into());
+            }
+            for (name, v) in [("mean", &h.mean), ("std", &h.std)] {
+                if v.len() != h.size {
+                    return bad(
+                        &format!("hidden.{name}"),
+                        format!("expected {} values, found {}", h.size, v.len()),
+                    );
+                }
+            }
+            if h.std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+                return bad(
+                    "hidden.std",
+                    "every value must be finite and positive".into(),
+                );
+            }
+        }
+        if f.weight.len() != f.topics.len() * d {
+            return bad(
                 "weight",
                 format!(
-                    "expected {} x {} weights and {} biases",
+                    "expected {} x {} weights, found {}",
                     f.topics.len(),
-                    f.features.dim,
-                    f.topics.len()
+                    d,
+                    f.weight.len()
                 ),
-            ));
+            );
+        }
+        if f.bias.len() != f.topics.len() {
+            return bad(
+                "bias",
+                format!("expected {} biases, found {}", f.topics.len(), f.bias.len()),
+            );
+        }
+        if f.weight.iter().chain(&f.bias).any(|w| !w.is_finite()) {
+            return bad("weight", "weights and biases must be finite".into());
         }
         Ok(Gate {
             topics: f.topics,
-            features: f.features,
+            features,
             weight: f.weight,
             bias: f.bias,
             notes: f.notes,
@@ -242,9 +364,20 @@ impl Gate {
     /// Save to `dir/gate.json` (atomically).
     pub fn save(&self, dir: &Path) -> Result<()> {
         let f = GateFile {
-            classifier: "multinomial logistic regression (linfa-logistic), hashed word 1-2-grams"
-                .into(),
-            features: self.features.clone(),
+            classifier: match &self.features.hidden {
+                Some(h) => format!(
+                    "multinomial logistic regression (linfa-logistic), hashed word 1-2-grams + \
+                     base-model residual stream after block {}, RMS-normalised per token, \
+                     mean-pooled, standardised",
+                    h.layer
+                ),
+                None => {
+                    "multinomial logistic regression (linfa-logistic), hashed word 1-2-grams".into()
+                }
+            },
+            features: self.features.ngrams.clone(),
+            ngram_scale: self.features.ngram_scale,
+            hidden: self.features.hidden.clone(),
             topics: self.topics.clone(),
             weight: self
                 .weight

@@ -1,14 +1,18 @@
 //! The gate (router): features, a linfa classifier, policies, save / load.
 
+mod cache;
 mod features;
 mod gate;
 mod policy;
 mod report;
 
-pub use features::{features, words, FeatureConfig};
+pub use cache::PooledCache;
+pub use features::{
+    assemble, features, rms_pooled, words, FeatureConfig, GateFeatures, HiddenFeatures, Template,
+};
 pub use gate::{Gate, Route, GATE_FILE};
 pub use policy::{load_policies, Policy};
-pub use report::{evaluate, Report};
+pub use report::{argmax, evaluate, Report};
 
 use std::path::PathBuf;
 

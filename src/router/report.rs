@@ -1,6 +1,8 @@
 //! Gate evaluation: accuracy, per-topic recall, confusion matrix.
 
 use super::Gate;
+use crate::model::Model;
+use crate::Result;
 
 /// How a gate did on labelled prompts.
 #[derive(Debug, Clone)]
@@ -55,28 +57,52 @@ impl Report {
     }
 }
 
-/// Evaluate `gate` on `(text, topic)` pairs.
-pub fn evaluate<'a>(gate: &Gate, examples: impl IntoIterator<Item = (&'a str, &'a str)>) -> Report {
-    let k = gate.topics.len();
-    let mut confusion = vec![vec![0usize; k]; k];
-    let (mut right, mut total) = (0usize, 0usize);
+/// Evaluate `gate` on `(text, topic)` pairs; `model` is the base model (needed when the gate
+/// reads hidden states). Pairs with a topic the gate does not know are skipped.
+pub fn evaluate<'a>(
+    gate: &Gate,
+    model: Option<&Model>,
+    examples: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Result<Report> {
+    let mut pairs = Vec::new();
     for (text, topic) in examples {
         let Some(t) = gate.topics.iter().position(|x| x == topic) else {
             continue;
         };
-        let p = gate.probabilities(text);
-        let pred = p
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i);
-        confusion[t][pred] += 1;
-        total += 1;
-        right += (pred == t) as usize;
+        pairs.push((t, argmax(&gate.probabilities(model, text)?)));
     }
-    Report {
-        topics: gate.topics.clone(),
-        confusion,
-        accuracy: right as f64 / total.max(1) as f64,
+    Ok(Report::from_predictions(&gate.topics, pairs))
+}
+
+/// Index of the largest value (0 for an empty slice).
+pub fn argmax(p: &[f32]) -> usize {
+    p.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
+impl Report {
+    /// A report from `(true topic index, predicted topic index)` pairs.
+    pub fn from_predictions(
+        topics: &[String],
+        pairs: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Report {
+        let k = topics.len();
+        let mut confusion = vec![vec![0usize; k]; k];
+        let (mut right, mut total) = (0usize, 0usize);
+        for (t, pred) in pairs {
+            if t >= k || pred >= k {
+                continue;
+            }
+            confusion[t][pred] += 1;
+            total += 1;
+            right += (pred == t) as usize;
+        }
+        Report {
+            topics: topics.to_vec(),
+            confusion,
+            accuracy: right as f64 / total.max(1) as f64,
+        }
     }
 }

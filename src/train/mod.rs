@@ -74,6 +74,13 @@ pub struct TrainConfig {
     /// Survey-format examples added per proposition pair (0: none); see `data::survey`.
     #[serde(default)]
     pub survey: usize,
+    /// Train on the long-form answers (`false` with `survey` > 0: survey examples only).
+    #[serde(default = "yes")]
+    pub long_form: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for TrainConfig {
@@ -113,6 +120,7 @@ impl Default for TrainConfig {
             eval_limit: 48,
             checkpoint_every: 20,
             survey: 0,
+            long_form: true,
         }
     }
 }
@@ -186,6 +194,9 @@ impl TrainConfig {
                     "targets: unknown module '{t}' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
                 ));
             }
+        }
+        if !self.long_form && self.survey == 0 {
+            return Err("long_form: false needs survey >= 1 (there would be no examples)".into());
         }
         if self.targets.is_empty() {
             return Err("targets: at least one module is needed".into());

@@ -469,8 +469,12 @@ impl<'a> Trainer<'a> {
             trainable_params: self.lora.num_params(),
             tokens: state.tokens,
             train_seconds: state.seconds,
-            tokens_per_second: (state.tokens - start_tokens) as f64
-                / (state.seconds - start_seconds).max(1e-9),
+            // This segment's rate; the whole run's when the segment trained nothing.
+            tokens_per_second: if state.tokens > start_tokens {
+                (state.tokens - start_tokens) as f64 / (state.seconds - start_seconds).max(1e-9)
+            } else {
+                state.tokens as f64 / state.seconds.max(1e-9)
+            },
             train_loss: (!recent.is_empty())
                 .then(|| recent.iter().sum::<f64>() / recent.len() as f64),
             dev_loss: None,

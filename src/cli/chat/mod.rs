@@ -381,11 +381,8 @@ impl Chat {
             None => {
                 s.push_str("\nroute: none (a fixed blend does not ask the gate)");
                 if let Some(gate) = &self.engine.gate {
-                    let mut p: Vec<(&String, f32)> = gate
-                        .topics
-                        .iter()
-                        .zip(gate.probabilities(&t.user))
-                        .collect();
+                    let probs = gate.probabilities(Some(&self.engine.model), &t.user)?;
+                    let mut p: Vec<(&String, f32)> = gate.topics.iter().zip(probs).collect();
                     p.sort_by(|a, b| b.1.total_cmp(&a.1));
                     let top: Vec<String> = p
                         .iter()
