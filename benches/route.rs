@@ -1,4 +1,5 @@
-//! Gate cost: routing one prompt (features + classifier + policy) against a whole 64-token
+//! Gate cost: routing one prompt (features, including the shipped gate's pass through the first
+//! blocks of the base model for its hidden states, + classifier + policy) against a whole 64-token
 //! answer to it under `Blend::auto` (routing, prompt processing and 64 decoded tokens) on the real
 //! base model with two random rank-8 experts. Gate share = route / answer.
 //!

@@ -5,9 +5,11 @@ mod common;
 use common::*;
 use stancemix::data::{is_dev, load_router_prompts, topics};
 use stancemix::lora::{Adapter, ExpertSet};
+use stancemix::model::features::pooled_hidden_ids;
 use stancemix::model::{Model, Target, WeightFormat};
 use stancemix::router::{
-    evaluate, load_policies, policies_dir, shipped_gate_dir, Gate, Policy, GATE_FILE,
+    evaluate, load_policies, policies_dir, shipped_gate_dir, FeatureConfig, Gate, GateFeatures,
+    HiddenFeatures, Policy, PooledCache, Template, GATE_FILE,
 };
 use stancemix::{Blend, Engine, GenParams};
 use std::path::Path;
@@ -32,19 +34,24 @@ fn shipped_policies() -> Vec<Policy> {
     p
 }
 
-/// Acceptance 1. Ignored while the shipped gate is below target (see router-data/README.md):
+/// Acceptance 1: the shipped gate, run end to end on the real base model (hidden states computed
+/// here, not taken from training's cache), on the dev split. Ignored while the shipped gate is
+/// below target (0.812 dev, router-data/README.md):
 /// `cargo test --release --test router -- --ignored` runs it.
 #[test]
 #[ignore = "the shipped gate is below 0.90 dev accuracy (router-data/README.md)"]
 fn shipped_gate_meets_dev_accuracy_and_non_political_recall() {
     let gate = shipped_gate();
+    let model = real_model(WeightFormat::Q8_0);
     let prompts = load_router_prompts(&shipped_gate_dir().join("prompts.jsonl")).unwrap();
     let dev: Vec<_> = prompts.iter().filter(|p| is_dev(&p.id)).collect();
     assert!(dev.len() >= 100, "dev split too small: {}", dev.len());
     let report = evaluate(
         &gate,
+        Some(&model),
         dev.iter().map(|p| (p.text.as_str(), p.topic.as_str())),
-    );
+    )
+    .unwrap();
     let np = report.recall(topics::NON_POLITICAL);
     assert!(
         report.accuracy >= 0.90 && np >= 0.97,
@@ -100,7 +107,7 @@ fn non_political_prompt_gives_base_logits_under_every_shipped_policy() {
 
 #[test]
 fn libertarian_sends_taxes_to_conservative_and_same_sex_marriage_to_progressive() {
-    let model = tiny_model(3);
+    let model = real_model(WeightFormat::Q8_0);
     let engine = Engine::with_gate(
         model.clone(),
         random_experts(&model),
@@ -280,4 +287,203 @@ fn malformed_gate_file_is_an_error_not_a_panic() {
     write(dir.path(), GATE_FILE, &short.to_string());
     let e = err_of(Gate::load(dir.path()));
     assert!(e.contains(": weight: expected 21 x 8 weights"), "{e}");
+}
+
+fn rms_normalised(v: &[f32], eps: f64) -> Vec<f32> {
+    let ms = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64;
+    let r = (ms + eps).sqrt();
+    v.iter().map(|x| (*x as f64 / r) as f32).collect()
+}
+
+#[test]
+fn hidden_features_are_per_token_normalised_means_of_the_residual_stream() {
+    let model = real_model(WeightFormat::Q8_0);
+    let layer = 5;
+    let h = HiddenFeatures {
+        layer,
+        template: Template::Raw,
+        size: model.config.hidden,
+        mean: Vec::new(),
+        std: Vec::new(),
+    };
+    let text = "Rent again";
+    let ids = model.tokenizer.encode(text).unwrap();
+    assert!(ids.len() >= 2, "{ids:?}");
+    // Independent: the model's own mean-pooled residual over growing prefixes gives each
+    // token's residual (causal attention: a prefix's states do not depend on later tokens).
+    let eps = model.config.rms_eps;
+    let mut prev_sum = vec![0f64; model.config.hidden];
+    let mut want = vec![0f64; model.config.hidden];
+    for n in 1..=ids.len() {
+        let mean = pooled_hidden_ids(&model, &ids[..n], layer).unwrap();
+        let tok: Vec<f32> = (0..mean.len())
+            .map(|i| (mean[i] as f64 * n as f64 - prev_sum[i]) as f32)
+            .collect();
+        for (i, v) in mean.iter().enumerate() {
+            prev_sum[i] = *v as f64 * n as f64;
+        }
+        for (w, v) in want.iter_mut().zip(rms_normalised(&tok, eps)) {
+            *w += v as f64 / ids.len() as f64;
+        }
+    }
+    let want: Vec<f32> = want.iter().map(|v| *v as f32).collect();
+    let got = h.pooled(&model, text).unwrap();
+    assert!(
+        max_abs_diff(&got, &want) < 2e-3,
+        "{}",
+        max_abs_diff(&got, &want)
+    );
+
+    // The cache returns the same states, across a save and a reopen.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = PooledCache::open(dir.path(), &model, &h).unwrap();
+    assert_eq!(c.pooled(&model, &h, text).unwrap(), got);
+    c.save().unwrap();
+    let mut c = PooledCache::open(dir.path(), &model, &h).unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c.pooled(&model, &h, text).unwrap(), got);
+    // An empty prompt is an error, not a panic; so is a model of another size.
+    assert!(h.pooled(&model, "  ").is_err());
+    let tiny = tiny_model(3);
+    let e = err_of(h.pooled(&tiny, text));
+    assert!(e.contains("hidden size"), "{e}");
+}
+
+/// A gate on synthetic hidden states: training separates them, and save / load keeps its
+/// probabilities (checked against a softmax computed here from the saved JSON).
+#[test]
+fn hidden_state_gate_trains_saves_and_loads() {
+    let topics = topics::all_topics();
+    let size = 6;
+    let mut ex = Vec::new();
+    let mut pooled = Vec::new();
+    for (k, t) in topics.iter().enumerate() {
+        for j in 0..4 {
+            ex.push((format!("prompt {j}"), t.to_string()));
+            let v: Vec<f32> = (0..size)
+                .map(|i| 3.0 * ((k >> i) & 1) as f32 + 0.1 * ((i + j) % 3) as f32 + 100.0)
+                .collect();
+            pooled.push(v);
+        }
+    }
+    let cfg = GateFeatures {
+        ngrams: FeatureConfig {
+            dim: 16,
+            bigrams: true,
+        },
+        ngram_scale: 0.5,
+        hidden: Some(HiddenFeatures {
+            layer: 3,
+            template: Template::User,
+            size,
+            mean: Vec::new(),
+            std: Vec::new(),
+        }),
+    };
+    let gate = Gate::train(&ex, Some(&pooled), &topics, &cfg, 1e-3, 200, 4).unwrap();
+    let h = gate.features.hidden.as_ref().unwrap();
+    assert!(
+        (h.mean[0] - pooled.iter().map(|p| p[0]).sum::<f32>() / pooled.len() as f32).abs() < 1e-3
+    );
+    let mut right = 0;
+    for ((text, topic), p) in ex.iter().zip(&pooled) {
+        let probs = gate.probabilities_pooled(text, Some(p)).unwrap();
+        right += (topics[stancemix::router::argmax(&probs)] == topic) as usize;
+    }
+    assert!(
+        right as f64 >= 0.9 * ex.len() as f64,
+        "{right} / {}",
+        ex.len()
+    );
+    // Without a model (or a pooled state) the gate says what it needs.
+    assert!(gate.needs_model());
+    let e = err_of(gate.probabilities(None, "hello"));
+    assert!(e.contains("needs the model"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    gate.save(dir.path()).unwrap();
+    let loaded = Gate::load(dir.path()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(GATE_FILE)).unwrap())
+            .unwrap();
+    let w: Vec<f32> = serde_json::from_value(json["weight"].clone()).unwrap();
+    let b: Vec<f32> = serde_json::from_value(json["bias"].clone()).unwrap();
+    let mean: Vec<f32> = serde_json::from_value(json["hidden"]["mean"].clone()).unwrap();
+    let std: Vec<f32> = serde_json::from_value(json["hidden"]["std"].clone()).unwrap();
+    let (text, p) = (&ex[9].0, &pooled[9]);
+    // Independent feature vector: n-grams from the public hashing, scaled; standardised states.
+    let mut x = vec![0f32; 16 + size];
+    for (j, v) in stancemix::router::features(text, &cfg.ngrams) {
+        x[j] = v * 0.5;
+    }
+    for i in 0..size {
+        x[16 + i] = (p[i] - mean[i]) / std[i];
+    }
+    let z: Vec<f64> = (0..topics.len())
+        .map(|c| {
+            b[c] as f64
+                + (0..x.len())
+                    .map(|j| w[c * x.len() + j] as f64 * x[j] as f64)
+                    .sum::<f64>()
+        })
+        .collect();
+    let m = z.iter().cloned().fold(f64::MIN, f64::max);
+    let sum: f64 = z.iter().map(|v| (v - m).exp()).sum();
+    let want: Vec<f32> = z.iter().map(|v| ((v - m).exp() / sum) as f32).collect();
+    let got = loaded.probabilities_pooled(text, Some(p)).unwrap();
+    assert!(max_abs_diff(&got, &want) < 1e-4, "{got:?} vs {want:?}");
+}
+
+#[test]
+fn malformed_hidden_gate_file_is_a_file_line_field_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let topics_: Vec<String> = topics::all_topics().iter().map(|s| s.to_string()).collect();
+    let base = serde_json::json!({
+        "classifier": "x", "features": {"dim": 0, "bigrams": true},
+        "hidden": {"layer": 2, "template": "raw", "size": 2, "mean": [0.0, 0.0], "std": [1.0, 1.0]},
+        "topics": topics_, "weight": vec![0.0; 42], "bias": vec![0.0; 21]
+    });
+    let p = write(dir.path(), GATE_FILE, &base.to_string());
+    assert!(Gate::load(dir.path()).is_ok());
+    let cases = [
+        (
+            "/hidden/mean",
+            serde_json::json!([0.0]),
+            "hidden.mean",
+            "expected 2 values",
+        ),
+        (
+            "/hidden/std",
+            serde_json::json!([1.0, 0.0]),
+            "hidden.std",
+            "positive",
+        ),
+        (
+            "/hidden/layer",
+            serde_json::json!(0),
+            "hidden.layer",
+            "at least 1",
+        ),
+        (
+            "/hidden/template",
+            serde_json::json!("sideways"),
+            "gate",
+            "unknown variant",
+        ),
+        (
+            "/weight",
+            serde_json::json!([0.0]),
+            "weight",
+            "expected 21 x 2 weights",
+        ),
+    ];
+    for (ptr, v, field, problem) in cases {
+        let mut j = base.clone();
+        *j.pointer_mut(ptr).unwrap() = v;
+        write(dir.path(), GATE_FILE, &j.to_string());
+        let e = err_of(Gate::load(dir.path()));
+        let want = format!("{}:1: {field}: ", p.display());
+        assert!(e.starts_with(&want), "{e:?} should start with {want:?}");
+        assert!(e.contains(problem), "{e:?} should say {problem:?}");
+    }
 }
