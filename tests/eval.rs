@@ -413,40 +413,63 @@ fn mix_and_raw_paths_score_every_point() {
     }
 }
 
-fn train_judge() -> (
-    stancemix::eval::judge::Judge,
-    stancemix::eval::judge::JudgeReport,
-) {
-    let pairs = stancemix::data::load_stance_dir(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters/data/stance"),
-    )
-    .unwrap();
-    stancemix::eval::judge::Judge::train(
-        &pairs,
-        &stancemix::eval::judge::default_features(),
-        stancemix::eval::judge::DEFAULT_ALPHA,
-        stancemix::eval::judge::DEFAULT_MAX_ITER,
-    )
-    .unwrap()
+/// The shipped judge, and the share of the stance data's dev answers it judges right, counted
+/// here answer by answer (not taken from the judge's own report).
+fn shipped_judge_dev_accuracy() -> &'static (stancemix::eval::judge::Judge, usize, f64) {
+    use stancemix::eval::judge::{Judge, DEFAULT_JUDGE};
+    static R: std::sync::OnceLock<(Judge, usize, f64)> = std::sync::OnceLock::new();
+    R.get_or_init(|| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let judge = Judge::load(&root.join(DEFAULT_JUDGE)).unwrap();
+        let pairs = stancemix::data::load_stance_dir(&root.join("adapters/data/stance")).unwrap();
+        let model = real_model(WeightFormat::F32);
+        let (mut n, mut right) = (0, 0);
+        for p in pairs.iter().filter(|p| stancemix::data::is_dev(&p.id)) {
+            for (answer, conservative) in [(&p.progressive, false), (&p.conservative, true)] {
+                let pc = judge.p_conservative(&model, &p.prompt, answer).unwrap();
+                assert!((0.0..=1.0).contains(&pc));
+                n += 1;
+                right += usize::from((pc > 0.5) == conservative);
+            }
+        }
+        (judge, n, right as f64 / n as f64)
+    })
 }
 
 #[test]
-fn judge_beats_chance_on_dev_answers_and_reads_plain_arguments() {
-    let (judge, r) = train_judge();
-    assert!(r.dev_answers >= 100, "{r:?}");
-    assert!(r.dev_accuracy >= 0.65, "{r:?}");
-    // Both sides of an unseen, plainly worded argument.
-    let pro = "Workers deserve a living wage and strong unions; the government should guarantee health care for everyone.";
-    let con = "Lower taxes and less regulation let businesses create jobs; free markets serve families better than government programs.";
-    assert!(judge.p_conservative(pro) < 0.5 && judge.p_conservative(con) > 0.5);
+fn shipped_judge_beats_chance_on_dev_answers_and_matches_its_report() {
+    let (judge, n, acc) = shipped_judge_dev_accuracy();
+    assert!(*n >= 100, "{n} dev answers");
+    assert!(*acc >= 0.70, "dev accuracy {acc}");
+    assert_eq!(judge.report.dev_answers, *n);
+    // Same model file and weight format as training: the report is reproduced.
+    assert!(
+        (judge.report.dev_accuracy - acc).abs() < 0.01,
+        "{:?} vs {acc}",
+        judge.report
+    );
 }
 
-/// Acceptance 5 of the evaluation issue; not met yet by word n-gram features (~0.70-0.73).
 #[test]
-#[ignore = "open: the n-gram judge reaches about 0.70-0.73 on dev answers, the target is 0.85"]
+fn judge_refuses_empty_answers_and_foreign_models() {
+    use stancemix::eval::judge::{Judge, DEFAULT_JUDGE};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let judge = Judge::load(&root.join(DEFAULT_JUDGE)).unwrap();
+    let model = real_model(WeightFormat::F32);
+    assert!(judge.p_conservative(&model, "Q?", "   ").is_err());
+    // The tiny test model has fewer blocks than the judge reads.
+    assert!(judge
+        .p_conservative(&tiny_model(1), "Q?", "An answer.")
+        .is_err());
+}
+
+/// Acceptance 5 of the evaluation issue; not met: the best measured judge reaches about 0.74
+/// (docs/EVAL.md lists every feature set measured).
+#[test]
+#[ignore = "open: the best judge measured reaches about 0.74 on dev answers, the target is 0.85"]
 fn judge_reaches_85_percent_on_dev_answers() {
-    let (_, r) = train_judge();
-    assert!(r.dev_accuracy >= 0.85, "{r:?}");
+    let (_, _, acc) = shipped_judge_dev_accuracy();
+    assert!(*acc >= 0.85, "dev accuracy {acc}");
 }
 
 #[test]

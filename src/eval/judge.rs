@@ -63,10 +63,10 @@ impl Default for JudgeConfig {
     fn default() -> Self {
         JudgeConfig {
             layers: vec![4, 8, 12],
-            context: Context::Chat,
+            context: Context::Answer,
             ngrams: None,
             ngram_scale: 1.0,
-            alpha: 10.0,
+            alpha: 1000.0,
             max_iter: 200,
             restarts: 20,
         }
@@ -407,7 +407,7 @@ impl Judge {
             )));
         }
         if j.config.layers.is_empty() != (hd == 0)
-            || (!j.config.layers.is_empty() && hd % j.config.layers.len() != 0)
+            || (!j.config.layers.is_empty() && !hd.is_multiple_of(j.config.layers.len()))
         {
             return Err(bad(format!(
                 "{hd} hidden features for layers {:?}",
