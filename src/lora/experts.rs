@@ -9,7 +9,8 @@ use crate::model::{LinearHook, Target};
 use crate::{Error, Result};
 
 /// The experts of every adaptable linear, stacked: `A_cat^T` `(in, R)` and `B_cat^T` `(R, out)`,
-/// as f32 tensors for prompts and as 8-bit rows for the decode fast path.
+/// rounded to 8 bits ([`Q8Rows`]): as 8-bit rows for the decode fast path and as f32 tensors of
+/// the same rounded values for prompts.
 #[derive(Debug)]
 struct Stack {
     a_t: Tensor,
@@ -74,18 +75,27 @@ impl ExpertSet {
             }
             let a_cat = Tensor::cat(&a_parts, 0)?; // (R, in)
             let b_t = Tensor::cat(&b_parts, 1)?.t()?.contiguous()?; // (R, out)
-            let (n_out, n_in) = (b_t.dim(1)?, a_cat.dim(1)?);
+            let (n_out, n_in, width) = (b_t.dim(1)?, a_cat.dim(1)?, off);
+            // Both paths use the same 8-bit weights: prompts (candle matmuls on their f32
+            // values) and decode (plain loops on the 8-bit rows) then agree to rounding, and a
+            // conversation fed again as a prompt continues as it did when it was decoded.
+            let a = Q8Rows::new(&a_cat.flatten_all()?.to_vec1()?, n_in);
+            let b = Q8Rows::new(&b_t.flatten_all()?.to_vec1()?, n_out);
+            let a_t = Tensor::from_vec(a.to_f32(), (width, n_in), &Device::Cpu)?
+                .t()?
+                .contiguous()?;
+            let b_t = Tensor::from_vec(b.to_f32(), (width, n_out), &Device::Cpu)?;
             stacks.insert(
                 key,
                 Stack {
-                    a: Q8Rows::new(&a_cat.flatten_all()?.to_vec1()?, n_in),
-                    b: Q8Rows::new(&b_t.flatten_all()?.to_vec1()?, n_out),
-                    a_t: a_cat.t()?.contiguous()?,
+                    a,
+                    b,
+                    a_t,
                     b_t,
                     n_in,
                     n_out,
                     spans,
-                    width: off,
+                    width,
                 },
             );
         }
@@ -251,6 +261,21 @@ impl Q8Rows {
         Q8Rows { q, d, cols }
     }
 
+    /// Every value, dequantized, row-major.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let blocks = self.cols.div_ceil(Q8_BLOCK);
+        let mut out = Vec::with_capacity(self.q.len());
+        for (r, row) in self.q.chunks(self.cols.max(1)).enumerate() {
+            for (qb, &s) in row
+                .chunks(Q8_BLOCK)
+                .zip(&self.d[r * blocks..(r + 1) * blocks])
+            {
+                out.extend(qb.iter().map(|&v| v as f32 * s));
+            }
+        }
+        out
+    }
+
     /// The stored value at `(row, col)`, dequantized.
     #[cfg(test)]
     pub fn get(&self, row: usize, col: usize) -> f32 {
@@ -329,6 +354,8 @@ mod tests {
             let got = m.dot(r, &x);
             let bound: f32 = x.iter().map(|v| v.abs()).sum::<f32>() * (50.0 / 30.0) / 254.0;
             assert!((got - want).abs() <= bound, "row {r}: {got} vs {want}");
+            let all = m.to_f32();
+            assert!((0..cols).all(|c| all[r * cols + c] == m.get(r, c)));
             let mut y = vec![1f32; cols];
             m.axpy(r, 0.5, &mut y);
             for (c, yo) in y.iter().enumerate() {
