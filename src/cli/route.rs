@@ -81,10 +81,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1 << 12)]
     dim: usize,
     /// Factor on the unit-length n-gram vector (the hidden part is standardised).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 10.0)]
     ngram_scale: f32,
     /// Also read the base model's residual stream after this block (1-based; 0: n-grams only).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 8)]
     layer: usize,
     /// How the prompt is wrapped for the hidden-state pass.
     #[arg(long, value_enum, default_value = "raw")]
@@ -99,7 +99,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "target/router-cache")]
     cache_dir: PathBuf,
     /// L2 penalty.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 10.0)]
     alpha: f64,
     #[arg(long, default_value_t = 200)]
     max_iter: u64,
