@@ -50,10 +50,10 @@ impl PooledCache {
                 )));
             }
             for r in bytes.chunks_exact(rec) {
-                let key = u64::from_le_bytes(r[..8].try_into().expect("8 bytes"));
+                let key = u64::from_le_bytes(std::array::from_fn(|i| r[i]));
                 let v = r[8..]
                     .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                     .collect();
                 map.insert(key, v);
             }

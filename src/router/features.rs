@@ -8,9 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use candle_core::{Device, Tensor};
-
-use crate::model::{chatml_message, Logits, Model, NoHook, Pass};
+use crate::model::{chatml_message, Model};
 use crate::{Error, Result};
 
 /// N-gram feature settings, saved beside the gate's weights.
@@ -117,14 +115,7 @@ impl HiddenFeatures {
                 "cannot route a prompt with no tokens".into(),
             ));
         }
-        let ids = &ids[ids.len().saturating_sub(model.config.context_len)..];
-        let x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
-        let pass = Pass {
-            hook: &NoHook,
-            logits: Logits::Layer(self.layer),
-            differentiable: false,
-        };
-        let h = model.forward(&x, None, &pass)?.squeeze(0)?; // (t, hidden)
+        let h = crate::model::features::layer_states(model, &ids, self.layer)?; // (t, hidden)
         Ok(rms_pooled(&h.to_vec2::<f32>()?, model.config.rms_eps))
     }
 }
