@@ -183,15 +183,20 @@ impl ExtraArgs {
         })
     }
 
-    /// Load the judge, answer the prompts under each blend, judge the answers.
+    /// The `--judge` file, loaded before any long work so a bad path fails at once.
+    pub fn load_judge(&self) -> anyhow::Result<Judge> {
+        Ok(Judge::load(&self.judge)?)
+    }
+
+    /// Answer the prompts under each blend and judge the answers.
     pub fn open_ended(
         &self,
+        judge: &Judge,
         gen: &Arc<Engine>,
         instrument: &Instrument,
         blends: &[Blend],
     ) -> anyhow::Result<OpenEndedSection> {
         let pairs = load_stance_dir(&self.stance_data)?;
-        let judge = Judge::load(&self.judge)?;
         let report = judge.report.clone();
         let mut prompts = spread(&instrument_prompts(instrument), self.open_items);
         prompts.extend(spread(&stance_dev_prompts(&pairs), self.dev_prompts));
@@ -200,7 +205,7 @@ impl ExtraArgs {
             .map(|b| {
                 open_ended(
                     gen,
-                    &judge,
+                    judge,
                     b,
                     &prompts,
                     &self.params(),
@@ -443,6 +448,7 @@ fn default_out(instrument: &Path, blends: &[Blend]) -> PathBuf {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let instrument = Instrument::load(&a.instrument)?;
     let opts = a.fc.options()?;
+    let judge = a.open_ended.then(|| a.extra.load_judge()).transpose()?;
     let engine = a.engine.load()?;
     for b in &a.blends {
         if b.extrapolates() {
@@ -465,8 +471,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let se = a.extra.side_effects(&engine, &gen, &a.blends)?;
             value["side_effects"] = serde_json::to_value(&se)?;
         }
-        if a.open_ended {
-            let oe = a.extra.open_ended(&gen, &instrument, &a.blends)?;
+        if let Some(judge) = &judge {
+            let oe = a.extra.open_ended(judge, &gen, &instrument, &a.blends)?;
             value["open_ended"] = serde_json::to_value(&oe)?;
         }
     }

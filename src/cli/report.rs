@@ -42,6 +42,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let path = parse_path(&a.path)?;
     let instrument = Instrument::load(&a.instrument)?;
     let opts = a.fc.options()?;
+    let judge = (!a.no_open_ended)
+        .then(|| a.extra.load_judge())
+        .transpose()?;
     let engine = a.engine.load()?;
     for stance in [PROGRESSIVE, CONSERVATIVE] {
         if engine.experts.by_stance(stance).is_none() {
@@ -73,10 +76,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         Some(a.extra.side_effects(&engine, &gen, &refs)?)
     };
-    let open_ended = if a.no_open_ended {
-        None
-    } else {
-        Some(a.extra.open_ended(&gen, &instrument, &refs)?)
+    let open_ended = match &judge {
+        Some(judge) => Some(a.extra.open_ended(judge, &gen, &instrument, &refs)?),
+        None => None,
     };
     let fc = r.forced_choice.as_ref();
     let page = Page {
