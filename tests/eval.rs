@@ -207,6 +207,22 @@ fn batched_blends_equal_blends_scored_one_by_one() {
         }
     }
     assert!(worst < 1e-5, "batched vs one by one differ by {worst}");
+    // Prompts shared among worker threads (each with its own cache) give the same numbers.
+    let threaded = FcOptions {
+        workers: 3,
+        ..quick_options()
+    };
+    let split = score_instrument(&engine, &ins, &blends, &threaded, &mut |_, _| {}).unwrap();
+    for (x, y) in batched.blends.iter().zip(&split.blends) {
+        for (ix, iy) in x.items.iter().zip(&y.items) {
+            assert_eq!(ix.variants.len(), iy.variants.len());
+            for (vx, vy) in ix.variants.iter().zip(&iy.variants) {
+                for (p, q) in vx.probs.iter().zip(&vy.probs) {
+                    assert!((p - q).abs() < 1e-6, "workers 1 vs 3: {p} vs {q}");
+                }
+            }
+        }
+    }
     // The experts are random but non-zero: the blends must not all read the same.
     let e: Vec<f64> = batched.blends.iter().map(|b| b.items[0].probs[0]).collect();
     assert!(e.iter().any(|&v| (v - e[0]).abs() > 1e-4), "{e:?}");

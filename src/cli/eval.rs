@@ -247,11 +247,25 @@ pub struct FcArgs {
     /// At most this many batch rows per forward pass.
     #[arg(long, default_value_t = 16)]
     pub max_rows: usize,
+    /// Scoring threads, each scoring its own share of the prompts (default: one per core; with
+    /// more than one, candle runs single-threaded in each unless RAYON_NUM_THREADS or
+    /// CANDLE_NUM_THREADS is set).
+    #[arg(long)]
+    pub workers: Option<usize>,
 }
 
 impl FcArgs {
-    /// As library options.
-    pub fn options(&self) -> anyhow::Result<FcOptions> {
+    /// Set up candle's threads for scoring: call first, before any tensor work (see
+    /// `stancemix::runtime::threads`). Returns the number of scoring workers.
+    pub fn setup_threads(&self) -> anyhow::Result<usize> {
+        if self.workers == Some(0) {
+            anyhow::bail!("--workers: give at least 1");
+        }
+        Ok(stancemix::runtime::threads::setup_for_scoring(self.workers).workers)
+    }
+
+    /// As library options, scoring on `workers` threads.
+    pub fn options(&self, workers: usize) -> anyhow::Result<FcOptions> {
         Ok(FcOptions {
             templates: match &self.templates {
                 Some(t) => templates_by_name(t)?,
@@ -269,6 +283,7 @@ impl FcArgs {
             },
             items: self.items,
             max_rows: self.max_rows,
+            workers,
             ..FcOptions::default()
         })
     }
@@ -446,8 +461,9 @@ fn default_out(instrument: &Path, blends: &[Blend]) -> PathBuf {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let workers = a.fc.setup_threads()?; // first: candle reads its thread settings once
     let instrument = Instrument::load(&a.instrument)?;
-    let opts = a.fc.options()?;
+    let opts = a.fc.options(workers)?;
     let judge = a.open_ended.then(|| a.extra.load_judge()).transpose()?;
     let engine = a.engine.load()?;
     for b in &a.blends {

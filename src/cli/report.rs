@@ -37,11 +37,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let workers = a.fc.setup_threads()?; // first: candle reads its thread settings once
     let start = Instant::now();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let path = parse_path(&a.path)?;
     let instrument = Instrument::load(&a.instrument)?;
-    let opts = a.fc.options()?;
+    let opts = a.fc.options(workers)?;
     let judge = (!a.no_open_ended)
         .then(|| a.extra.load_judge())
         .transpose()?;

@@ -78,9 +78,10 @@ pub fn print_sweep(r: &SweepReport) {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let workers = a.fc.setup_threads()?; // first: candle reads its thread settings once
     let path = parse_path(&a.path)?;
     let instrument = Instrument::load(&a.instrument)?;
-    let opts = a.fc.options()?;
+    let opts = a.fc.options(workers)?;
     let engine = a.engine.load()?;
     let report = sweep(
         &engine,

@@ -10,6 +10,7 @@
 //! of one batched forward pass; a prompt's shared start is computed once and reused.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +35,9 @@ pub struct FcOptions {
     pub items: Option<usize>,
     /// At most this many batch rows per forward pass; more blends run in several groups.
     pub max_rows: usize,
+    /// Score prompts on this many threads at once, each with its own cache. More than one pays
+    /// only when candle itself runs single-threaded (see [`crate::runtime::threads`]).
+    pub workers: usize,
 }
 
 impl Default for FcOptions {
@@ -45,6 +49,7 @@ impl Default for FcOptions {
             orders: vec![Order::Forward, Order::Reversed],
             items: None,
             max_rows: 16,
+            workers: 1,
         }
     }
 }
@@ -443,24 +448,69 @@ fn option_logprobs(
         })
         .collect::<Result<_>>()?;
     let total = groups.len() * variants.len() * ins.items.len();
-    let mut done = 0;
+    let done = AtomicUsize::new(0);
+    // Prompts in order (variant-major, so a template's shared start stays cached), cut into one
+    // contiguous run per worker.
+    let work: Vec<(usize, &Prepared)> = prepared
+        .iter()
+        .enumerate()
+        .flat_map(|(v, items)| items.iter().map(move |p| (v, p)))
+        .collect();
     let mut out = vec![Vec::new(); plans.len()];
+    if work.is_empty() {
+        return Ok(out);
+    }
+    let workers = opts.workers.clamp(1, work.len());
+    let chunk = work.len().div_ceil(workers);
     for group in &groups {
         let comb = Batch::new(group.iter().map(|&b| plans[b].clone()).collect());
-        let mut cache = KvCache::new(engine.model.config.n_layer);
-        let mut fed: Vec<u32> = Vec::new();
+        // One run of prompts on one worker: `[prompt][group blend][option]`.
+        let run =
+            |part: &[(usize, &Prepared)], tick: &mut dyn FnMut()| -> Result<Vec<Vec<Vec<f64>>>> {
+                let mut cache = KvCache::new(engine.model.config.n_layer);
+                let mut fed: Vec<u32> = Vec::new();
+                part.iter()
+                    .map(|(_, p)| {
+                        let lp = score_prompt(engine, &mut cache, &mut fed, p, &comb)?;
+                        tick();
+                        Ok(lp)
+                    })
+                    .collect()
+            };
+        let parts: Vec<&[(usize, &Prepared)]> = work.chunks(chunk).collect();
+        // The calling thread scores the first run and reports progress; the others count.
+        let results: Vec<Result<Vec<Vec<Vec<f64>>>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = parts[1..]
+                .iter()
+                .map(|part| {
+                    let (run, done) = (&run, &done);
+                    s.spawn(move || {
+                        run(part, &mut || {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        })
+                    })
+                })
+                .collect();
+            let first = run(parts[0], &mut || {
+                let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+                progress(d, total);
+            });
+            let mut all = vec![first];
+            all.extend(handles.into_iter().map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Invalid("a scoring worker panicked".into())))
+            }));
+            all
+        });
         // res[group blend][variant][item][option]
         let mut res = vec![vec![Vec::with_capacity(ins.items.len()); variants.len()]; group.len()];
-        for (v, items) in prepared.iter().enumerate() {
-            for p in items {
-                let lp = score_prompt(engine, &mut cache, &mut fed, p, &comb)?;
-                for (k, x) in lp.into_iter().enumerate() {
-                    res[k][v].push(x);
-                }
-                done += 1;
-                progress(done, total);
+        let scored = results.into_iter().collect::<Result<Vec<_>>>()?;
+        for ((v, _), lp) in work.iter().zip(scored.into_iter().flatten()) {
+            for (k, x) in lp.into_iter().enumerate() {
+                res[k][*v].push(x);
             }
         }
+        progress(done.load(Ordering::Relaxed), total);
         for (k, &b) in group.iter().enumerate() {
             out[b] = std::mem::take(&mut res[k]);
         }

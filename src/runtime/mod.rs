@@ -4,6 +4,7 @@
 mod blend;
 mod engine;
 mod session;
+pub mod threads;
 
 pub use blend::{softmax, Blend, Combine, Mode, RowPlan, View, CONSERVATIVE, PROGRESSIVE};
 pub use engine::{repo_dir, shipped_adapters, Engine, EngineOptions};
