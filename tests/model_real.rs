@@ -232,3 +232,46 @@ fn pooled_hidden_is_the_mean_of_the_last_residual_stream() {
     assert!(pooled_hidden_ids(&model, &[], 3).is_err());
     assert!(max_abs_diff(&pooled_hidden_ids(&model, &ids, 3).unwrap(), &mean) > 1e-2);
 }
+
+#[test]
+fn mixed_format_uses_f32_for_wide_passes_and_q8_0_for_decoding() {
+    // `mixed` must give exactly the f32 model's hidden states for a pass of WIDE_ROWS tokens or
+    // more, and exactly the Q8_0 model's logits for a decode step on the same cache.
+    use stancemix::model::{Model, WIDE_ROWS};
+    let (mixed, f32m, q8) = (
+        real_model(WeightFormat::Mixed),
+        real_model(WeightFormat::F32),
+        real_model(WeightFormat::Q8_0),
+    );
+    let text = "People have baked flat loaves from ground grain for thousands of years. ".repeat(6);
+    let ids = mixed.tokenizer.encode(&text).unwrap();
+    assert!(ids.len() > WIDE_ROWS);
+    let feed = |m: &Model, ids: &[u32], cache: &mut KvCache, logits| -> Vec<f32> {
+        let pass = Pass {
+            hook: &NoHook,
+            logits,
+            differentiable: false,
+        };
+        let x = Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let z = m.forward(&x, Some(cache), &pass).unwrap();
+        z.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let (prompt, next) = (&ids[..WIDE_ROWS], &ids[WIDE_ROWS..WIDE_ROWS + 1]);
+    let n = mixed.config.n_layer;
+    let (mut cm, mut cf, mut cq) = (KvCache::new(n), KvCache::new(n), KvCache::new(n));
+    let hm = feed(&mixed, prompt, &mut cm, Logits::Hidden);
+    let hf = feed(&f32m, prompt, &mut cf, Logits::Hidden);
+    let hq = feed(&q8, prompt, &mut cq, Logits::Hidden);
+    assert_eq!(max_abs_diff(&hm, &hf), 0.0, "wide pass: mixed vs f32");
+    assert!(
+        max_abs_diff(&hm, &hq) > 1e-3,
+        "f32 and Q8_0 weights should differ a little"
+    );
+    // One token on top of the f32-built cache: mixed must match Q8_0 weights on that same cache.
+    let dm = feed(&mixed, next, &mut cm, Logits::Last);
+    let dq = feed(&q8, next, &mut cf, Logits::Last);
+    assert_eq!(max_abs_diff(&dm, &dq), 0.0, "decode step: mixed vs Q8_0");
+}

@@ -24,8 +24,8 @@ pub struct Args {
     /// Repeats per figure (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
-    /// Base weights for inference: stored, q8_0 or f32.
-    #[arg(long, default_value = "q8_0")]
+    /// Base weights for inference: stored, q8_0, f32 or mixed (the runtime's default).
+    #[arg(long, default_value = "mixed")]
     pub format: WeightFormat,
     /// Optimizer steps per training repeat (after one uncounted warm-up repeat).
     #[arg(long, default_value_t = 4)]

@@ -265,7 +265,7 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
             a.dim,
             a.ngram_scale,
             a.layer,
-            weight_format_name(a.format),
+            a.format.name(),
             a.alpha,
             a.max_iter,
             a.restarts,
@@ -278,14 +278,6 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
         a.out.join(stancemix::router::GATE_FILE).display()
     );
     Ok(())
-}
-
-fn weight_format_name(f: WeightFormat) -> &'static str {
-    match f {
-        WeightFormat::Stored => "stored",
-        WeightFormat::Q8_0 => "q8_0",
-        WeightFormat::F32 => "f32",
-    }
 }
 
 /// Append the `prompt`/`topic` of every stance pair under `dir` (training only); returns how many.

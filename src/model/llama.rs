@@ -21,6 +21,26 @@ pub enum WeightFormat {
     Q8_0,
     /// Dequantized to dense f32: fastest prefill, and gradients flow (training).
     F32,
+    /// Both: Q8_0 for passes of few token rows (decoding), dense f32 from [`WIDE_ROWS`] rows up
+    /// (prompts). Fastest for generation, at the memory of both copies (~5x Q8_0's).
+    Mixed,
+}
+
+/// In format [`WeightFormat::Mixed`], passes with at least this many token rows (batch x
+/// tokens) use the f32 weights. Measured crossover on 2 cores: a 16-token pass takes 61 ms in
+/// Q8_0 and 81 ms in f32, a 64-token pass 224 and 165 ms (docs/BENCHMARKS.md).
+pub const WIDE_ROWS: usize = 32;
+
+impl WeightFormat {
+    /// The name `--format` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Stored => "stored",
+            Self::Q8_0 => "q8_0",
+            Self::F32 => "f32",
+            Self::Mixed => "mixed",
+        }
+    }
 }
 
 impl std::str::FromStr for WeightFormat {
@@ -30,8 +50,9 @@ impl std::str::FromStr for WeightFormat {
             "stored" => Ok(Self::Stored),
             "q8_0" | "q8" => Ok(Self::Q8_0),
             "f32" => Ok(Self::F32),
+            "mixed" => Ok(Self::Mixed),
             _ => Err(Error::Invalid(format!(
-                "unknown weight format '{s}' (expected stored, q8_0 or f32)"
+                "unknown weight format '{s}' (expected stored, q8_0, f32 or mixed)"
             ))),
         }
     }
@@ -66,22 +87,29 @@ pub struct Pass<'a> {
     pub differentiable: bool,
 }
 
+/// One base weight matrix: its matmul, and in format `mixed` a dense f32 copy for wide passes.
+#[derive(Debug)]
+struct Weight {
+    mm: QMatMul,
+    wide: Option<QMatMul>,
+}
+
 /// One transformer block's weights.
 #[derive(Debug)]
 struct Block {
     attn_norm: Tensor,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
+    q: Weight,
+    k: Weight,
+    v: Weight,
+    o: Weight,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Weight,
+    up: Weight,
+    down: Weight,
 }
 
 impl Block {
-    fn weight(&self, target: Target) -> &QMatMul {
+    fn weight(&self, target: Target) -> &Weight {
         match target {
             Target::Q => &self.q,
             Target::K => &self.k,
@@ -105,8 +133,8 @@ pub struct Model {
     embed: Tensor, // (vocab, hidden) f32
     blocks: Vec<Block>,
     norm: Tensor,
-    head: QMatMul, // output.weight, or the tied token embedding
-    cos: Tensor,   // (context, head_dim / 2)
+    head: Weight, // output.weight, or the tied token embedding
+    cos: Tensor,  // (context, head_dim / 2)
     sin: Tensor,
     device: Device,
 }
@@ -166,15 +194,20 @@ impl Model {
         let embed_q = read("token_embd.weight", &[c.vocab_size, c.hidden])?;
         let embed = embed_q.dequantize(&device)?;
         let norm = read("output_norm.weight", &[c.hidden])?.dequantize(&device)?;
-        let head_q = if content.tensor_infos.contains_key("output.weight") {
-            read("output.weight", &[c.vocab_size, c.hidden])?
-        } else {
+        let tied = !content.tensor_infos.contains_key("output.weight");
+        let head_q = if tied {
             embed_q
+        } else {
+            read("output.weight", &[c.vocab_size, c.hidden])?
         };
-        let head = to_matmul(head_q, opts.format)?;
+        let mut head = to_matmul(head_q, opts.format)?;
+        if tied && head.wide.is_some() {
+            // The same values as the f32 embedding already held: share it.
+            head.wide = Some(QMatMul::Tensor(embed.clone()));
+        }
         let mut blocks = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
-            let mut lin = |t: Target| -> Result<QMatMul> {
+            let mut lin = |t: Target| -> Result<Weight> {
                 let name = format!("blk.{i}.{}.weight", t.gguf_name());
                 to_matmul(
                     read(&name, &[c.out_features(t), c.in_features(t)])?,
@@ -238,7 +271,7 @@ impl Model {
             .blocks
             .get(layer)
             .ok_or_else(|| Error::Invalid(format!("layer {layer} out of range")))?;
-        Ok(match block.weight(target) {
+        Ok(match &block.weight(target).mm {
             QMatMul::QTensor(q) => q.dequantize(&self.device)?,
             QMatMul::Tensor(t) => t.clone(),
             QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
@@ -313,7 +346,11 @@ impl Model {
 
     /// A base matmul; in a differentiable pass over dense weights, one that sends gradients
     /// to `x` only (the base is frozen).
-    fn dense(&self, w: &QMatMul, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+    fn dense(&self, w: &Weight, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+        let w = match &w.wide {
+            Some(wide) if x.elem_count() / x.dim(D::Minus1)? >= WIDE_ROWS => wide,
+            _ => &w.mm,
+        };
         Ok(match w {
             QMatMul::Tensor(w) if pass.differentiable => super::frozen::frozen_linear(x, w)?,
             _ => w.forward(x)?,
@@ -325,7 +362,7 @@ impl Model {
         &self,
         layer: usize,
         target: Target,
-        w: &QMatMul,
+        w: &Weight,
         x: &Tensor,
         pass: &Pass,
     ) -> Result<Tensor> {
@@ -410,20 +447,30 @@ fn first_line(e: &candle_core::Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
-fn to_matmul(q: QTensor, format: WeightFormat) -> Result<QMatMul> {
+fn to_matmul(q: QTensor, format: WeightFormat) -> Result<Weight> {
     let device = q.device();
-    Ok(match format {
+    let mm = match format {
         WeightFormat::Stored => QMatMul::from_qtensor(q)?,
         WeightFormat::F32 => QMatMul::Tensor(q.dequantize(&device)?),
-        WeightFormat::Q8_0 => {
+        WeightFormat::Q8_0 | WeightFormat::Mixed => {
             let dense = q.dequantize(&device)?;
-            if dense.dim(D::Minus1)? % GgmlDType::Q8_0.block_size() == 0 {
-                QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)?
-            } else {
-                QMatMul::Tensor(dense)
+            if dense.dim(D::Minus1)? % GgmlDType::Q8_0.block_size() != 0 {
+                return Ok(Weight {
+                    mm: QMatMul::Tensor(dense),
+                    wide: None,
+                });
             }
+            let mm = QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)?;
+            if format == WeightFormat::Mixed {
+                return Ok(Weight {
+                    mm,
+                    wide: Some(QMatMul::Tensor(dense)),
+                });
+            }
+            mm
         }
-    })
+    };
+    Ok(Weight { mm, wide: None })
 }
 
 fn rope_tables(

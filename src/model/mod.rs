@@ -13,7 +13,7 @@ mod tokenizer;
 pub use cache::KvCache;
 pub use config::{Config, LLAMA_FAMILY};
 pub use frozen::frozen_linear;
-pub use llama::{LoadOptions, Logits, Model, Pass, WeightFormat};
+pub use llama::{LoadOptions, Logits, Model, Pass, WeightFormat, WIDE_ROWS};
 pub use tokenizer::{
     chatml_message, chatml_prompt, Message, TokenStream, Tokenizer, CHATML_ASSISTANT,
     DEFAULT_SYSTEM,

@@ -47,7 +47,7 @@ impl Default for EngineOptions {
             model: None,
             adapters: None,
             gate: None,
-            format: WeightFormat::Q8_0,
+            format: WeightFormat::Mixed,
         }
     }
 }
