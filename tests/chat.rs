@@ -254,15 +254,22 @@ fn save_then_load_resumes_the_conversation_and_its_blend() {
     let saved = fx.path("chat.jsonl");
     let first = "My name is Zorblax.";
     let second = "What is my name?";
+    // The uninterrupted run feeds the second turn onto its cache, the resumed one feeds the whole
+    // history at once. f32 weights give the same logits either way; the default `mixed` format
+    // switches to them only for passes of 32 tokens or more, so the two could differ.
+    let f32w = ["--format", "f32"];
 
     // One uninterrupted conversation, for reference.
-    let whole = fx.piped(fx.chat(&["--dial", "0.5"]), &format!("{first}\n{second}\n"));
+    let whole = fx.piped(
+        fx.chat(&["--dial", "0.5", f32w[0], f32w[1]]),
+        &format!("{first}\n{second}\n"),
+    );
     assert!(whole.status.success(), "{}", text(&whole.stderr));
     let whole = lines(&whole);
 
     // The same, saved after the first turn and resumed in a new process without blend flags.
     let a = fx.piped(
-        fx.chat(&["--dial", "0.5"]),
+        fx.chat(&["--dial", "0.5", f32w[0], f32w[1]]),
         &format!("{first}\n/save {}\n", saved.display()),
     );
     assert!(a.status.success(), "{}", text(&a.stderr));
@@ -274,7 +281,7 @@ fn save_then_load_resumes_the_conversation_and_its_blend() {
     );
 
     let again = fx.path("again.jsonl");
-    let mut resume = fx.chat(&[]);
+    let mut resume = fx.chat(&f32w);
     resume.arg("--load").arg(&saved);
     let b = fx.piped(resume, &format!("{second}\n/save {}\n", again.display()));
     assert!(b.status.success(), "{}", text(&b.stderr));

@@ -27,7 +27,7 @@ fn argmax(t: &Tensor) -> u32 {
 }
 
 #[test]
-fn logits_and_greedy_match_candle_quantized_llama() {
+fn logits_and_decoding_match_candle_quantized_llama() {
     let path = real_model_path();
     let model = real_model(WeightFormat::Stored);
     for p in PROMPTS {
@@ -53,36 +53,88 @@ fn logits_and_greedy_match_candle_quantized_llama() {
             .unwrap();
         let d = max_abs_diff(&got.to_vec1().unwrap(), &want.to_vec1().unwrap());
         assert!(d <= 1e-3, "{p}: max abs logit diff {d}");
-        // Greedy 32-token continuations, each model with its own cache.
-        let (mut a, mut b) = (argmax(&got), argmax(&want));
-        let (mut ours, mut theirs) = (vec![], vec![]);
+        // 32 decode steps along the reference's greedy continuation (teacher forcing), each model
+        // with its own cache. Both quantize activations to int8 before each matmul, so float
+        // noise of ~1e-7 (our decode attention sums in another order) can flip a rounding and
+        // move logits by tenths (measured: mean 0.37, up to 1.1 over the vocabulary; in f32 the
+        // two attentions agree within 4e-5, see `decode_steps_match_full_recompute_in_f32`).
+        // So: the same choice except at near-ties, and a bounded mean difference.
+        let mut next = argmax(&want);
+        let mut worst_mean = 0f32;
         for i in 0..32 {
-            ours.push(a);
-            theirs.push(b);
-            let xa = Tensor::new(&[a], &Device::Cpu)
+            let x1 = Tensor::new(&[next], &Device::Cpu)
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap();
-            a = argmax(
-                &model
-                    .forward(&xa, Some(&mut cache), &pass)
-                    .unwrap()
-                    .squeeze(0)
-                    .unwrap(),
-            );
-            let xb = Tensor::new(&[b], &Device::Cpu)
+            let w: Vec<f32> = reference
+                .forward(&x1, ids.len() + i)
                 .unwrap()
-                .unsqueeze(0)
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
                 .unwrap();
-            b = argmax(
-                &reference
-                    .forward(&xb, ids.len() + i)
-                    .unwrap()
-                    .squeeze(0)
-                    .unwrap(),
+            let g: Vec<f32> = model
+                .forward(&x1, Some(&mut cache), &pass)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mean = w.iter().zip(&g).map(|(a, b)| (a - b).abs()).sum::<f32>() / w.len() as f32;
+            worst_mean = worst_mean.max(mean);
+            let top = |v: &[f32]| {
+                let mut s: Vec<(f32, u32)> = v.iter().cloned().zip(0..).collect();
+                s.sort_by(|a, b| b.0.total_cmp(&a.0));
+                (s[0].1, s[0].0 - s[1].0)
+            };
+            let ((tw, margin), (tg, _)) = (top(&w), top(&g));
+            assert!(
+                tw == tg || margin < 1.0,
+                "{p}: step {i}: we pick {tg}, the reference {tw} by a margin of {margin}"
             );
+            next = tw;
         }
-        assert_eq!(ours, theirs, "{p}: greedy continuations differ");
+        assert!(
+            worst_mean < 1.0,
+            "{p}: mean |logit difference| up to {worst_mean}"
+        );
+    }
+}
+
+#[test]
+fn decode_steps_match_full_recompute_in_f32() {
+    // A cached one-token step (the decode attention op) against the whole sequence recomputed
+    // without a cache (the general attention path), with f32 weights so no int8 rounding hides
+    // or amplifies differences.
+    let model = real_model(WeightFormat::F32);
+    let mut ids = model.tokenizer.encode(&user(PROMPTS[1])).unwrap();
+    let pass = Pass {
+        hook: &NoHook,
+        logits: Logits::Last,
+        differentiable: false,
+    };
+    let row = |ids: &[u32]| {
+        Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+    };
+    let mut cache = KvCache::new(model.config.n_layer);
+    let mut z = model.forward(&row(&ids), Some(&mut cache), &pass).unwrap();
+    for step in 0..16 {
+        ids.push(argmax(&z.squeeze(0).unwrap()));
+        z = model
+            .forward(&row(&ids[ids.len() - 1..]), Some(&mut cache), &pass)
+            .unwrap();
+        let full = model.forward(&row(&ids), None, &pass).unwrap();
+        let d = max_abs_diff(
+            &z.flatten_all().unwrap().to_vec1().unwrap(),
+            &full.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert!(
+            d < 1e-3,
+            "step {step}: cached decode vs full recompute differ by {d}"
+        );
     }
 }
 

@@ -62,6 +62,13 @@ pub enum Command {
 
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // The scoring commands choose candle's threads themselves (`FcArgs::setup_threads`).
+    if !matches!(
+        cli.command,
+        Command::Eval(_) | Command::Sweep(_) | Command::Report(_)
+    ) {
+        stancemix::runtime::threads::pin_default();
+    }
     match cli.command {
         Command::FetchModel => {
             let p = stancemix::model::fetch::ensure_default_model()?;

@@ -396,6 +396,11 @@ impl Model {
             Some(cache) => cache.append(layer, &k, &v)?, // (b, nkv, pos + t, hd)
             None => (k, v),
         };
+        if t == 1 && !pass.differentiable {
+            // A decode step: one op over the cache in place (see `attention.rs`).
+            let y = super::attention::decode_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt())?;
+            return self.linear(layer, Target::O, &blk.o, &y, pass);
+        }
         let k = candle_transformers::utils::repeat_kv(k, c.n_rep())?; // (b, nh, kv_len, hd)
         let v = candle_transformers::utils::repeat_kv(v, c.n_rep())?.contiguous()?;
         let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?; // (b, nh, t, kv_len)

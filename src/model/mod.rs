@@ -1,6 +1,7 @@
 //! The LLaMA-family transformer: config from GGUF metadata, quantized base weights, tokenizer,
 //! forward pass with a LoRA hook at every linear, and the per-session KV cache.
 
+mod attention;
 mod cache;
 mod config;
 pub mod features;

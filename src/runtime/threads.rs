@@ -1,13 +1,25 @@
-//! How candle uses the CPU cores, and the setting that scores prompts fastest.
+//! How candle uses the CPU cores, and the settings that run it fastest here.
 //!
-//! candle runs f32 matmuls on rayon (`RAYON_NUM_THREADS`) and its elementwise and quantized ops
-//! on a separate pool of spinning workers (`CANDLE_NUM_THREADS`, by default as many as rayon).
-//! Both read their variable once, when first used. During f32 prompt scoring the two pools
-//! compete for the same cores: on the 2-core machine a 30-token, 11-row forward took 1.0-1.2 s
-//! with both pools at 2 threads, 0.65 s with candle's pool at 1, and 0.95 s with everything on
-//! one thread, where two such workers side by side each still took 0.95-1.0 s (the
-//! `Scoring` figures in docs/BENCHMARKS.md). Quantized decoding is the other way round: it
-//! needs candle's pool (59 tok/s on one thread, 110 on two).
+//! candle runs f32 matmuls on rayon (`RAYON_NUM_THREADS`, read on every matmul) and its
+//! elementwise and quantized ops on a separate pool of spinning workers (`CANDLE_NUM_THREADS`,
+//! by default as many as rayon; read once, when first used). During f32 prompt scoring the two
+//! pools compete for the same cores: on the 2-core machine a 30-token, 11-row forward took
+//! 1.0-1.7 s with both at 2 threads, 0.6-0.7 s with candle's pool at 1, and 0.93 s with
+//! everything on one thread, where two such workers side by side each still took 0.9-1.1 s
+//! ("Sweep time" in docs/BENCHMARKS.md). Quantized decoding is the other way round: it needs
+//! candle's pool (59 tok/s on one thread, 110 on two).
+
+/// Fix candle's thread count for the process: unless `RAYON_NUM_THREADS` is set, set it to the
+/// count candle would pick. Without it candle asks the OS for the number of cores (parsing
+/// `/proc/cpuinfo` on Linux) on every f32 matmul: 3-4% of decoding time when the attention ran
+/// on f32 matmuls, and 13% of a scoring run's samples were in the kernel. Call it at the start of
+/// `main`, before other threads run.
+pub fn pin_default() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
 
 /// The thread settings for a process whose heavy work is forced-choice scoring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +58,7 @@ pub fn setup_for_scoring(workers: Option<usize>) -> ScoringThreads {
     if !user_set {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    pin_default();
     ScoringThreads {
         workers,
         single_threaded_ops: false,
