@@ -3,9 +3,9 @@
 //! option pass, both for 11 dial rows (and 11 rows with the experts off).
 //! The "Sweep time" table in docs/BENCHMARKS.md compares thread settings with it:
 //!   RAYON_NUM_THREADS=2 CANDLE_NUM_THREADS=1 cargo run --release --example scoring_probe
-use std::time::Instant;
 use stancemix::model::{KvCache, Logits, WeightFormat};
 use stancemix::{Engine, EngineOptions};
+use std::time::Instant;
 
 fn main() -> stancemix::Result<()> {
     let engine = Engine::load(&EngineOptions {
@@ -22,7 +22,11 @@ fn main() -> stancemix::Result<()> {
         })
         .collect();
     let off = vec![vec![0.0; engine.experts.len()]; 11];
-    let dial = if engine.experts.len() == 2 { dial } else { off.clone() };
+    let dial = if engine.experts.len() == 2 {
+        dial
+    } else {
+        off.clone()
+    };
     for (name, rows) in [("11 dial rows", &dial), ("11 rows, experts off", &off)] {
         let mut cache = KvCache::new(engine.model.config.n_layer);
         engine.forward_rows(prefix, Some(&mut cache), rows, Logits::Last)?;
@@ -33,7 +37,10 @@ fn main() -> stancemix::Result<()> {
             let a = t.elapsed();
             let t = Instant::now();
             engine.forward_rows(&suffix[..1], Some(&mut cache), rows, Logits::All)?;
-            println!("{name}: suffix {a:.2?}, one-token option pass {:.2?}", t.elapsed());
+            println!(
+                "{name}: suffix {a:.2?}, one-token option pass {:.2?}",
+                t.elapsed()
+            );
         }
     }
     Ok(())
