@@ -82,14 +82,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let threads = candle_core::utils::get_num_threads();
     let path = fetch::ensure_default_model()?;
-    let model = Model::load(&path, &LoadOptions { format: a.format })?;
-    let ids = prompt_ids(&model)?;
     let r = a.repeats;
     let say = |s: &str| {
         if !a.json {
             eprintln!("{s}")
         }
     };
+    // Training first, before the inference models are loaded, so the peak memory it reports is
+    // the training's own.
+    let train = if a.no_train {
+        None
+    } else {
+        say("training (rank 8, q/v, batch 4 x 64)...");
+        Some(train_figure(&path, r.min(3), a.train_steps)?)
+    };
+    let model = Model::load(&path, &LoadOptions { format: a.format })?;
+    let ids = prompt_ids(&model)?;
 
     say("prompt processing...");
     let base = Engine::new(model.clone(), ExpertSet::empty());
@@ -156,13 +164,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         )
     } else {
         None
-    };
-
-    let train = if a.no_train {
-        None
-    } else {
-        say("training (rank 8, q/v, batch 4 x 64)...");
-        Some(train_figure(&path, r.min(3), a.train_steps)?)
     };
 
     let j = serde_json::json!({

@@ -198,6 +198,9 @@ impl LinearHook for ExpertHook<'_> {
 const FAST_ROWS: usize = 4;
 
 /// `y + (scale * (x A_cat^T)) B_cat^T` for a few rows, skipping experts whose scale is zero.
+/// The rank rows with a non-zero scale are shared among candle's worker threads (each adds its
+/// part into its own buffer; the buffers are summed after): during a decode step those threads
+/// would otherwise wait while one core does all the experts' arithmetic.
 fn fast_delta(stack: &Stack, scale: &[f32], x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
     let (b, t, n_in) = x.dims3()?;
     let (r_all, n_out) = (stack.width, stack.n_out);
@@ -205,18 +208,66 @@ fn fast_delta(stack: &Stack, scale: &[f32], x: &Tensor, y: Tensor) -> candle_cor
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let shape = y.shape().clone();
     let mut ys = y.flatten_all()?.to_vec1::<f32>()?;
-    for row in 0..b * t {
-        let s = &scale[(row / t) * r_all..(row / t + 1) * r_all];
-        let xr = &xs[row * n_in..(row + 1) * n_in];
-        let yr = &mut ys[row * n_out..(row + 1) * n_out];
-        for j in (0..r_all).filter(|&j| s[j] != 0.0) {
-            let h = dot(&stack.a[j * n_in..(j + 1) * n_in], xr) * s[j];
+    // (token row, rank row) pairs with a non-zero scale: the work to share.
+    let work: Vec<(usize, usize)> = (0..b * t)
+        .flat_map(|row| {
+            let s = &scale[(row / t) * r_all..(row / t + 1) * r_all];
+            (0..r_all)
+                .filter(move |&j| s[j] != 0.0)
+                .map(move |j| (row, j))
+        })
+        .collect();
+    let add = |part: &[(usize, usize)], out: &mut [f32]| {
+        for &(row, j) in part {
+            let s = scale[(row / t) * r_all + j];
+            let h = dot(
+                &stack.a[j * n_in..(j + 1) * n_in],
+                &xs[row * n_in..(row + 1) * n_in],
+            ) * s;
+            let yr = &mut out[row * n_out..(row + 1) * n_out];
             for (yo, bo) in yr.iter_mut().zip(&stack.b[j * n_out..(j + 1) * n_out]) {
                 *yo += h * bo;
             }
         }
+    };
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool_threads();
+    if threads < 2 || work.len() < 2 * threads {
+        add(&work, &mut ys);
+    } else {
+        let part = work.len().div_ceil(threads);
+        let parts: Vec<std::sync::Mutex<Vec<f32>>> = (0..threads)
+            .map(|_| std::sync::Mutex::new(vec![0f32; ys.len()]))
+            .collect();
+        pool.execute(|tid| {
+            let lo = (tid * part).min(work.len());
+            let hi = ((tid + 1) * part).min(work.len());
+            if let Ok(mut buf) = parts[tid].lock() {
+                add(&work[lo..hi], &mut buf);
+            }
+        });
+        for p in parts {
+            let p = p
+                .into_inner()
+                .map_err(|_| candle_core::Error::Msg("expert worker panicked".into()))?;
+            for (yo, v) in ys.iter_mut().zip(p) {
+                *yo += v;
+            }
+        }
     }
     Tensor::from_vec(ys, shape, x.device())
+}
+
+/// Threads of candle's barrier pool (its workers and the calling thread), counted once.
+fn pool_threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        let n = std::sync::atomic::AtomicUsize::new(1);
+        candle_core::utils::barrier_pool().execute(|tid| {
+            n.fetch_max(tid + 1, std::sync::atomic::Ordering::Relaxed);
+        });
+        n.into_inner()
+    })
 }
 
 /// Dot product in eight lanes (vectorizes under AVX2).
