@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 
 use super::Adapter;
-use crate::model::{LinearHook, Target};
+use crate::model::{dot, LinearHook, Target};
 use crate::{Error, Result};
 
 /// The experts of every adaptable linear, stacked: `A_cat^T` `(in, R)` and `B_cat^T` `(R, out)`,
@@ -268,22 +268,4 @@ fn pool_threads() -> usize {
         });
         n.into_inner()
     })
-}
-
-/// Dot product in eight lanes (vectorizes under AVX2).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (xa, xb) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += xa[k] * xb[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }

@@ -9,6 +9,8 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::dot;
+
 /// `softmax(q k^T * scale) v` for `q` `(b, n_head, 1, hd)` and `k`, `v` `(b, n_kv_head, len,
 /// hd)` (any strides, e.g. views into the KV cache); returns `(b, 1, n_head * hd)`.
 pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
@@ -94,24 +96,6 @@ impl CustomOp3 for DecodeAttention {
         }
         Ok((CpuStorage::F32(out), Shape::from((b, 1, nh * hd))))
     }
-}
-
-/// Dot product in eight lanes (vectorizes under AVX2).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (xa, xb) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += xa[k] * xb[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
