@@ -327,6 +327,22 @@ fn eval_cli_names_file_item_and_field_of_a_bad_instrument() {
     assert!(err.contains("bad.json: q1: effects.x"), "{err}");
 }
 
+#[test]
+fn scoring_commands_refuse_zero_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    for cmd in ["eval", "sweep", "report"] {
+        let o = std::process::Command::new(bin())
+            .args([cmd, "--no-adapters", "--workers", "0", "--out"])
+            .arg(dir.path().join(cmd))
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{cmd}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--workers: give at least 1"), "{cmd}: {err}");
+        assert!(!dir.path().join(cmd).exists(), "{cmd} wrote output");
+    }
+}
+
 /// Random progressive and conservative adapters saved as directories, for the CLI.
 fn random_adapter_dirs(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let model = real_model(WeightFormat::F32);
