@@ -172,20 +172,17 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
                 .unwrap_or_default()
         );
         let t0 = std::time::Instant::now();
-        let mut get = |set: &[(String, String)]| -> anyhow::Result<Vec<Vec<f32>>> {
+        let mut get = |set: &[(String, String)], what: &str| -> anyhow::Result<Vec<Vec<f32>>> {
+            let mut bar = super::eval::progress_bar(what);
             let mut out = Vec::with_capacity(set.len());
             for (i, (text, _)) in set.iter().enumerate() {
                 out.push(match cache.as_mut() {
                     Some(c) => c.pooled(&model, &h, text)?,
                     None => h.pooled(&model, text)?,
                 });
+                bar(i + 1, set.len());
                 if (i + 1) % 250 == 0 {
-                    eprintln!(
-                        "  {} / {} ({:.0}s)",
-                        i + 1,
-                        set.len(),
-                        t0.elapsed().as_secs_f64()
-                    );
+                    // Keep what was computed if the run is interrupted.
                     if let Some(c) = cache.as_mut() {
                         c.save()?;
                     }
@@ -193,8 +190,8 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
             }
             Ok(out)
         };
-        let pt = get(&ex)?;
-        let pd = get(&dev_ex)?;
+        let pt = get(&ex, "hidden states, train")?;
+        let pd = get(&dev_ex, "hidden states, dev")?;
         if let Some(c) = cache.as_mut() {
             c.save()?;
         }

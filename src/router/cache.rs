@@ -6,7 +6,6 @@
 //! of `u64` FNV-1a of the wrapped text followed by `size` `f32`s, little-endian.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::features::{fnv1a, HiddenFeatures};
@@ -18,7 +17,8 @@ pub struct PooledCache {
     path: PathBuf,
     size: usize,
     map: HashMap<u64, Vec<f32>>,
-    fresh: Vec<u64>,
+    /// Whether states were computed since the file was last written.
+    dirty: bool,
 }
 
 impl PooledCache {
@@ -62,7 +62,7 @@ impl PooledCache {
             path,
             size,
             map,
-            fresh: Vec::new(),
+            dirty: false,
         })
     }
 
@@ -84,32 +84,25 @@ impl PooledCache {
         }
         let v = h.pooled(model, text)?;
         self.map.insert(key, v.clone());
-        self.fresh.push(key);
+        self.dirty = true;
         Ok(v)
     }
 
-    /// Append the states computed since opening to the file.
+    /// Write the file again with every state, if any were computed since opening. The whole
+    /// file is replaced atomically, so an interrupted save never leaves a partial record.
     pub fn save(&mut self) -> Result<()> {
-        if self.fresh.is_empty() {
+        if !self.dirty {
             return Ok(());
         }
-        if let Some(d) = self.path.parent() {
-            std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-        }
-        let mut bytes = Vec::with_capacity(self.fresh.len() * (8 + 4 * self.size));
-        for k in &self.fresh {
+        let mut bytes = Vec::with_capacity(self.map.len() * (8 + 4 * self.size));
+        for (k, v) in &self.map {
             bytes.extend_from_slice(&k.to_le_bytes());
-            for v in &self.map[k] {
-                bytes.extend_from_slice(&v.to_le_bytes());
+            for x in v {
+                bytes.extend_from_slice(&x.to_le_bytes());
             }
         }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(|e| Error::io(&self.path, e))?;
-        f.write_all(&bytes).map_err(|e| Error::io(&self.path, e))?;
-        self.fresh.clear();
+        crate::error::write_atomic(&self.path, &bytes)?;
+        self.dirty = false;
         Ok(())
     }
 }
