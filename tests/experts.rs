@@ -4,8 +4,8 @@ mod common;
 
 use candle_core::{Device, IndexOp, Tensor};
 use common::*;
-use stancemix::lora::{Adapter, ExpertSet};
-use stancemix::model::{LinearHook, Logits, Model, NoHook, Pass, Target, WeightFormat};
+use stancemix::lora::{Adapter, ExpertPrecision, ExpertSet};
+use stancemix::model::{KvCache, LinearHook, Logits, Model, NoHook, Pass, Target, WeightFormat};
 use stancemix::runtime::{softmax, RowPlan};
 use stancemix::{Blend, Engine, Mode};
 use std::sync::Arc;
@@ -154,6 +154,110 @@ fn blend_is_linear_in_gate_weights() {
         let want: Vec<f32> = e1.iter().zip(&e2).map(|(a, b)| gx * a + gy * b).collect();
         assert!(max_abs_diff(&got, &want) <= 1e-5, "g = ({gx}, {gy})");
     }
+}
+
+fn norm(v: &[f32]) -> f32 {
+    v.iter().map(|x| x * x).sum::<f32>().sqrt()
+}
+
+/// The int8 decode path (used with a quantized base) against the f32 one, computed here from
+/// the same hook in f32: close on every target, exactly linear in the gates, and zero gates
+/// leave the output untouched.
+#[test]
+fn int8_expert_deltas_track_f32_and_stay_linear() {
+    let model = real_model(WeightFormat::Q8_0);
+    let experts = random_experts(&model, 8);
+    let delta = |target: Target, g: Vec<f32>, precision, x: &Tensor| -> Vec<f32> {
+        let rows = vec![g];
+        let zero = Tensor::zeros(
+            (1, 1, model.config.out_features(target)),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        experts
+            .hook_with(&rows, precision)
+            .unwrap()
+            .after_linear(5, target, x, zero)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    for target in Target::ALL {
+        let n_in = model.config.in_features(target);
+        let x = Tensor::randn(0f32, 1.0, (1, 1, n_in), &Device::Cpu).unwrap();
+        for g in [vec![1.0, 0.0], vec![0.0, -0.7], vec![0.6, 0.4]] {
+            let want = delta(target, g.clone(), ExpertPrecision::F32, &x);
+            let got = delta(target, g.clone(), ExpertPrecision::Int8, &x);
+            let err: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
+            let rel = norm(&err) / norm(&want);
+            assert!(rel < 0.03, "{target:?} g = {g:?}: relative error {rel}");
+        }
+        let e1 = delta(target, vec![1.0, 0.0], ExpertPrecision::Int8, &x);
+        let e2 = delta(target, vec![0.0, 1.0], ExpertPrecision::Int8, &x);
+        let scale = e1.iter().chain(&e2).fold(0f32, |m, v| m.max(v.abs()));
+        for (gx, gy) in [(0.3f32, 0.5f32), (-0.7, 1.4)] {
+            let got = delta(target, vec![gx, gy], ExpertPrecision::Int8, &x);
+            let want: Vec<f32> = e1.iter().zip(&e2).map(|(a, b)| gx * a + gy * b).collect();
+            assert!(
+                max_abs_diff(&got, &want) <= 1e-5 * scale,
+                "{target:?} g = ({gx}, {gy})"
+            );
+        }
+        let none = delta(target, vec![0.0, 0.0], ExpertPrecision::Int8, &x);
+        assert!(none.iter().all(|&v| v == 0.0));
+    }
+}
+
+/// A decode step of the Q8_0 engine uses the int8 experts; an f32 engine uses the f32 ones.
+/// (Their accuracy is checked per linear above: through the whole Q8_0 model any rounding,
+/// even a 1e-4 change of one gate weight, moves the logits' norm by tens, so a logit-level
+/// comparison would test the base's sensitivity, not the experts.)
+#[test]
+fn engine_decode_picks_the_experts_precision_of_its_base() {
+    let step = |model: &Arc<Model>, precision: Option<ExpertPrecision>| {
+        let ids = prompt_ids(model);
+        let rows = vec![vec![0.6f32, 0.4]];
+        let engine = Engine::new(model.clone(), random_experts(model, 8));
+        let mut c = KvCache::new(model.config.n_layer);
+        engine
+            .forward_rows(&ids, Some(&mut c), &rows, Logits::Last)
+            .unwrap();
+        let z = match precision {
+            None => engine
+                .forward_rows(&[ids[3]], Some(&mut c), &rows, Logits::Last)
+                .unwrap(),
+            Some(p) => {
+                let hook = engine.experts.hook_with(&rows, p).unwrap();
+                let pass = Pass {
+                    hook: &hook,
+                    logits: Logits::Last,
+                    differentiable: false,
+                };
+                let x = Tensor::new(&[ids[3]], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                model.forward(&x, Some(&mut c), &pass).unwrap()
+            }
+        };
+        z.i(0).unwrap().to_vec1::<f32>().unwrap()
+    };
+    let q8 = real_model(WeightFormat::Q8_0);
+    assert_eq!(
+        Engine::new(q8.clone(), ExpertSet::empty()).expert_precision(),
+        ExpertPrecision::Int8
+    );
+    let int8 = step(&q8, Some(ExpertPrecision::Int8));
+    assert_eq!(step(&q8, None), int8);
+    assert_ne!(step(&q8, Some(ExpertPrecision::F32)), int8);
+    let f32_model = real_model(WeightFormat::F32);
+    assert_eq!(
+        step(&f32_model, None),
+        step(&f32_model, Some(ExpertPrecision::F32))
+    );
 }
 
 #[test]

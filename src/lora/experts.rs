@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 
-use super::Adapter;
+use super::{int8, Adapter};
 use crate::model::{dot, LinearHook, Target};
 use crate::{Error, Result};
 
@@ -23,6 +23,84 @@ struct Stack {
     /// `(expert index, column offset, rank)` for each expert in the stack.
     spans: Vec<(usize, usize, usize)>,
     width: usize,
+    /// Int8 copies for decode steps of a quantized base; `None` when `in` is not a multiple of
+    /// the 32-wide Q8_0 block.
+    int8: Option<Int8Stack>,
+}
+
+/// The int8 form of a [`Stack`], a quarter of its bytes, one part per expert (see [`int8`]).
+#[derive(Debug)]
+struct Int8Stack {
+    spans: Vec<Int8Span>,
+}
+
+/// One expert's `A` and `B` in int8, its rank padded with zero rows to a multiple of 4.
+#[derive(Debug)]
+struct Int8Span {
+    /// The expert's column in a gate-scale row of the stack.
+    off: usize,
+    rows: usize,
+    /// `A` `(rows, in)` in int8, one scale per row in `a_scale`.
+    a: Vec<i8>,
+    a_scale: Vec<f32>,
+    /// `B^T` `(rows, out)` quad-interleaved, one scale per output column.
+    b: Vec<i8>,
+    b_scale: Vec<f32>,
+}
+
+impl Int8Stack {
+    /// `None` when `in` is not a multiple of the 32-wide block.
+    fn new(
+        a: &[f32],
+        b: &[f32],
+        n_in: usize,
+        n_out: usize,
+        spans: &[(usize, usize, usize)],
+    ) -> Option<Self> {
+        if !n_in.is_multiple_of(int8::BLOCK) {
+            return None;
+        }
+        let spans = spans
+            .iter()
+            .map(|&(_, off, rank)| {
+                let rows = rank.next_multiple_of(4);
+                let mut af = a[off * n_in..(off + rank) * n_in].to_vec();
+                af.resize(rows * n_in, 0.0);
+                let (aq, a_scale) = int8::quantize_rows(&af, n_in);
+                let mut bq = vec![0i8; rows * n_out];
+                let mut b_scale = vec![0f32; n_out];
+                for (o, d) in b_scale.iter_mut().enumerate() {
+                    let col = |j: usize| b[(off + j) * n_out + o];
+                    let amax = (0..rank).fold(0f32, |m, j| m.max(col(j).abs()));
+                    *d = amax / 127.0;
+                    if amax > 0.0 {
+                        for j in 0..rank {
+                            bq[j * n_out + o] = (col(j) * 127.0 / amax).round() as i8;
+                        }
+                    }
+                }
+                Int8Span {
+                    off,
+                    rows,
+                    a: aq,
+                    a_scale,
+                    b: int8::interleave_quads(&bq, rows, n_out),
+                    b_scale,
+                }
+            })
+            .collect();
+        Some(Int8Stack { spans })
+    }
+}
+
+/// How the experts' deltas of decode steps (a few token rows) are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertPrecision {
+    /// f32 throughout: exact to float rounding (the reference; used with an f32 base).
+    F32,
+    /// Int8 weights and activations with f32 scales (as the Q8_0 base itself): used with a
+    /// quantized base, where it is within the base's own rounding and costs a quarter of the bytes.
+    Int8,
 }
 
 /// The named experts an engine holds. Immutable once built; shared by all sessions.
@@ -75,11 +153,14 @@ impl ExpertSet {
             let a_cat = Tensor::cat(&a_parts, 0)?; // (R, in)
             let b_t = Tensor::cat(&b_parts, 1)?.t()?.contiguous()?; // (R, out)
             let (n_out, n_in) = (b_t.dim(1)?, a_cat.dim(1)?);
+            let a: Vec<f32> = a_cat.flatten_all()?.to_vec1()?;
+            let b: Vec<f32> = b_t.flatten_all()?.to_vec1()?;
             stacks.insert(
                 key,
                 Stack {
-                    a: a_cat.flatten_all()?.to_vec1()?,
-                    b: b_t.flatten_all()?.to_vec1()?,
+                    int8: Int8Stack::new(&a, &b, n_in, n_out, &spans),
+                    a,
+                    b,
                     a_t: a_cat.t()?.contiguous()?,
                     b_t,
                     n_in,
@@ -128,8 +209,19 @@ impl ExpertSet {
             .position(|a| a.stance() == Some(stance))
     }
 
-    /// A hook for a batch whose row `r` uses gate weights `rows[r]` (one per expert).
+    /// A hook for a batch whose row `r` uses gate weights `rows[r]` (one per expert), exact in
+    /// f32 ([`ExpertPrecision::F32`]).
     pub fn hook<'a>(&'a self, rows: &'a [Vec<f32>]) -> Result<ExpertHook<'a>> {
+        self.hook_with(rows, ExpertPrecision::F32)
+    }
+
+    /// [`ExpertSet::hook`] with the decode steps' arithmetic chosen by `precision`. Passes of
+    /// more than a few token rows (prompts) are f32 either way.
+    pub fn hook_with<'a>(
+        &'a self,
+        rows: &'a [Vec<f32>],
+        precision: ExpertPrecision,
+    ) -> Result<ExpertHook<'a>> {
         for (i, g) in rows.iter().enumerate() {
             if g.len() != self.len() {
                 return Err(Error::Invalid(format!(
@@ -139,7 +231,11 @@ impl ExpertSet {
                 )));
             }
         }
-        Ok(ExpertHook { set: self, rows })
+        Ok(ExpertHook {
+            set: self,
+            rows,
+            precision,
+        })
     }
 }
 
@@ -148,6 +244,7 @@ impl ExpertSet {
 pub struct ExpertHook<'a> {
     set: &'a ExpertSet,
     rows: &'a [Vec<f32>],
+    precision: ExpertPrecision,
 }
 
 impl LinearHook for ExpertHook<'_> {
@@ -182,6 +279,9 @@ impl LinearHook for ExpertHook<'_> {
             candle_core::bail!("batch has {xb} rows but {b} gate rows were given");
         }
         if b * t <= FAST_ROWS {
+            if let (ExpertPrecision::Int8, Some(q)) = (self.precision, &stack.int8) {
+                return int8_delta(stack, q, &scale, x, y);
+            }
             return fast_delta(stack, &scale, x, y);
         }
         let h = x.reshape((b * t, d_in))?.matmul(&stack.a_t)?; // (b*t, R)
@@ -252,6 +352,61 @@ fn fast_delta(stack: &Stack, scale: &[f32], x: &Tensor, y: Tensor) -> candle_cor
                 .map_err(|_| candle_core::Error::Msg("expert worker panicked".into()))?;
             for (yo, v) in ys.iter_mut().zip(p) {
                 *yo += v;
+            }
+        }
+    }
+    Tensor::from_vec(ys, shape, x.device())
+}
+
+/// [`fast_delta`] in int8, on the calling thread: `x` rounded in blocks of 32, `h = A x` by
+/// int8 dot products four rank rows at a time, each active expert's `s h` rounded to int8 with
+/// one scale, `B^T` applied with int32 sums, then scaled back into `y`. Not shared with candle's
+/// workers: on the 2-core benchmark machine handing these ~5 us of work to the pool cost more
+/// than it saved (docs/BENCHMARKS.md, "Two experts").
+fn int8_delta(
+    stack: &Stack,
+    q: &Int8Stack,
+    scale: &[f32],
+    x: &Tensor,
+    y: Tensor,
+) -> candle_core::Result<Tensor> {
+    let (b, t, n_in) = x.dims3()?;
+    let (r_all, n_out) = (stack.width, stack.n_out);
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let shape = y.shape().clone();
+    let mut ys = y.flatten_all()?.to_vec1::<f32>()?;
+    let (mut xq, mut dx) = (vec![0i8; n_in], vec![0f32; n_in / int8::BLOCK]);
+    let mut acc = vec![0i32; n_out];
+    let (mut h, mut u) = (Vec::new(), Vec::new());
+    for row in 0..b * t {
+        let s = &scale[(row / t) * r_all..(row / t + 1) * r_all];
+        let mut quantized = false;
+        for sp in &q.spans {
+            let se = s[sp.off];
+            if se == 0.0 {
+                continue;
+            }
+            if !quantized {
+                int8::quantize_blocks(&xs[row * n_in..(row + 1) * n_in], &mut xq, &mut dx);
+                quantized = true;
+            }
+            h.clear();
+            for j in (0..sp.rows).step_by(4) {
+                let a = |k: usize| &sp.a[(j + k) * n_in..(j + k + 1) * n_in];
+                let d = [0, 1, 2, 3].map(|k| sp.a_scale[j + k] * se);
+                h.extend(int8::dot4([a(0), a(1), a(2), a(3)], d, &xq, &dx));
+            }
+            let amax = h.iter().fold(0f32, |m, v: &f32| m.max(v.abs()));
+            if amax == 0.0 {
+                continue;
+            }
+            u.clear();
+            u.extend(h.iter().map(|v| (v * 127.0 / amax).round() as i8));
+            int8::quad_matvec(&sp.b, &u, &mut acc);
+            let du = amax / 127.0;
+            let yr = &mut ys[row * n_out..(row + 1) * n_out];
+            for ((yo, &a), &d) in yr.iter_mut().zip(&acc).zip(&sp.b_scale) {
+                *yo += a as f32 * du * d;
             }
         }
     }

@@ -3,10 +3,11 @@
 
 mod adapter;
 mod experts;
+pub mod int8;
 mod merge;
 
 pub use adapter::{
     peft_tensor_name, permute_rows, Adapter, AdapterConfig, LoraPair, CONFIG_FILE, WEIGHTS_FILE,
 };
-pub use experts::{ExpertHook, ExpertSet};
+pub use experts::{ExpertHook, ExpertPrecision, ExpertSet};
 pub use merge::merge_to_gguf;

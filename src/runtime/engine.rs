@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::{Blend, RowPlan, Session};
-use crate::lora::{Adapter, ExpertSet};
+use crate::lora::{Adapter, ExpertPrecision, ExpertSet};
 use crate::model::{KvCache, LoadOptions, Logits, Model, Pass, WeightFormat};
 use crate::router::{Gate, Policy, Route};
 use crate::{Error, Result};
@@ -152,7 +152,7 @@ impl Engine {
             .repeat((b, 1))?;
         let zero = [vec![0f32; self.experts.len()]];
         let rows = if rows.is_empty() { &zero[..] } else { rows };
-        let hook = self.experts.hook(rows)?;
+        let hook = self.experts.hook_with(rows, self.expert_precision())?;
         self.model.forward(
             &t,
             cache,
@@ -162,6 +162,15 @@ impl Engine {
                 differentiable: false,
             },
         )
+    }
+
+    /// The experts' decode arithmetic that matches the base: int8 with a quantized base (Q8_0 is
+    /// what decode steps read in every format but `f32`), f32 with an f32 base.
+    pub fn expert_precision(&self) -> ExpertPrecision {
+        match self.model.format {
+            WeightFormat::F32 => ExpertPrecision::F32,
+            _ => ExpertPrecision::Int8,
+        }
     }
 
     /// The gate weights and row plan for `blend` applied to the prompt `text`.
