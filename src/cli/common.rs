@@ -21,8 +21,8 @@ pub struct EngineArgs {
     /// Gate directory (default: router-data/ if it holds a gate).
     #[arg(long)]
     pub gate: Option<PathBuf>,
-    /// Base weights in memory: stored (as in the file), q8_0, f32, or mixed (q8_0 for decoding,
-    /// f32 for prompts of 32 tokens or more: the fastest, ~0.7 GB instead of ~0.2).
+    /// Base weights in memory: stored (the file's blocks, ~0.15 GB), q8_0, f32, or mixed (the
+    /// stored blocks for decoding, f32 for prompts of 32 tokens or more: the fastest, ~0.7 GB).
     #[arg(long, default_value = "mixed")]
     pub format: WeightFormat,
 }

@@ -38,8 +38,9 @@ pub struct EvalEngineArgs {
     /// number of rows, which moves logits between batch shapes.
     #[arg(long, default_value = "f32")]
     pub format: WeightFormat,
-    /// Base weights for generating answers (open-ended, adversarial): q8_0 decodes fastest.
-    #[arg(long, default_value = "q8_0")]
+    /// Base weights for generating answers (open-ended, adversarial): stored (the file's
+    /// blocks) decodes fastest.
+    #[arg(long, default_value = "stored")]
     pub gen_format: WeightFormat,
 }
 

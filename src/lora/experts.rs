@@ -4,7 +4,8 @@
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 
-use super::{int8, Adapter};
+use super::Adapter;
+use crate::model::int8;
 use crate::model::{dot, LinearHook, Target};
 use crate::{Error, Result};
 

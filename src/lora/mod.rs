@@ -3,7 +3,6 @@
 
 mod adapter;
 mod experts;
-pub mod int8;
 mod merge;
 
 pub use adapter::{

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::q8::Q8Matrix;
 use super::{Config, KvCache, LinearHook, Target, Tokenizer};
 use crate::{Error, Result};
 
@@ -14,15 +15,17 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightFormat {
-    /// As stored in the file (Q4_1 for the default base).
+    /// As stored in the file (Q4_1 for the default base, its embedding Q8_0), multiplied by our
+    /// int8 kernels (`q8.rs`) when the type is Q4_1 or Q8_0, by candle's otherwise.
     #[default]
     Stored,
-    /// Requantized to Q8_0: candle has fast AVX2 kernels for it.
+    /// Requantized to Q8_0 (our int8 kernels): more bytes than Q4_1, less rounding than a
+    /// 4-bit type would add to a file stored at higher precision.
     Q8_0,
-    /// Dequantized to dense f32: fastest prefill, and gradients flow (training).
+    /// Dequantized to dense f32: fastest for long prompts, and gradients flow (training).
     F32,
-    /// Both: Q8_0 for passes of few token rows (decoding), dense f32 from [`WIDE_ROWS`] rows up
-    /// (prompts). Fastest for generation, at the memory of both copies (~5x Q8_0's).
+    /// Both: the stored blocks (as `stored`) for passes of few token rows (decoding), dense f32
+    /// from [`WIDE_ROWS`] rows up (prompts). Fastest for generation, at the memory of both copies.
     Mixed,
 }
 
@@ -90,8 +93,17 @@ pub struct Pass<'a> {
 /// One base weight matrix: its matmul, and in format `mixed` a dense f32 copy for wide passes.
 #[derive(Debug)]
 struct Weight {
-    mm: QMatMul,
+    mm: Narrow,
     wide: Option<QMatMul>,
+}
+
+/// The matmul for passes narrower than [`WIDE_ROWS`] (every pass unless format `mixed`).
+#[derive(Debug)]
+enum Narrow {
+    /// Candle's: the stored quantization, dense f32, or Q8_0 where our kernel's shapes fail.
+    Candle(QMatMul),
+    /// Formats `q8_0` and `mixed`: our int8 kernel (`q8.rs`).
+    Q8(Q8Matrix),
 }
 
 /// One transformer block's weights.
@@ -272,9 +284,10 @@ impl Model {
             .get(layer)
             .ok_or_else(|| Error::Invalid(format!("layer {layer} out of range")))?;
         Ok(match &block.weight(target).mm {
-            QMatMul::QTensor(q) => q.dequantize(&self.device)?,
-            QMatMul::Tensor(t) => t.clone(),
-            QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+            Narrow::Candle(QMatMul::QTensor(q)) => q.dequantize(&self.device)?,
+            Narrow::Candle(QMatMul::Tensor(t)) => t.clone(),
+            Narrow::Candle(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
+            Narrow::Q8(m) => m.dequantize()?,
         })
     }
 
@@ -347,9 +360,10 @@ impl Model {
     /// A base matmul; in a differentiable pass over dense weights, one that sends gradients
     /// to `x` only (the base is frozen).
     fn dense(&self, w: &Weight, x: &Tensor, pass: &Pass) -> Result<Tensor> {
-        let w = match &w.wide {
-            Some(wide) if x.elem_count() / x.dim(D::Minus1)? >= WIDE_ROWS => wide,
-            _ => &w.mm,
+        let w = match (&w.wide, &w.mm) {
+            (Some(wide), _) if x.elem_count() / x.dim(D::Minus1)? >= WIDE_ROWS => wide,
+            (_, Narrow::Q8(m)) => return Ok(m.forward(&x.contiguous()?)?),
+            (_, Narrow::Candle(mm)) => mm,
         };
         Ok(match w {
             QMatMul::Tensor(w) if pass.differentiable => super::frozen::frozen_linear(x, w)?,
@@ -454,28 +468,47 @@ fn first_line(e: &candle_core::Error) -> String {
 
 fn to_matmul(q: QTensor, format: WeightFormat) -> Result<Weight> {
     let device = q.device();
+    let wide = |q: &QTensor| -> Result<Option<QMatMul>> {
+        Ok((format == WeightFormat::Mixed).then_some(QMatMul::Tensor(q.dequantize(&device)?)))
+    };
+    // The file's Q4_1 or Q8_0 blocks as they are, for our kernels: formats `stored` and `mixed`.
+    if matches!(format, WeightFormat::Stored | WeightFormat::Mixed) {
+        if let Some(m) = Q8Matrix::from_stored(&q)? {
+            return Ok(Weight {
+                mm: Narrow::Q8(m),
+                wide: wide(&q)?,
+            });
+        }
+    }
     let mm = match format {
         WeightFormat::Stored => QMatMul::from_qtensor(q)?,
         WeightFormat::F32 => QMatMul::Tensor(q.dequantize(&device)?),
         WeightFormat::Q8_0 | WeightFormat::Mixed => {
             let dense = q.dequantize(&device)?;
+            let wide = wide(&q)?;
+            if let Some(m) = Q8Matrix::new(&dense)? {
+                return Ok(Weight {
+                    mm: Narrow::Q8(m),
+                    wide,
+                });
+            }
             if dense.dim(D::Minus1)? % GgmlDType::Q8_0.block_size() != 0 {
                 return Ok(Weight {
-                    mm: QMatMul::Tensor(dense),
+                    mm: Narrow::Candle(QMatMul::Tensor(dense)),
                     wide: None,
                 });
             }
             let mm = QMatMul::from_qtensor(QTensor::quantize(&dense, GgmlDType::Q8_0)?)?;
-            if format == WeightFormat::Mixed {
-                return Ok(Weight {
-                    mm,
-                    wide: Some(QMatMul::Tensor(dense)),
-                });
-            }
-            mm
+            return Ok(Weight {
+                mm: Narrow::Candle(mm),
+                wide,
+            });
         }
     };
-    Ok(Weight { mm, wide: None })
+    Ok(Weight {
+        mm: Narrow::Candle(mm),
+        wide: None,
+    })
 }
 
 fn rope_tables(

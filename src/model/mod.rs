@@ -7,7 +7,9 @@ mod config;
 pub mod features;
 pub mod fetch;
 mod frozen;
+pub mod int8;
 mod llama;
+mod q8;
 pub mod tiny;
 mod tokenizer;
 

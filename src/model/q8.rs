@@ -1,0 +1,269 @@
+//! The base weights in int8 for passes of few token rows (decoding): each row in blocks of 32
+//! with an f32 scale (GGML's Q8_0 values, the scale kept in f32), multiplied by the
+//! block-quantized activations with [`super::int8::matvec_quads`], four weight rows at a time
+//! sharing each activation load, the matrix stored so that it is read in one stream. The rows are shared among candle's worker threads.
+//!
+//! Why not candle's `QMatMul` in Q8_0: its x86 decode path computes one weight row at a time and
+//! converts both f16 scales per block, about half the speed of this kernel (measured with
+//! `cargo run --release --example q8_kernel_probe`; docs/BENCHMARKS.md, "Decode").
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use super::int8::{self, BLOCK};
+
+/// Weight rows per unit of work handed to a thread.
+const CHUNK_ROWS: usize = 64;
+
+/// A weight matrix `(rows, k)` packed for the quad kernels.
+#[derive(Debug)]
+pub struct Q8Matrix {
+    rows: usize,
+    k: usize,
+    packed: Packed,
+}
+
+#[derive(Debug)]
+enum Packed {
+    /// Int8 blocks with f32 scales (requantized from the file's weights).
+    Q8 { q: Vec<i8>, d: Vec<f32> },
+    /// The file's own Q4_1 blocks, unchanged: fewer bytes to stream per token.
+    Q4(int8::Q4Quads),
+}
+
+impl Q8Matrix {
+    /// Quantize a dense `(rows, k)` f32 matrix; `None` when `k` is not a multiple of 32 or
+    /// `rows` of 4 (the kernel's shapes).
+    pub fn new(w: &Tensor) -> candle_core::Result<Option<Self>> {
+        let (rows, k) = w.dims2()?;
+        if !k.is_multiple_of(BLOCK) || !rows.is_multiple_of(4) {
+            return Ok(None);
+        }
+        let dense = w.flatten_all()?.to_vec1::<f32>()?;
+        let mut q = vec![0i8; rows * k];
+        let mut d = vec![0f32; rows * k / BLOCK];
+        int8::quantize_blocks(&dense, &mut q, &mut d);
+        let (q, d) = int8::interleave_row_quads(&q, &d, k);
+        Ok(Some(Q8Matrix {
+            rows,
+            k,
+            packed: Packed::Q8 { q, d },
+        }))
+    }
+
+    /// The file's own blocks, values unchanged, when they are Q4_1 or Q8_0; `None` for another
+    /// type or shapes the kernels do not take.
+    pub fn from_stored(w: &QTensor) -> candle_core::Result<Option<Self>> {
+        let (rows, k) = w.shape().dims2()?;
+        let (dtype, nb) = (w.dtype(), k / BLOCK);
+        if !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0)
+            || !k.is_multiple_of(BLOCK)
+            || !rows.is_multiple_of(4)
+        {
+            return Ok(None);
+        }
+        let raw = w.data()?;
+        let block_bytes = if dtype == GgmlDType::Q4_1 { 20 } else { 34 };
+        if raw.len() != rows * nb * block_bytes {
+            candle_core::bail!("{dtype:?} tensor of {rows} x {k} holds {} bytes", raw.len());
+        }
+        let packed = if dtype == GgmlDType::Q4_1 {
+            Packed::Q4(int8::q4_1_quads(&raw, rows, k))
+        } else {
+            // Q8_0 blocks: an f16 scale, then 32 int8 values.
+            let mut q = vec![0i8; rows * k];
+            let mut d = vec![0f32; rows * nb];
+            for (i, blk) in raw.chunks(34).enumerate() {
+                d[i] = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                for (o, &v) in q[i * BLOCK..(i + 1) * BLOCK].iter_mut().zip(&blk[2..]) {
+                    *o = v as i8;
+                }
+            }
+            let (q, d) = int8::interleave_row_quads(&q, &d, k);
+            Packed::Q8 { q, d }
+        };
+        Ok(Some(Q8Matrix { rows, k, packed }))
+    }
+
+    /// The matrix in f32, as rounded.
+    pub fn dequantize(&self) -> candle_core::Result<Tensor> {
+        let nb = self.k / BLOCK;
+        let mut w = vec![0f32; self.rows * self.k];
+        // Block `at` = (g * nb + b) * 4 + i holds row 4 g + i, block b.
+        let start = |at: usize| (4 * (at / 4 / nb) + at % 4) * self.k + ((at / 4) % nb) * BLOCK;
+        match &self.packed {
+            Packed::Q8 { q, d } => {
+                for (at, (block, &d)) in q.chunks(BLOCK).zip(d).enumerate() {
+                    let s = start(at);
+                    for (o, &v) in w[s..s + BLOCK].iter_mut().zip(block) {
+                        *o = v as f32 * d;
+                    }
+                }
+            }
+            Packed::Q4(p) => {
+                for (at, nib) in p.nibbles.chunks(16).enumerate() {
+                    let s = start(at);
+                    for (j, &byte) in nib.iter().enumerate() {
+                        w[s + j] = p.d[at] * (byte & 15) as f32 + p.m[at];
+                        w[s + j + 16] = p.d[at] * (byte >> 4) as f32 + p.m[at];
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(w, (self.rows, self.k), &Device::Cpu)
+    }
+
+    /// `x W^T` for `x` `(.., k)`: `(.., rows)`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let k = self.k;
+        let mut shape = x.dims().to_vec();
+        let Some(last) = shape.last_mut() else {
+            candle_core::bail!("q8 matmul of a scalar");
+        };
+        if *last != k {
+            candle_core::bail!(
+                "q8 matmul: input width {} for a ({}, {k}) weight",
+                *last,
+                self.rows
+            );
+        }
+        *last = self.rows;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let m = xs.len() / k;
+        let nb = k / BLOCK;
+        let mut xq = vec![0i8; m * k];
+        let mut dx = vec![0f32; m * nb];
+        int8::quantize_blocks(&xs, &mut xq, &mut dx);
+        let xsum: Vec<i32> = xq
+            .chunks(BLOCK)
+            .map(|c| c.iter().map(|&v| v as i32).sum())
+            .collect();
+        // Output rows-major per weight chunk: (rows, m), transposed at the end when m > 1.
+        let mut out = vec![0f32; self.rows * m];
+        let chunk = CHUNK_ROWS.min(self.rows);
+        let parts: Vec<Mutex<&mut [f32]>> = out.chunks_mut(chunk * m).map(Mutex::new).collect();
+        let next = AtomicUsize::new(0);
+        let work = |_: usize| loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(part) = parts.get(i) else { break };
+            let Ok(mut part) = part.lock() else { break };
+            let r0 = i * chunk;
+            let n = part.len() / m;
+            let mut col = vec![0f32; n];
+            for row in 0..m {
+                let (x, d) = (&xq[row * k..(row + 1) * k], &dx[row * nb..(row + 1) * nb]);
+                match &self.packed {
+                    Packed::Q8 { q, d: dw } => int8::matvec_quads(
+                        &q[r0 * k..(r0 + n) * k],
+                        &dw[r0 * nb..(r0 + n) * nb],
+                        x,
+                        d,
+                        &mut col,
+                    ),
+                    Packed::Q4(p) => int8::matvec_q4(
+                        p.rows(r0, n, nb),
+                        x,
+                        d,
+                        &xsum[row * nb..(row + 1) * nb],
+                        &mut col,
+                    ),
+                }
+                for (j, v) in col.iter().enumerate() {
+                    part[j * m + row] = *v;
+                }
+            }
+        };
+        if parts.len() > 1 {
+            candle_core::utils::barrier_pool().execute(work);
+        } else {
+            work(0);
+        }
+        drop(parts);
+        let t = Tensor::from_vec(out, (self.rows, m), &Device::Cpu)?;
+        let t = if m == 1 { t } else { t.t()?.contiguous()? };
+        t.reshape(shape)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dense(rows: usize, k: usize) -> Tensor {
+        let v: Vec<f32> = (0..rows * k)
+            .map(|i| ((i as f32) * 0.731).sin() * 2.0)
+            .collect();
+        Tensor::from_vec(v, (rows, k), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn stored_blocks_dequantize_exactly_as_candle() {
+        let w = dense(8, 64);
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let m = Q8Matrix::from_stored(&q).unwrap().unwrap();
+            let want: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let got: Vec<f32> = m
+                .dequantize()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(got, want, "{dtype:?}");
+        }
+        // Another type, or rows not a multiple of 4: not ours.
+        let q = QTensor::quantize(&w, GgmlDType::Q4_0).unwrap();
+        assert!(Q8Matrix::from_stored(&q).unwrap().is_none());
+        let q = QTensor::quantize(&dense(6, 64), GgmlDType::Q8_0).unwrap();
+        assert!(Q8Matrix::from_stored(&q).unwrap().is_none());
+    }
+
+    #[test]
+    fn forward_equals_the_dequantized_product_for_one_and_several_rows() {
+        let (rows, k) = (136, 96); // three thread chunks, the last one short
+        let w = dense(rows, k);
+        let mats = [
+            Q8Matrix::new(&w).unwrap().unwrap(),
+            Q8Matrix::from_stored(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap())
+                .unwrap()
+                .unwrap(),
+        ];
+        for m in &mats {
+            let wd = m.dequantize().unwrap();
+            for n in [1usize, 3] {
+                let x: Vec<f32> = (0..n * k).map(|i| ((i as f32) * 0.29).cos()).collect();
+                // The kernel multiplies x rounded to int8 blocks: round it the same way here.
+                let (mut xq, mut dx) = (vec![0i8; n * k], vec![0f32; n * k / BLOCK]);
+                int8::quantize_blocks(&x, &mut xq, &mut dx);
+                let xr: Vec<f32> = (0..n * k).map(|i| xq[i] as f32 * dx[i / BLOCK]).collect();
+                let xr = Tensor::from_vec(xr, (n, k), &Device::Cpu).unwrap();
+                let want: Vec<f32> = xr
+                    .matmul(&wd.t().unwrap())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let xt = Tensor::from_vec(x, (1, n, k), &Device::Cpu).unwrap();
+                let got = m.forward(&xt).unwrap();
+                assert_eq!(got.dims(), &[1, n, rows]);
+                let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+                }
+            }
+        }
+        assert!(mats[0]
+            .forward(&Tensor::zeros((1, 5), candle_core::DType::F32, &Device::Cpu).unwrap())
+            .is_err());
+    }
+}
