@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use super::Adapter;
 use crate::model::int8;
-use crate::model::{dot, LinearHook, Target};
+use crate::model::{dot, LinearHook, QuantizedRows, SideWork, Target};
 use crate::{Error, Result};
 
 /// The experts of every adaptable linear, stacked: `A_cat^T` `(in, R)` and `B_cat^T` `(R, out)`,
@@ -41,10 +41,10 @@ struct Int8Span {
     /// The expert's column in a gate-scale row of the stack.
     off: usize,
     rows: usize,
-    /// `A` `(rows, in)` in int8, one scale per row in `a_scale`.
+    /// `A` `(rows, in)` in int8 blocks, packed for [`int8::matvec_quads`].
     a: Vec<i8>,
     a_scale: Vec<f32>,
-    /// `B^T` `(rows, out)` quad-interleaved, one scale per output column.
+    /// `B^T` `(rows, out)` laid out for [`int8::quad_matvec`], one scale per row.
     b: Vec<i8>,
     b_scale: Vec<f32>,
 }
@@ -67,16 +67,21 @@ impl Int8Stack {
                 let rows = rank.next_multiple_of(4);
                 let mut af = a[off * n_in..(off + rank) * n_in].to_vec();
                 af.resize(rows * n_in, 0.0);
-                let (aq, a_scale) = int8::quantize_rows(&af, n_in);
+                let mut aq = vec![0i8; rows * n_in];
+                let mut a_scale = vec![0f32; rows * n_in / int8::BLOCK];
+                int8::quantize_blocks(&af, &mut aq, &mut a_scale);
+                let (aq, a_scale) = int8::interleave_row_quads(&aq, &a_scale, n_in);
+                // B^T rows (one per rank component) with one scale each: folded into `h`
+                // before it is rounded, so the product needs no per-output scales.
                 let mut bq = vec![0i8; rows * n_out];
-                let mut b_scale = vec![0f32; n_out];
-                for (o, d) in b_scale.iter_mut().enumerate() {
-                    let col = |j: usize| b[(off + j) * n_out + o];
-                    let amax = (0..rank).fold(0f32, |m, j| m.max(col(j).abs()));
+                let mut b_scale = vec![0f32; rows];
+                for (j, d) in b_scale.iter_mut().enumerate().take(rank) {
+                    let row = &b[(off + j) * n_out..(off + j + 1) * n_out];
+                    let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
                     *d = amax / 127.0;
                     if amax > 0.0 {
-                        for j in 0..rank {
-                            bq[j * n_out + o] = (col(j) * 127.0 / amax).round() as i8;
+                        for (o, v) in bq[j * n_out..(j + 1) * n_out].iter_mut().zip(row) {
+                            *o = (v * 127.0 / amax).round() as i8;
                         }
                     }
                 }
@@ -248,7 +253,98 @@ pub struct ExpertHook<'a> {
     precision: ExpertPrecision,
 }
 
+/// The int8 expert work of one decode-step linear, run inside the base matmul's dispatch: one
+/// item per (token row, active expert).
+struct ExpertSideWork<'a> {
+    q: &'a Int8Stack,
+    n_out: usize,
+    /// Gate x scale per (row, span).
+    items: Vec<(usize, usize, f32)>,
+}
+
+impl SideWork for ExpertSideWork<'_> {
+    fn items(&self) -> usize {
+        self.items.len()
+    }
+
+    fn run(&self, item: usize, x: &QuantizedRows, out: &mut [f32]) {
+        let Some(&(row, si, se)) = self.items.get(item) else {
+            return;
+        };
+        let (xq, dx) = x.row(row);
+        let n_out = self.n_out;
+        span_delta(
+            &self.q.spans[si],
+            se,
+            xq,
+            dx,
+            &mut out[row * n_out..(row + 1) * n_out],
+        );
+    }
+}
+
+/// Add one expert's `se * B (A x)` for an int8-rounded row `x` into `y`: `h = A x` by the base
+/// weights' kernel, `u = se * h` times `B`'s row scales rounded to int8 with one scale, then
+/// `B^T u` in int32 sums.
+fn span_delta(sp: &Int8Span, se: f32, xq: &[i8], dx: &[f32], y: &mut [f32]) {
+    let mut h = vec![0f32; sp.rows];
+    int8::matvec_quads(&sp.a, &sp.a_scale, xq, dx, &mut h);
+    for (v, d) in h.iter_mut().zip(&sp.b_scale) {
+        *v *= se * d;
+    }
+    let amax = h.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 {
+        return;
+    }
+    let u: Vec<i8> = h.iter().map(|v| (v * 127.0 / amax).round() as i8).collect();
+    let mut acc = vec![0i32; y.len()];
+    int8::quad_matvec(&sp.b, &u, &mut acc);
+    let du = amax / 127.0;
+    for (yo, &a) in y.iter_mut().zip(&acc) {
+        *yo += a as f32 * du;
+    }
+}
+
 impl LinearHook for ExpertHook<'_> {
+    fn side_work(
+        &self,
+        layer: usize,
+        target: Target,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Box<dyn SideWork + '_>>> {
+        if self.precision != ExpertPrecision::Int8 {
+            return Ok(None);
+        }
+        let Some(stack) = self.set.stacks.get(&(layer, target)) else {
+            return Ok(None);
+        };
+        let Some(q) = &stack.int8 else {
+            return Ok(None);
+        };
+        let (b, t, _) = x.dims3()?;
+        if b != self.rows.len() || b * t > FAST_ROWS {
+            return Ok(None);
+        }
+        let mut items = Vec::new();
+        for row in 0..b * t {
+            let g = &self.rows[row / t];
+            for (si, &(e, _, _)) in stack.spans.iter().enumerate() {
+                let se = g[e] * self.set.adapters[e].scale() as f32;
+                if se != 0.0 {
+                    items.push((row, si, se));
+                }
+            }
+        }
+        if items.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(ExpertSideWork {
+            q,
+            n_out: stack.n_out,
+            items,
+        })))
+    }
+
     fn after_linear(
         &self,
         layer: usize,
@@ -359,11 +455,10 @@ fn fast_delta(stack: &Stack, scale: &[f32], x: &Tensor, y: Tensor) -> candle_cor
     Tensor::from_vec(ys, shape, x.device())
 }
 
-/// [`fast_delta`] in int8, on the calling thread: `x` rounded in blocks of 32, `h = A x` by
-/// int8 dot products four rank rows at a time, each active expert's `s h` rounded to int8 with
-/// one scale, `B^T` applied with int32 sums, then scaled back into `y`. Not shared with candle's
-/// workers: on the 2-core benchmark machine handing these ~5 us of work to the pool cost more
-/// than it saved (docs/BENCHMARKS.md, "Two experts").
+/// [`fast_delta`] in int8 ([`span_delta`] per token row and active expert), on the calling
+/// thread. Decode steps over our int8 base weights do the same work inside the base matmul's
+/// dispatch instead ([`ExpertHook::side_work`]); this serves the other weight types and direct
+/// calls.
 fn int8_delta(
     stack: &Stack,
     q: &Int8Stack,
@@ -377,37 +472,12 @@ fn int8_delta(
     let shape = y.shape().clone();
     let mut ys = y.flatten_all()?.to_vec1::<f32>()?;
     let (mut xq, mut dx) = (vec![0i8; n_in], vec![0f32; n_in / int8::BLOCK]);
-    let mut acc = vec![0i32; n_out];
-    let (mut h, mut u) = (Vec::new(), Vec::new());
     for row in 0..b * t {
-        let s = &scale[(row / t) * r_all..(row / t + 1) * r_all];
-        let mut quantized = false;
+        int8::quantize_blocks(&xs[row * n_in..(row + 1) * n_in], &mut xq, &mut dx);
         for sp in &q.spans {
-            let se = s[sp.off];
-            if se == 0.0 {
-                continue;
-            }
-            if !quantized {
-                int8::quantize_blocks(&xs[row * n_in..(row + 1) * n_in], &mut xq, &mut dx);
-                quantized = true;
-            }
-            h.clear();
-            for j in (0..sp.rows).step_by(4) {
-                let a = |k: usize| &sp.a[(j + k) * n_in..(j + k + 1) * n_in];
-                let d = [0, 1, 2, 3].map(|k| sp.a_scale[j + k] * se);
-                h.extend(int8::dot4([a(0), a(1), a(2), a(3)], d, &xq, &dx));
-            }
-            let amax = h.iter().fold(0f32, |m, v: &f32| m.max(v.abs()));
-            if amax == 0.0 {
-                continue;
-            }
-            u.clear();
-            u.extend(h.iter().map(|v| (v * 127.0 / amax).round() as i8));
-            int8::quad_matvec(&sp.b, &u, &mut acc);
-            let du = amax / 127.0;
-            let yr = &mut ys[row * n_out..(row + 1) * n_out];
-            for ((yo, &a), &d) in yr.iter_mut().zip(&acc).zip(&sp.b_scale) {
-                *yo += a as f32 * du * d;
+            let se = scale[(row / t) * r_all + sp.off];
+            if se != 0.0 {
+                span_delta(sp, se, &xq, &dx, &mut ys[row * n_out..(row + 1) * n_out]);
             }
         }
     }

@@ -1,14 +1,17 @@
-//! Int8 kernels for the experts' decode steps: a quarter of the bytes of f32 and, with AVX2,
-//! 32 multiply-adds per instruction.
+//! Int8 kernels for passes of few token rows (decoding): the base weights (`q8.rs`) and the
+//! experts (`lora/experts.rs`). With AVX2, 32 multiply-adds per instruction; every matrix is
+//! laid out so that a kernel reads it front to back in one stream (decoding streams the whole
+//! model from memory for every token, and the hardware prefetcher follows one stream well, four
+//! interleaved ones badly: measured under half the speed).
 //!
-//! Layouts (all row-major):
+//! Layouts:
 //! - a vector quantized in blocks of [`BLOCK`]: `q[i]` int8 and one f32 scale `d[i / BLOCK]`
 //!   with `x[i] ~ d * q[i]` (as GGML's Q8_0, with the scale kept in f32): the activations;
-//! - a matrix with one scale per row ([`quantize_rows`]): `A`, dotted with a block-quantized
-//!   vector four rows at a time ([`dot4`]);
-//! - a "quad-interleaved" matrix `(k, n)` for `y = M^T u` (`B^T`, [`quad_matvec`]) with `k` a multiple of 4: for each
-//!   group of four rows and each column, the four int8 values side by side,
-//!   `m[(g * n + j) * 4 + r] = M[4 g + r][j]`, so one 32-byte load holds 8 columns x 4 rows.
+//! - a matrix `(rows, k)` in such blocks, four rows packed block by block
+//!   ([`interleave_row_quads`], [`matvec_quads`]), or in GGML's Q4_1 packed the same way
+//!   ([`Q4Quads`], [`matvec_q4`]): `W x`;
+//! - a matrix `(k, n)` for `y = M^T u` ([`interleave_quads`], [`quad_matvec`]), for the experts'
+//!   `B^T`: per 16 columns and group of four rows, each column's four values side by side.
 //!
 //! Each kernel has a plain-Rust version, used without AVX2 and by the tests as the reference.
 
@@ -40,40 +43,6 @@ pub fn quantize_blocks_plain(x: &[f32], q: &mut [i8], d: &mut [f32]) {
             *qv = (xv * inv).round_ties_even() as i8;
         }
     }
-}
-
-/// Four dot products sharing `x`: `da[r] * sum_i a_r[i] * (dx[i/B] * x[i])` for int8 rows `a_r`
-/// with one scale each (`da[r]`) and a block-quantized `x`.
-pub fn dot4(a: [&[i8]; 4], da: [f32; 4], x: &[i8], dx: &[f32]) -> [f32; 4] {
-    debug_assert!(a.iter().all(|r| r.len() == x.len()) && x.len() == dx.len() * BLOCK);
-    #[cfg(target_feature = "avx2")]
-    {
-        // SAFETY: equal lengths, a multiple of the block, checked above; AVX2 at compile time.
-        unsafe { avx2::dot4(a, da, x, dx) }
-    }
-    #[cfg(not(target_feature = "avx2"))]
-    dot4_plain(a, da, x, dx)
-}
-
-/// [`dot4`] in plain Rust.
-pub fn dot4_plain(a: [&[i8]; 4], da: [f32; 4], x: &[i8], dx: &[f32]) -> [f32; 4] {
-    let mut out = [0f32; 4];
-    for (o, (row, d)) in out.iter_mut().zip(a.iter().zip(da)) {
-        let s: f32 = row
-            .chunks(BLOCK)
-            .zip(x.chunks(BLOCK))
-            .zip(dx)
-            .map(|((rb, xb), t)| {
-                t * rb
-                    .iter()
-                    .zip(xb)
-                    .map(|(&p, &q)| p as i32 * q as i32)
-                    .sum::<i32>() as f32
-            })
-            .sum();
-        *o = d * s;
-    }
-    out
 }
 
 /// Reorder a block-quantized matrix `(rows, k)` (`rows` a multiple of 4) so that each group
@@ -234,39 +203,39 @@ pub fn matvec_q4_plain(w: Q4Slice, x: &[i8], dx: &[f32], xsum: &[i32], out: &mut
     }
 }
 
-/// Round each row of `m` `(rows, n)` to int8 with one scale per row (`max |row| / 127`).
-pub fn quantize_rows(m: &[f32], n: usize) -> (Vec<i8>, Vec<f32>) {
-    let mut q = vec![0i8; m.len()];
-    let mut d = vec![0f32; m.len() / n.max(1)];
-    for ((row, qr), dr) in m.chunks(n).zip(q.chunks_mut(n)).zip(d.iter_mut()) {
-        let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
-        *dr = amax / 127.0;
-        if amax > 0.0 {
-            for (qv, v) in qr.iter_mut().zip(row) {
-                *qv = (v * 127.0 / amax).round() as i8;
-            }
-        }
-    }
-    (q, d)
-}
+/// Columns per step of [`quad_matvec`].
+pub const COLS: usize = 16;
 
-/// Interleave a row-major int8 matrix `(k, n)` (`k` a multiple of 4) into the quad layout.
+/// Lay out a row-major int8 matrix `(k, n)` (`k` a multiple of 4, `n` of [`COLS`]) for
+/// [`quad_matvec`]: element `(4g + r, 16c + j)` at `((c groups + g) 16 + j) 4 + r`, where
+/// `groups = k / 4`.
 pub fn interleave_quads(m: &[i8], k: usize, n: usize) -> Vec<i8> {
-    debug_assert!(k.is_multiple_of(4) && m.len() == k * n);
+    assert!(
+        k.is_multiple_of(4) && n.is_multiple_of(COLS) && m.len() == k * n,
+        "interleave_quads: shapes"
+    );
+    let groups = k / 4;
     let mut out = vec![0i8; k * n];
-    for g in 0..k / 4 {
-        for j in 0..n {
+    for g in 0..groups {
+        for col in 0..n {
+            let (c, j) = (col / COLS, col % COLS);
             for r in 0..4 {
-                out[(g * n + j) * 4 + r] = m[(4 * g + r) * n + j];
+                out[((c * groups + g) * COLS + j) * 4 + r] = m[(4 * g + r) * n + col];
             }
         }
     }
     out
 }
 
-/// `acc[j] = sum_r u[r] * M[r][j]` in int32 for a quad-interleaved `m` `(u.len(), acc.len())`.
+/// `acc[j] = sum_r u[r] * M[r][j]` in int32 for `m` laid out by [`interleave_quads`] from an
+/// `(u.len(), acc.len())` matrix.
 pub fn quad_matvec(m: &[i8], u: &[i8], acc: &mut [i32]) {
-    debug_assert!(u.len().is_multiple_of(4) && m.len() == u.len() * acc.len());
+    assert!(
+        u.len().is_multiple_of(4)
+            && acc.len().is_multiple_of(COLS)
+            && m.len() == u.len() * acc.len(),
+        "quad_matvec: shapes"
+    );
     #[cfg(target_feature = "avx2")]
     {
         // SAFETY: the lengths are checked above; AVX2 is enabled at compile time.
@@ -278,17 +247,17 @@ pub fn quad_matvec(m: &[i8], u: &[i8], acc: &mut [i32]) {
 
 /// [`quad_matvec`] in plain Rust.
 pub fn quad_matvec_plain(m: &[i8], u: &[i8], acc: &mut [i32]) {
-    let n = acc.len();
-    acc.fill(0);
-    for (g, ug) in u.chunks(4).enumerate() {
-        for (j, a) in acc.iter_mut().enumerate() {
-            let mq = &m[(g * n + j) * 4..(g * n + j + 1) * 4];
-            *a += mq
-                .iter()
-                .zip(ug)
-                .map(|(&p, &q)| p as i32 * q as i32)
-                .sum::<i32>();
-        }
+    let groups = u.len() / 4;
+    for (col, a) in acc.iter_mut().enumerate() {
+        let (c, j) = (col / COLS, col % COLS);
+        *a = (0..groups)
+            .map(|g| {
+                let at = ((c * groups + g) * COLS + j) * 4;
+                (0..4)
+                    .map(|r| m[at + r] as i32 * u[4 * g + r] as i32)
+                    .sum::<i32>()
+            })
+            .sum();
     }
 }
 
@@ -334,28 +303,6 @@ mod avx2 {
             let w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             _mm256_storeu_si256(q.as_mut_ptr().add(b * BLOCK) as *mut __m256i, w);
         }
-    }
-
-    pub unsafe fn dot4(a: [&[i8]; 4], da: [f32; 4], x: &[i8], dx: &[f32]) -> [f32; 4] {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for (b, &d) in dx.iter().enumerate() {
-            let vx = _mm256_loadu_si256(x.as_ptr().add(b * BLOCK) as *const __m256i);
-            // |x| once for the four rows; each row takes x's signs.
-            let ax = _mm256_sign_epi8(vx, vx);
-            let vd = _mm256_set1_ps(d);
-            for r in 0..4 {
-                let va = _mm256_loadu_si256(a[r].as_ptr().add(b * BLOCK) as *const __m256i);
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(va, vx)), ones);
-                acc[r] = _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(p), acc[r]);
-            }
-        }
-        [
-            da[0] * hsum(acc[0]),
-            da[1] * hsum(acc[1]),
-            da[2] * hsum(acc[2]),
-            da[3] * hsum(acc[3]),
-        ]
     }
 
     pub unsafe fn matvec_quads(w: &[i8], dw: &[f32], x: &[i8], dx: &[f32], out: &mut [f32]) {
@@ -424,7 +371,6 @@ mod avx2 {
     }
 
     pub unsafe fn quad_matvec(m: &[i8], u: &[i8], acc: &mut [i32]) {
-        let n = acc.len();
         let groups = u.len() / 4;
         // Each group's four values broadcast to every 32-bit lane, split into |u| and signs.
         let ug: Vec<(__m256i, __m256i)> = u
@@ -437,40 +383,27 @@ mod avx2 {
             })
             .collect();
         let ones = _mm256_set1_epi16(1);
-        let term = |g: usize, j: usize| {
-            let (au, su) = ug[g];
-            let vm = _mm256_loadu_si256(m.as_ptr().add((g * n + j) * 4) as *const __m256i);
-            _mm256_madd_epi16(_mm256_maddubs_epi16(au, _mm256_sign_epi8(vm, su)), ones)
-        };
-        let mut j = 0;
-        // 16 columns a step: two independent sums.
-        while j + 16 <= n {
+        let mut mp = m.as_ptr();
+        for out in acc.chunks_mut(super::COLS) {
+            // 16 columns: two independent sums of eight, over the groups in memory order.
             let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-            for g in 0..groups {
-                s0 = _mm256_add_epi32(s0, term(g, j));
-                s1 = _mm256_add_epi32(s1, term(g, j + 8));
+            for &(au, su) in &ug {
+                let m0 = _mm256_loadu_si256(mp as *const __m256i);
+                let m1 = _mm256_loadu_si256(mp.add(32) as *const __m256i);
+                s0 = _mm256_add_epi32(
+                    s0,
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(au, _mm256_sign_epi8(m0, su)), ones),
+                );
+                s1 = _mm256_add_epi32(
+                    s1,
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(au, _mm256_sign_epi8(m1, su)), ones),
+                );
+                mp = mp.add(64);
             }
-            _mm256_storeu_si256(acc.as_mut_ptr().add(j) as *mut __m256i, s0);
-            _mm256_storeu_si256(acc.as_mut_ptr().add(j + 8) as *mut __m256i, s1);
-            j += 16;
+            _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, s0);
+            _mm256_storeu_si256(out.as_mut_ptr().add(8) as *mut __m256i, s1);
         }
-        while j + 8 <= n {
-            let mut s = _mm256_setzero_si256();
-            for g in 0..groups {
-                s = _mm256_add_epi32(s, term(g, j));
-            }
-            _mm256_storeu_si256(acc.as_mut_ptr().add(j) as *mut __m256i, s);
-            j += 8;
-        }
-        for (jj, a) in acc.iter_mut().enumerate().skip(j) {
-            *a = (0..groups)
-                .map(|g| {
-                    (0..4)
-                        .map(|r| m[(g * n + jj) * 4 + r] as i32 * u[4 * g + r] as i32)
-                        .sum::<i32>()
-                })
-                .sum();
-        }
+        let _ = groups;
     }
 }
 
@@ -500,31 +433,6 @@ mod tests {
         let (mut q, mut d) = (vec![1i8; 32], vec![1f32; 1]);
         quantize_blocks(&[0.0; 32], &mut q, &mut d);
         assert_eq!((q, d), (vec![0i8; 32], vec![0.0]));
-    }
-
-    #[test]
-    fn dot4_matches_plain_and_float() {
-        let rows: Vec<Vec<f32>> = (0..4).map(|r| pseudo(96, 10 + r)).collect();
-        let x = pseudo(96, 20);
-        let (mut xq, mut dx) = (vec![0i8; 96], vec![0f32; 3]);
-        quantize_blocks(&x, &mut xq, &mut dx);
-        let q: Vec<(Vec<i8>, Vec<f32>)> = rows.iter().map(|r| quantize_rows(r, 96)).collect();
-        let a = [&q[0].0[..], &q[1].0[..], &q[2].0[..], &q[3].0[..]];
-        let da = [q[0].1[0], q[1].1[0], q[2].1[0], q[3].1[0]];
-        let got = dot4(a, da, &xq, &dx);
-        let plain = dot4_plain(a, da, &xq, &dx);
-        for r in 0..4 {
-            assert!((got[r] - plain[r]).abs() <= 1e-3 * plain[r].abs().max(1.0));
-            let exact: f32 = rows[r].iter().zip(&x).map(|(p, q)| p * q).sum();
-            let norm = (rows[r].iter().map(|v| v * v).sum::<f32>()
-                * x.iter().map(|v| v * v).sum::<f32>())
-            .sqrt();
-            assert!(
-                (got[r] - exact).abs() <= 0.02 * norm,
-                "row {r}: {} vs {exact}",
-                got[r]
-            );
-        }
     }
 
     #[test]
@@ -620,7 +528,7 @@ mod tests {
 
     #[test]
     fn quad_matvec_matches_plain_and_the_row_major_product() {
-        for n in [8, 13, 40] {
+        for n in [16, 48] {
             // Values in -127..=127, the range the quantizers produce.
             let k = 8;
             let u: Vec<i8> = (0..k)

@@ -380,6 +380,15 @@ impl Model {
         x: &Tensor,
         pass: &Pass,
     ) -> Result<Tensor> {
+        // A narrow pass over our int8 weights takes the hook's work into its own dispatch.
+        if let Narrow::Q8(m) = &w.mm {
+            let narrow = w.wide.is_none() || x.elem_count() / x.dim(D::Minus1)? < WIDE_ROWS;
+            if narrow && !pass.differentiable {
+                if let Some(side) = pass.hook.side_work(layer, target, x)? {
+                    return Ok(m.forward_with(&x.contiguous()?, Some(&*side))?);
+                }
+            }
+        }
         let y = self.dense(w, x, pass)?;
         Ok(pass.hook.after_linear(layer, target, x, y)?)
     }

@@ -10,6 +10,7 @@ mod frozen;
 pub mod int8;
 mod llama;
 mod q8;
+pub use q8::{QuantizedRows, SideWork};
 pub mod tiny;
 mod tokenizer;
 
@@ -110,6 +111,19 @@ pub trait LinearHook {
         x: &Tensor,
         y: Tensor,
     ) -> candle_core::Result<Tensor>;
+
+    /// For a narrow pass over int8 base weights: work to run inside the base matmul's own
+    /// dispatch, on the same int8-rounded input, its output added to the base output (see
+    /// [`SideWork`]). When this returns `Some`, `after_linear` is not called for this linear.
+    /// Default: `None`.
+    fn side_work(
+        &self,
+        _layer: usize,
+        _target: Target,
+        _x: &Tensor,
+    ) -> candle_core::Result<Option<Box<dyn SideWork + '_>>> {
+        Ok(None)
+    }
 }
 
 /// No adapters: the base model.

@@ -14,6 +14,39 @@ use std::sync::Mutex;
 
 use super::int8::{self, BLOCK};
 
+/// Extra work done inside a narrow int8 matmul's dispatch, items shared with the base rows
+/// among the threads (the experts' deltas: on 2 cores a separate dispatch after the matmul
+/// left one core idle and read the experts' weights on their own).
+pub trait SideWork: Sync {
+    /// Independent items (each adds into its own output buffer).
+    fn items(&self) -> usize;
+    /// Add item `item`'s contribution for the input rows `x` into `out` `(x.m, out width)`.
+    fn run(&self, item: usize, x: &QuantizedRows, out: &mut [f32]);
+}
+
+/// The input rows of a matmul rounded to int8 blocks ([`int8::quantize_blocks`]).
+#[derive(Debug)]
+pub struct QuantizedRows {
+    /// Rows and width.
+    pub m: usize,
+    pub k: usize,
+    /// The original values `(m, k)`, the rounded ones and the block scales.
+    pub x: Vec<f32>,
+    pub q: Vec<i8>,
+    pub d: Vec<f32>,
+}
+
+impl QuantizedRows {
+    /// Row `r`'s int8 values and block scales.
+    pub fn row(&self, r: usize) -> (&[i8], &[f32]) {
+        let nb = self.k / BLOCK;
+        (
+            &self.q[r * self.k..(r + 1) * self.k],
+            &self.d[r * nb..(r + 1) * nb],
+        )
+    }
+}
+
 /// Weight rows per unit of work handed to a thread.
 const CHUNK_ROWS: usize = 64;
 
@@ -117,6 +150,15 @@ impl Q8Matrix {
 
     /// `x W^T` for `x` `(.., k)`: `(.., rows)`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_with(x, None)
+    }
+
+    /// `x W^T` plus the output of `side` (run in the same dispatch, on the same rounded input).
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        side: Option<&dyn SideWork>,
+    ) -> candle_core::Result<Tensor> {
         let k = self.k;
         let mut shape = x.dims().to_vec();
         let Some(last) = shape.last_mut() else {
@@ -140,6 +182,19 @@ impl Q8Matrix {
             .chunks(BLOCK)
             .map(|c| c.iter().map(|&v| v as i32).sum())
             .collect();
+        let rounded = QuantizedRows {
+            m,
+            k,
+            x: xs,
+            q: xq,
+            d: dx,
+        };
+        let (xq, dx) = (&rounded.q, &rounded.d);
+        // The side items first (each a larger unit than a chunk of rows), then the chunks.
+        let n_side = side.map_or(0, |s| s.items());
+        let side_out: Vec<Mutex<Vec<f32>>> = (0..n_side)
+            .map(|_| Mutex::new(vec![0f32; m * self.rows]))
+            .collect();
         // Output rows-major per weight chunk: (rows, m), transposed at the end when m > 1.
         let mut out = vec![0f32; self.rows * m];
         let chunk = CHUNK_ROWS.min(self.rows);
@@ -147,6 +202,13 @@ impl Q8Matrix {
         let next = AtomicUsize::new(0);
         let work = |_: usize| loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
+            if i < n_side {
+                if let (Some(side), Ok(mut buf)) = (side, side_out[i].lock()) {
+                    side.run(i, &rounded, &mut buf);
+                }
+                continue;
+            }
+            let i = i - n_side;
             let Some(part) = parts.get(i) else { break };
             let Ok(mut part) = part.lock() else { break };
             let r0 = i * chunk;
@@ -175,15 +237,33 @@ impl Q8Matrix {
                 }
             }
         };
-        if parts.len() > 1 {
+        if parts.len() + n_side > 1 {
             candle_core::utils::barrier_pool().execute(work);
         } else {
             work(0);
         }
         drop(parts);
-        let t = Tensor::from_vec(out, (self.rows, m), &Device::Cpu)?;
-        let t = if m == 1 { t } else { t.t()?.contiguous()? };
-        t.reshape(shape)
+        let mut out = if m == 1 {
+            out
+        } else {
+            // (rows, m) -> (m, rows)
+            let mut o = vec![0f32; out.len()];
+            for (j, col) in out.chunks(m).enumerate() {
+                for (r, v) in col.iter().enumerate() {
+                    o[r * self.rows + j] = *v;
+                }
+            }
+            o
+        };
+        for buf in side_out {
+            let buf = buf
+                .into_inner()
+                .map_err(|_| candle_core::Error::Msg("a matmul side worker panicked".into()))?;
+            for (o, v) in out.iter_mut().zip(buf) {
+                *o += v;
+            }
+        }
+        Tensor::from_vec(out, shape, &Device::Cpu)
     }
 }
 
