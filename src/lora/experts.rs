@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 
 use super::Adapter;
-use crate::model::int8;
+use crate::model::int8::{self, Shared};
 use crate::model::{dot, LinearHook, QuantizedRows, SideWork, Target};
 use crate::{Error, Result};
 
@@ -41,11 +41,11 @@ struct Int8Span {
     /// The expert's column in a gate-scale row of the stack.
     off: usize,
     rows: usize,
-    /// `A` `(rows, in)` in int8 blocks, packed for [`int8::matvec_quads`].
-    a: Vec<i8>,
+    /// `A` `(rows, in)` in int8 with one scale per row, packed for [`int8::matvec_quads_rows`].
+    a: Shared<i8>,
     a_scale: Vec<f32>,
     /// `B^T` `(rows, out)` laid out for [`int8::quad_matvec`], one scale per row.
-    b: Vec<i8>,
+    b: Shared<i8>,
     b_scale: Vec<f32>,
 }
 
@@ -68,9 +68,19 @@ impl Int8Stack {
                 let mut af = a[off * n_in..(off + rank) * n_in].to_vec();
                 af.resize(rows * n_in, 0.0);
                 let mut aq = vec![0i8; rows * n_in];
-                let mut a_scale = vec![0f32; rows * n_in / int8::BLOCK];
-                int8::quantize_blocks(&af, &mut aq, &mut a_scale);
-                let (aq, a_scale) = int8::interleave_row_quads(&aq, &a_scale, n_in);
+                let mut a_scale = vec![0f32; rows];
+                for (j, d) in a_scale.iter_mut().enumerate() {
+                    let row = &af[j * n_in..(j + 1) * n_in];
+                    let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    *d = amax / 127.0;
+                    if amax > 0.0 {
+                        for (o, v) in aq[j * n_in..(j + 1) * n_in].iter_mut().zip(row) {
+                            *o = (v * 127.0 / amax).round() as i8;
+                        }
+                    }
+                }
+                let nb = n_in / int8::BLOCK;
+                let (aq, _) = int8::interleave_row_quads(&aq, &vec![0f32; rows * nb], n_in);
                 // B^T rows (one per rank component) with one scale each: folded into `h`
                 // before it is rounded, so the product needs no per-output scales.
                 let mut bq = vec![0i8; rows * n_out];
@@ -88,9 +98,9 @@ impl Int8Stack {
                 Int8Span {
                     off,
                     rows,
-                    a: aq,
+                    a: aq.into(),
                     a_scale,
-                    b: int8::interleave_quads(&bq, rows, n_out),
+                    b: int8::interleave_quads(&bq, rows, n_out).into(),
                     b_scale,
                 }
             })
@@ -176,6 +186,20 @@ impl ExpertSet {
                 },
             );
         }
+        // The int8 copies into one large huge-page buffer, in the order a decode step reads
+        // them (layer, then Q, K, V, O, gate, up, down; each expert's A then B).
+        let mut by_key: Vec<(&(usize, Target), &mut Stack)> = stacks.iter_mut().collect();
+        by_key.sort_by_key(|(k, _)| **k);
+        let mut parts = Vec::new();
+        for (_, stack) in by_key {
+            if let Some(q) = &mut stack.int8 {
+                for sp in &mut q.spans {
+                    parts.push(&mut sp.a);
+                    parts.push(&mut sp.b);
+                }
+            }
+        }
+        int8::pack_shared(parts);
         Ok(ExpertSet {
             adapters,
             names,
@@ -288,7 +312,7 @@ impl SideWork for ExpertSideWork<'_> {
 /// `B^T u` in int32 sums.
 fn span_delta(sp: &Int8Span, se: f32, xq: &[i8], dx: &[f32], y: &mut [f32]) {
     let mut h = vec![0f32; sp.rows];
-    int8::matvec_quads(&sp.a, &sp.a_scale, xq, dx, &mut h);
+    int8::matvec_quads_rows(&sp.a, &sp.a_scale, xq, dx, &mut h);
     for (v, d) in h.iter_mut().zip(&sp.b_scale) {
         *v *= se * d;
     }

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::int8::{self, BLOCK};
+use super::int8::{self, Shared, BLOCK};
 
 /// Extra work done inside a narrow int8 matmul's dispatch, items shared with the base rows
 /// among the threads (the experts' deltas: on 2 cores a separate dispatch after the matmul
@@ -61,9 +61,39 @@ pub struct Q8Matrix {
 #[derive(Debug)]
 enum Packed {
     /// Int8 blocks with f32 scales (requantized from the file's weights).
-    Q8 { q: Vec<i8>, d: Vec<f32> },
+    Q8 { q: Shared<i8>, d: Shared<f32> },
     /// The file's own Q4_1 blocks, unchanged: fewer bytes to stream per token.
-    Q4(int8::Q4Quads),
+    Q4 {
+        nibbles: Shared<u8>,
+        d: Shared<f32>,
+        m: Shared<f32>,
+    },
+}
+
+/// Move the weights of `mats` into one large buffer per kind of array, each marked for
+/// transparent huge pages ([`int8::huge_vec`]): per-matrix vectors (under 2 MiB for most of a
+/// small model's matrices) cannot get huge pages, so decoding would take a TLB miss every 4 KiB.
+pub fn pack_in_arenas(mats: &mut [&mut Q8Matrix]) {
+    let (mut nibbles, mut q4d, mut q4m, mut q8q, mut q8d) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for m in mats.iter_mut() {
+        match &mut m.packed {
+            Packed::Q4 { nibbles: n, d, m } => {
+                nibbles.push(n);
+                q4d.push(d);
+                q4m.push(m);
+            }
+            Packed::Q8 { q, d } => {
+                q8q.push(q);
+                q8d.push(d);
+            }
+        }
+    }
+    int8::pack_shared(nibbles);
+    int8::pack_shared(q4d);
+    int8::pack_shared(q4m);
+    int8::pack_shared(q8q);
+    int8::pack_shared(q8d);
 }
 
 impl Q8Matrix {
@@ -82,7 +112,10 @@ impl Q8Matrix {
         Ok(Some(Q8Matrix {
             rows,
             k,
-            packed: Packed::Q8 { q, d },
+            packed: Packed::Q8 {
+                q: q.into(),
+                d: d.into(),
+            },
         }))
     }
 
@@ -103,7 +136,12 @@ impl Q8Matrix {
             candle_core::bail!("{dtype:?} tensor of {rows} x {k} holds {} bytes", raw.len());
         }
         let packed = if dtype == GgmlDType::Q4_1 {
-            Packed::Q4(int8::q4_1_quads(&raw, rows, k))
+            let p = int8::q4_1_quads(&raw, rows, k);
+            Packed::Q4 {
+                nibbles: p.nibbles.into(),
+                d: p.d.into(),
+                m: p.m.into(),
+            }
         } else {
             // Q8_0 blocks: an f16 scale, then 32 int8 values.
             let mut q = vec![0i8; rows * k];
@@ -115,7 +153,10 @@ impl Q8Matrix {
                 }
             }
             let (q, d) = int8::interleave_row_quads(&q, &d, k);
-            Packed::Q8 { q, d }
+            Packed::Q8 {
+                q: q.into(),
+                d: d.into(),
+            }
         };
         Ok(Some(Q8Matrix { rows, k, packed }))
     }
@@ -128,19 +169,19 @@ impl Q8Matrix {
         let start = |at: usize| (4 * (at / 4 / nb) + at % 4) * self.k + ((at / 4) % nb) * BLOCK;
         match &self.packed {
             Packed::Q8 { q, d } => {
-                for (at, (block, &d)) in q.chunks(BLOCK).zip(d).enumerate() {
+                for (at, (block, &d)) in q.chunks(BLOCK).zip(d.iter()).enumerate() {
                     let s = start(at);
                     for (o, &v) in w[s..s + BLOCK].iter_mut().zip(block) {
                         *o = v as f32 * d;
                     }
                 }
             }
-            Packed::Q4(p) => {
-                for (at, nib) in p.nibbles.chunks(16).enumerate() {
+            Packed::Q4 { nibbles, d, m } => {
+                for (at, nib) in nibbles.chunks(16).enumerate() {
                     let s = start(at);
                     for (j, &byte) in nib.iter().enumerate() {
-                        w[s + j] = p.d[at] * (byte & 15) as f32 + p.m[at];
-                        w[s + j + 16] = p.d[at] * (byte >> 4) as f32 + p.m[at];
+                        w[s + j] = d[at] * (byte & 15) as f32 + m[at];
+                        w[s + j + 16] = d[at] * (byte >> 4) as f32 + m[at];
                     }
                 }
             }
@@ -224,8 +265,16 @@ impl Q8Matrix {
                         d,
                         &mut col,
                     ),
-                    Packed::Q4(p) => int8::matvec_q4(
-                        p.rows(r0, n, nb),
+                    Packed::Q4 {
+                        nibbles,
+                        d: dw,
+                        m: mw,
+                    } => int8::matvec_q4(
+                        int8::Q4Slice {
+                            nibbles: &nibbles[r0 * nb * 16..(r0 + n) * nb * 16],
+                            d: &dw[r0 * nb..(r0 + n) * nb],
+                            m: &mw[r0 * nb..(r0 + n) * nb],
+                        },
                         x,
                         d,
                         &xsum[row * nb..(row + 1) * nb],
