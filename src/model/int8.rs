@@ -158,7 +158,10 @@ pub fn matvec_quads(w: &[i8], dw: &[f32], x: &[i8], dx: &[f32], out: &mut [f32])
 pub fn matvec_quads_rows(w: &[i8], dw: &[f32], x: &[i8], dx: &[f32], out: &mut [f32]) {
     let (k, nb) = (x.len(), dx.len());
     assert!(
-        w.len() == out.len() * k && dw.len() == out.len() && k == nb * BLOCK && out.len().is_multiple_of(4),
+        w.len() == out.len() * k
+            && dw.len() == out.len()
+            && k == nb * BLOCK
+            && out.len().is_multiple_of(4),
         "matvec_quads_rows: shapes"
     );
     #[cfg(target_feature = "avx2")]
@@ -168,7 +171,9 @@ pub fn matvec_quads_rows(w: &[i8], dw: &[f32], x: &[i8], dx: &[f32], out: &mut [
     }
     #[cfg(not(target_feature = "avx2"))]
     {
-        let per_block: Vec<f32> = (0..out.len() * nb).map(|i| dw[(i / 4 / nb) * 4 + i % 4]).collect();
+        let per_block: Vec<f32> = (0..out.len() * nb)
+            .map(|i| dw[(i / 4 / nb) * 4 + i % 4])
+            .collect();
         matvec_quads_plain(w, &per_block, x, dx, out)
     }
 }
@@ -429,7 +434,8 @@ mod avx2 {
                 let vd = _mm256_set1_ps(d);
                 for (i, a) in acc.iter_mut().enumerate() {
                     let vw = _mm256_loadu_si256(wp.add(i * BLOCK) as *const __m256i);
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(vw, vx)), ones);
+                    let p =
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(vw, vx)), ones);
                     *a = _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(p), *a);
                 }
                 wp = wp.add(4 * BLOCK);
@@ -639,7 +645,9 @@ mod tests {
     fn matvec_quads_rows_matches_the_per_block_kernel_with_repeated_scales() {
         let (rows, k) = (8, 96);
         let nb = k / BLOCK;
-        let w: Vec<i8> = (0..rows * k).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect();
+        let w: Vec<i8> = (0..rows * k)
+            .map(|i| ((i * 53 % 255) as i32 - 127) as i8)
+            .collect();
         let dw: Vec<f32> = (0..rows).map(|r| 0.01 * (r + 1) as f32).collect();
         let x = pseudo(k, 50);
         let (mut xq, mut dx) = (vec![0i8; k], vec![0f32; nb]);
@@ -650,7 +658,10 @@ mod tests {
         matvec_quads_rows(&wi, &dw, &xq, &dx, &mut got);
         matvec_quads_plain(&wi, &di, &xq, &dx, &mut want);
         for r in 0..rows {
-            assert!((got[r] - want[r]).abs() <= 1e-4 * want[r].abs().max(1.0), "row {r}");
+            assert!(
+                (got[r] - want[r]).abs() <= 1e-4 * want[r].abs().max(1.0),
+                "row {r}"
+            );
         }
     }
 

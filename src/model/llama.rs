@@ -259,7 +259,17 @@ impl Model {
         // Our int8 matrices into a few large huge-page buffers.
         let mut mats: Vec<&mut Q8Matrix> = blocks
             .iter_mut()
-            .flat_map(|b| [&mut b.q, &mut b.k, &mut b.v, &mut b.o, &mut b.gate, &mut b.up, &mut b.down])
+            .flat_map(|b| {
+                [
+                    &mut b.q,
+                    &mut b.k,
+                    &mut b.v,
+                    &mut b.o,
+                    &mut b.gate,
+                    &mut b.up,
+                    &mut b.down,
+                ]
+            })
             .chain(std::iter::once(&mut head))
             .filter_map(|w| match &mut w.mm {
                 Narrow::Q8(m) => Some(m),
