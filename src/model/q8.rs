@@ -254,8 +254,8 @@ impl Q8Matrix {
             let Ok(mut part) = part.lock() else { break };
             let r0 = i * chunk;
             let n = part.len() / m;
-            let mut col = vec![0f32; n];
-            for row in 0..m {
+            // Weight rows r0..r0 + n times input row `row`, into `dst`.
+            let rows_times = |row: usize, dst: &mut [f32]| {
                 let (x, d) = (&xq[row * k..(row + 1) * k], &dx[row * nb..(row + 1) * nb]);
                 match &self.packed {
                     Packed::Q8 { q, d: dw } => int8::matvec_quads(
@@ -263,7 +263,7 @@ impl Q8Matrix {
                         &dw[r0 * nb..(r0 + n) * nb],
                         x,
                         d,
-                        &mut col,
+                        dst,
                     ),
                     Packed::Q4 {
                         nibbles,
@@ -278,11 +278,19 @@ impl Q8Matrix {
                         x,
                         d,
                         &xsum[row * nb..(row + 1) * nb],
-                        &mut col,
+                        dst,
                     ),
                 }
-                for (j, v) in col.iter().enumerate() {
-                    part[j * m + row] = *v;
+            };
+            if m == 1 {
+                rows_times(0, &mut part);
+            } else {
+                let mut col = vec![0f32; n];
+                for row in 0..m {
+                    rows_times(row, &mut col);
+                    for (j, v) in col.iter().enumerate() {
+                        part[j * m + row] = *v;
+                    }
                 }
             }
         };
