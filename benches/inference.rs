@@ -44,7 +44,12 @@ fn benches(c: &mut Criterion) {
     g.sample_size(10)
         .measurement_time(Duration::from_secs(8))
         .warm_up_time(Duration::from_secs(1));
-    for format in [WeightFormat::Stored, WeightFormat::Q8_0, WeightFormat::F32] {
+    for format in [
+        WeightFormat::Stored,
+        WeightFormat::Mixed,
+        WeightFormat::Q8_0,
+        WeightFormat::F32,
+    ] {
         let model = Model::load(&path, &LoadOptions { format }).unwrap();
         let ids = prompt(&model);
         let base = Engine::new(model.clone(), ExpertSet::empty());
@@ -63,11 +68,12 @@ fn benches(c: &mut Criterion) {
             b.iter(|| decode(&base, &ids, &[]))
         });
     }
-    // Experts: two random rank-16 adapters on all seven projections, Q8_0 base.
+    // Experts: two random rank-16 adapters on all seven projections, the runtime's default
+    // format (`mixed`: decoding on the file's Q4_1 blocks, the experts in int8).
     let model = Model::load(
         &path,
         &LoadOptions {
-            format: WeightFormat::Q8_0,
+            format: WeightFormat::Mixed,
         },
     )
     .unwrap();
@@ -93,10 +99,10 @@ fn benches(c: &mut Criterion) {
     )
     .unwrap();
     let engine = Engine::new(model.clone(), ExpertSet::new(vec![pro, con]).unwrap());
-    g.bench_function(format!("decode_{N}/Q8_0/one_expert"), |b| {
+    g.bench_function(format!("decode_{N}/Mixed/one_expert"), |b| {
         b.iter(|| decode(&engine, &ids, &[vec![1.0, 0.0]]))
     });
-    g.bench_function(format!("decode_{N}/Q8_0/two_experts_blended"), |b| {
+    g.bench_function(format!("decode_{N}/Mixed/two_experts_blended"), |b| {
         b.iter(|| decode(&engine, &ids, &[vec![0.6, 0.4]]))
     });
     let dir = std::env::temp_dir().join(format!("stancemix-bench-{}", std::process::id()));
@@ -113,12 +119,12 @@ fn benches(c: &mut Criterion) {
     let merged = Model::load(
         &merged_path,
         &LoadOptions {
-            format: WeightFormat::Q8_0,
+            format: WeightFormat::Mixed,
         },
     )
     .unwrap();
     let merged_engine = Engine::new(merged, ExpertSet::empty());
-    g.bench_function(format!("decode_{N}/Q8_0/merged"), |b| {
+    g.bench_function(format!("decode_{N}/Mixed/merged"), |b| {
         b.iter(|| decode(&merged_engine, &ids, &[]))
     });
     let _ = std::fs::remove_dir_all(&dir);

@@ -522,3 +522,62 @@ fn decode_fast_path_matches_the_batched_prompt_path() {
         assert!(d < 1e-3, "row {r}: token-by-token logits differ by {d}");
     }
 }
+
+/// The int8 experts inside the base matmul's dispatch (`side_work`, used for decode steps over
+/// our int8 weights) give exactly the logits of the same int8 arithmetic run after the matmul
+/// (`after_linear`): the same rounded input, the same sums, added in the same order.
+#[test]
+fn experts_inside_the_matmul_dispatch_equal_the_after_matmul_path() {
+    /// Forwards `after_linear` only, so the model takes the after-matmul path.
+    struct AfterOnly<'a>(stancemix::lora::ExpertHook<'a>);
+    impl LinearHook for AfterOnly<'_> {
+        fn after_linear(
+            &self,
+            layer: usize,
+            target: Target,
+            x: &Tensor,
+            y: Tensor,
+        ) -> candle_core::Result<Tensor> {
+            self.0.after_linear(layer, target, x, y)
+        }
+    }
+    for format in [WeightFormat::Q8_0, WeightFormat::Stored] {
+        let model = real_model(format);
+        let experts = random_experts(&model, 8);
+        let ids = prompt_ids(&model);
+        // Two batch rows with their own gates, two tokens each: 4 token rows, both experts.
+        let rows = vec![vec![0.6f32, 0.4], vec![-0.3, 1.0]];
+        let run = |hook: &dyn LinearHook| -> Vec<f32> {
+            let x = Tensor::new(&ids[..2], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+                .repeat((2, 1))
+                .unwrap();
+            let pass = Pass {
+                hook,
+                logits: Logits::Last,
+                differentiable: false,
+            };
+            model
+                .forward(&x, None, &pass)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let hook = experts.hook_with(&rows, ExpertPrecision::Int8).unwrap();
+        let inside = run(&hook);
+        let after = run(&AfterOnly(
+            experts.hook_with(&rows, ExpertPrecision::Int8).unwrap(),
+        ));
+        assert_eq!(inside, after, "{format:?}");
+        let off = vec![vec![0.0f32, 0.0]; 2];
+        assert_ne!(
+            inside,
+            run(&experts.hook(&off).unwrap()),
+            "{format:?}: experts must act"
+        );
+    }
+}

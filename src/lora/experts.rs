@@ -346,7 +346,7 @@ impl LinearHook for ExpertHook<'_> {
             return Ok(None);
         };
         let (b, t, _) = x.dims3()?;
-        if b != self.rows.len() || b * t > FAST_ROWS {
+        if b != self.rows.len() || b * t > SIDE_ROWS {
             return Ok(None);
         }
         let mut items = Vec::new();
@@ -413,6 +413,10 @@ impl LinearHook for ExpertHook<'_> {
         y + delta.reshape(shape)?
     }
 }
+
+/// Up to this many token rows (decode steps, short prompts) the int8 experts run inside the
+/// base matmul's dispatch, one item per row and expert; wider passes use candle's matmuls.
+const SIDE_ROWS: usize = 16;
 
 /// Up to this many token rows (decode), the delta is computed in plain loops over the stacked
 /// arrays: for one token the candle path's six small ops per linear cost more than the math.

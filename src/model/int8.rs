@@ -14,6 +14,9 @@
 //!   `B^T`: per 16 columns and group of four rows, each column's four values side by side.
 //!
 //! Each kernel has a plain-Rust version, used without AVX2 and by the tests as the reference.
+//! The kernels check their slices' shapes and panic on a mismatch, as slice methods do (a
+//! programming error inside the crate, never a consequence of input files or flags; the SIMD
+//! code relies on these checks).
 
 /// A zeroed vector for a large weight array, its memory marked for transparent huge pages
 /// before first use (Linux; elsewhere a plain vector). Decoding reads every weight once per
@@ -88,8 +91,9 @@ pub const BLOCK: usize = 32;
 /// Round `x` (length a multiple of [`BLOCK`]) to int8 in blocks: `q` gets the values, `d` the
 /// per-block scales (`max |x| / 127`, 0 for an all-zero block).
 pub fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32]) {
-    debug_assert!(
-        x.len().is_multiple_of(BLOCK) && q.len() == x.len() && d.len() == x.len() / BLOCK
+    assert!(
+        x.len().is_multiple_of(BLOCK) && q.len() == x.len() && d.len() == x.len() / BLOCK,
+        "quantize_blocks: shapes"
     );
     #[cfg(target_feature = "avx2")]
     {
