@@ -554,18 +554,7 @@ fn experts_inside_the_matmul_dispatch_equal_the_after_matmul_path() {
                 .unwrap()
                 .repeat((2, 1))
                 .unwrap();
-            let pass = Pass {
-                hook,
-                logits: Logits::Last,
-                differentiable: false,
-            };
-            model
-                .forward(&x, None, &pass)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
+            forward_flat(&model, &x, None, hook, Logits::Last)
         };
         let hook = experts.hook_with(&rows, ExpertPrecision::Int8).unwrap();
         let inside = run(&hook);

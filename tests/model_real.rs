@@ -283,20 +283,7 @@ fn pooled_hidden_is_the_mean_of_the_last_residual_stream() {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let run = |logits| -> Vec<f32> {
-        let pass = Pass {
-            hook: &NoHook,
-            logits,
-            differentiable: false,
-        };
-        model
-            .forward(&x, None, &pass)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
+    let run = |logits| forward_flat(&model, &x, None, &NoHook, logits);
     let (raw, normed) = (run(Logits::Layer(n)), run(Logits::Hidden));
     let mut weight: Vec<f32> = Vec::new();
     for p in 0..t {

@@ -24,8 +24,8 @@ struct Stack {
     /// `(expert index, column offset, rank)` for each expert in the stack.
     spans: Vec<(usize, usize, usize)>,
     width: usize,
-    /// Int8 copies for decode steps of a quantized base; `None` when `in` is not a multiple of
-    /// the 32-wide Q8_0 block.
+    /// Int8 copies for decode steps of a quantized base; `None` for shapes the int8 kernels do
+    /// not take (see [`Int8Stack::new`]).
     int8: Option<Int8Stack>,
 }
 
@@ -50,7 +50,8 @@ struct Int8Span {
 }
 
 impl Int8Stack {
-    /// `None` when `in` is not a multiple of the 32-wide block.
+    /// `None` when `in` is not a multiple of the 32-wide block or `out` of the 16 columns
+    /// [`int8::quad_matvec`] takes a step.
     fn new(
         a: &[f32],
         b: &[f32],
@@ -58,43 +59,25 @@ impl Int8Stack {
         n_out: usize,
         spans: &[(usize, usize, usize)],
     ) -> Option<Self> {
-        if !n_in.is_multiple_of(int8::BLOCK) {
+        if !n_in.is_multiple_of(int8::BLOCK) || !n_out.is_multiple_of(int8::COLS) {
             return None;
         }
         let spans = spans
             .iter()
             .map(|&(_, off, rank)| {
+                // Rank padded with zero rows to a multiple of 4; one scale per row of `A` and
+                // of `B^T` (each rank component's direction). `B`'s row scales are folded into
+                // `h` before it is rounded, so the product needs no per-output scales.
                 let rows = rank.next_multiple_of(4);
-                let mut af = a[off * n_in..(off + rank) * n_in].to_vec();
-                af.resize(rows * n_in, 0.0);
-                let mut aq = vec![0i8; rows * n_in];
-                let mut a_scale = vec![0f32; rows];
-                for (j, d) in a_scale.iter_mut().enumerate() {
-                    let row = &af[j * n_in..(j + 1) * n_in];
-                    let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    *d = amax / 127.0;
-                    if amax > 0.0 {
-                        for (o, v) in aq[j * n_in..(j + 1) * n_in].iter_mut().zip(row) {
-                            *o = (v * 127.0 / amax).round() as i8;
-                        }
-                    }
-                }
+                let padded = |m: &[f32], n: usize| {
+                    let mut v = m[off * n..(off + rank) * n].to_vec();
+                    v.resize(rows * n, 0.0);
+                    v
+                };
+                let (aq, a_scale) = int8::quantize_rows(&padded(a, n_in), n_in);
+                let (bq, b_scale) = int8::quantize_rows(&padded(b, n_out), n_out);
                 let nb = n_in / int8::BLOCK;
                 let (aq, _) = int8::interleave_row_quads(&aq, &vec![0f32; rows * nb], n_in);
-                // B^T rows (one per rank component) with one scale each: folded into `h`
-                // before it is rounded, so the product needs no per-output scales.
-                let mut bq = vec![0i8; rows * n_out];
-                let mut b_scale = vec![0f32; rows];
-                for (j, d) in b_scale.iter_mut().enumerate().take(rank) {
-                    let row = &b[(off + j) * n_out..(off + j + 1) * n_out];
-                    let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    *d = amax / 127.0;
-                    if amax > 0.0 {
-                        for (o, v) in bq[j * n_out..(j + 1) * n_out].iter_mut().zip(row) {
-                            *o = (v * 127.0 / amax).round() as i8;
-                        }
-                    }
-                }
                 Int8Span {
                     off,
                     rows,

@@ -299,6 +299,27 @@ pub fn matvec_q4_plain(w: Q4Slice, x: &[i8], dx: &[f32], xsum: &[i32], out: &mut
     }
 }
 
+/// Round each row of `m` `(rows, n)` to int8 with one scale per row (`max |row| / 127`; 0 and
+/// zeros for an all-zero row).
+pub fn quantize_rows(m: &[f32], n: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = vec![0i8; m.len()];
+    let mut d = vec![0f32; m.len().checked_div(n).unwrap_or(0)];
+    for ((row, qr), dr) in m
+        .chunks(n.max(1))
+        .zip(q.chunks_mut(n.max(1)))
+        .zip(d.iter_mut())
+    {
+        let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+        *dr = amax / 127.0;
+        if amax > 0.0 {
+            for (qv, v) in qr.iter_mut().zip(row) {
+                *qv = (v * 127.0 / amax).round() as i8;
+            }
+        }
+    }
+    (q, d)
+}
+
 /// Columns per step of [`quad_matvec`].
 pub const COLS: usize = 16;
 
@@ -667,6 +688,19 @@ mod tests {
                 "row {r}"
             );
         }
+    }
+
+    #[test]
+    fn quantize_rows_rounds_each_row_within_half_its_step() {
+        let mut m = pseudo(3 * 40, 60);
+        m[40..80].iter_mut().for_each(|v| *v = 0.0); // an all-zero row
+        let (q, d) = quantize_rows(&m, 40);
+        assert_eq!(d[1], 0.0);
+        assert!(q[40..80].iter().all(|&v| v == 0));
+        for (i, v) in m.iter().enumerate() {
+            assert!((d[i / 40] * q[i] as f32 - v).abs() <= d[i / 40] * 0.5 + 1e-6);
+        }
+        assert!(q.iter().any(|&v| v == 127 || v == -127));
     }
 
     #[test]

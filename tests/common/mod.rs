@@ -55,3 +55,25 @@ pub fn python_with_deps() -> std::process::Command {
     c.env("PYTHONPATH", deps);
     c
 }
+
+/// One forward pass of `model` over `x` `(b, t)` with `hook`, its output flattened.
+pub fn forward_flat(
+    model: &Model,
+    x: &candle_core::Tensor,
+    cache: Option<&mut stancemix::model::KvCache>,
+    hook: &dyn stancemix::model::LinearHook,
+    logits: stancemix::model::Logits,
+) -> Vec<f32> {
+    let pass = stancemix::model::Pass {
+        hook,
+        logits,
+        differentiable: false,
+    };
+    model
+        .forward(x, cache, &pass)
+        .expect("forward pass")
+        .flatten_all()
+        .expect("flatten")
+        .to_vec1()
+        .expect("to_vec1")
+}
