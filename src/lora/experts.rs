@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use super::Adapter;
 use crate::model::int8::{self, Shared};
-use crate::model::{dot, LinearHook, QuantizedRows, SideWork, Target};
+use crate::model::{dot, LinearHook, QuantizedRows, SideOutput, SideWork, Target};
 use crate::{Error, Result};
 
 /// The experts of every adaptable linear, stacked: `A_cat^T` `(in, R)` and `B_cat^T` `(R, out)`,
@@ -274,26 +274,24 @@ impl SideWork for ExpertSideWork<'_> {
         self.items.len()
     }
 
-    fn run(&self, item: usize, x: &QuantizedRows, out: &mut [f32]) {
-        let Some(&(row, si, se)) = self.items.get(item) else {
-            return;
-        };
+    fn run(&self, item: usize, x: &QuantizedRows) -> Option<SideOutput> {
+        let &(row, si, se) = self.items.get(item)?;
         let (xq, dx) = x.row(row);
-        let n_out = self.n_out;
-        span_delta(
-            &self.q.spans[si],
-            se,
-            xq,
-            dx,
-            &mut out[row * n_out..(row + 1) * n_out],
-        );
+        let (scale, sums) = span_sums(&self.q.spans[si], se, xq, dx, self.n_out)?;
+        Some(SideOutput { row, scale, sums })
     }
 }
 
-/// Add one expert's `se * B (A x)` for an int8-rounded row `x` into `y`: `h = A x` by the base
-/// weights' kernel, `u = se * h` times `B`'s row scales rounded to int8 with one scale, then
-/// `B^T u` in int32 sums.
-fn span_delta(sp: &Int8Span, se: f32, xq: &[i8], dx: &[f32], y: &mut [f32]) {
+/// One expert's `se * B (A x)` for an int8-rounded row `x`, as int32 sums and their scale
+/// (`None` when it is zero): `h = A x` by the base weights' kernel, `u = se * h` times `B`'s row
+/// scales rounded to int8 with one scale, then `B^T u` in int32 sums.
+fn span_sums(
+    sp: &Int8Span,
+    se: f32,
+    xq: &[i8],
+    dx: &[f32],
+    n_out: usize,
+) -> Option<(f32, Vec<i32>)> {
     let mut h = vec![0f32; sp.rows];
     int8::matvec_quads_rows(&sp.a, &sp.a_scale, xq, dx, &mut h);
     for (v, d) in h.iter_mut().zip(&sp.b_scale) {
@@ -301,15 +299,12 @@ fn span_delta(sp: &Int8Span, se: f32, xq: &[i8], dx: &[f32], y: &mut [f32]) {
     }
     let amax = h.iter().fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 {
-        return;
+        return None;
     }
     let u: Vec<i8> = h.iter().map(|v| (v * 127.0 / amax).round() as i8).collect();
-    let mut acc = vec![0i32; y.len()];
+    let mut acc = vec![0i32; n_out];
     int8::quad_matvec(&sp.b, &u, &mut acc);
-    let du = amax / 127.0;
-    for (yo, &a) in y.iter_mut().zip(&acc) {
-        *yo += a as f32 * du;
-    }
+    Some((amax / 127.0, acc))
 }
 
 impl LinearHook for ExpertHook<'_> {
@@ -466,7 +461,7 @@ fn fast_delta(stack: &Stack, scale: &[f32], x: &Tensor, y: Tensor) -> candle_cor
     Tensor::from_vec(ys, shape, x.device())
 }
 
-/// [`fast_delta`] in int8 ([`span_delta`] per token row and active expert), on the calling
+/// [`fast_delta`] in int8 ([`span_sums`] per token row and active expert), on the calling
 /// thread. Decode steps over our int8 base weights do the same work inside the base matmul's
 /// dispatch instead ([`ExpertHook::side_work`]); this serves the other weight types and direct
 /// calls.
@@ -487,8 +482,13 @@ fn int8_delta(
         int8::quantize_blocks(&xs[row * n_in..(row + 1) * n_in], &mut xq, &mut dx);
         for sp in &q.spans {
             let se = scale[(row / t) * r_all + sp.off];
-            if se != 0.0 {
-                span_delta(sp, se, &xq, &dx, &mut ys[row * n_out..(row + 1) * n_out]);
+            if se == 0.0 {
+                continue;
+            }
+            if let Some((du, sums)) = span_sums(sp, se, &xq, &dx, n_out) {
+                for (yo, &a) in ys[row * n_out..(row + 1) * n_out].iter_mut().zip(&sums) {
+                    *yo += a as f32 * du;
+                }
             }
         }
     }

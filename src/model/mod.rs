@@ -10,7 +10,7 @@ mod frozen;
 pub mod int8;
 mod llama;
 mod q8;
-pub use q8::{QuantizedRows, SideWork};
+pub use q8::{QuantizedRows, SideOutput, SideWork};
 pub mod tiny;
 mod tokenizer;
 

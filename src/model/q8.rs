@@ -18,10 +18,19 @@ use super::int8::{self, Shared, BLOCK};
 /// among the threads (the experts' deltas: on 2 cores a separate dispatch after the matmul
 /// left one core idle and read the experts' weights on their own).
 pub trait SideWork: Sync {
-    /// Independent items (each adds into its own output buffer).
+    /// Independent items.
     fn items(&self) -> usize;
-    /// Add item `item`'s contribution for the input rows `x` into `out` `(x.m, out width)`.
-    fn run(&self, item: usize, x: &QuantizedRows, out: &mut [f32]);
+    /// Item `item`'s contribution for the input rows `x`, if any: int32 sums times a scale,
+    /// added to one output row after the matmul.
+    fn run(&self, item: usize, x: &QuantizedRows) -> Option<SideOutput>;
+}
+
+/// What a [`SideWork`] item adds: `scale * sums[o]` to output row `row`'s column `o`.
+#[derive(Debug)]
+pub struct SideOutput {
+    pub row: usize,
+    pub scale: f32,
+    pub sums: Vec<i32>,
 }
 
 /// The input rows of a matmul rounded to int8 blocks ([`int8::quantize_blocks`]).
@@ -233,9 +242,8 @@ impl Q8Matrix {
         let (xq, dx) = (&rounded.q, &rounded.d);
         // The side items first (each a larger unit than a chunk of rows), then the chunks.
         let n_side = side.map_or(0, |s| s.items());
-        let side_out: Vec<Mutex<Vec<f32>>> = (0..n_side)
-            .map(|_| Mutex::new(vec![0f32; m * self.rows]))
-            .collect();
+        let side_out: Vec<Mutex<Option<SideOutput>>> =
+            (0..n_side).map(|_| Mutex::new(None)).collect();
         // Output rows-major per weight chunk: (rows, m), transposed at the end when m > 1.
         let mut out = vec![0f32; self.rows * m];
         let chunk = CHUNK_ROWS.min(self.rows);
@@ -244,8 +252,8 @@ impl Q8Matrix {
         let work = |_: usize| loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             if i < n_side {
-                if let (Some(side), Ok(mut buf)) = (side, side_out[i].lock()) {
-                    side.run(i, &rounded, &mut buf);
+                if let (Some(side), Ok(mut slot)) = (side, side_out[i].lock()) {
+                    *slot = side.run(i, &rounded);
                 }
                 continue;
             }
@@ -312,12 +320,16 @@ impl Q8Matrix {
             }
             o
         };
-        for buf in side_out {
-            let buf = buf
+        for slot in side_out {
+            let slot = slot
                 .into_inner()
                 .map_err(|_| candle_core::Error::Msg("a matmul side worker panicked".into()))?;
-            for (o, v) in out.iter_mut().zip(buf) {
-                *o += v;
+            let Some(add) = slot else { continue };
+            let Some(row) = out.get_mut(add.row * self.rows..(add.row + 1) * self.rows) else {
+                candle_core::bail!("side work for row {} of {m}", add.row);
+            };
+            for (o, &v) in row.iter_mut().zip(&add.sums) {
+                *o += v as f32 * add.scale;
             }
         }
         Tensor::from_vec(out, shape, &Device::Cpu)
