@@ -106,7 +106,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         base.forward_rows(&ids, Some(&mut cache), &[], Logits::Last)?;
         Ok(())
     })?;
-    say("decode, base and two rank-16 experts blended, alternately...");
+    say("decode: base, two rank-16 experts blended, the shipped experts blended, alternately...");
     let random = |stance: &str, seed| {
         Adapter::random(&model.config, stance, 16, 16.0, &Target::ALL, seed, 0.02)
     };
@@ -122,9 +122,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         Engine::new(model.clone(), experts)
     };
-    // Base and blend alternate within each repeat, and the cost is the median of the per-repeat
-    // ratios: on a shared or throttled machine speed drifts between runs a minute apart.
+    // The shipped experts (rank 8), blended the same way, when both are there.
+    let shipped_paths = stancemix::runtime::shipped_adapters();
+    let shipped = if shipped_paths.len() == 2 {
+        let adapters = shipped_paths
+            .iter()
+            .map(|p| Adapter::load(p, &model.config))
+            .collect::<stancemix::Result<Vec<_>>>()?;
+        Some(Engine::new(model.clone(), ExpertSet::new(adapters)?))
+    } else {
+        None
+    };
+    // Base and blends alternate within each repeat, and each cost is the median of the
+    // per-repeat ratios: on a shared or throttled machine speed drifts between runs a minute apart.
     let (mut base_t, mut blend_t, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    let mut shipped_ratio = Vec::new();
     for i in 0..=r.max(1) {
         let t = Instant::now();
         decode(&base, &ids, &[])?;
@@ -132,15 +144,25 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let t = Instant::now();
         decode(&engine, &ids, &[vec![0.6, 0.4]])?;
         let te = t.elapsed().as_secs_f64();
+        let ts = match &shipped {
+            Some(s) => {
+                let t = Instant::now();
+                decode(s, &ids, &[vec![0.6, 0.4]])?;
+                Some(t.elapsed().as_secs_f64())
+            }
+            None => None,
+        };
         if i > 0 {
             // The first round warms up.
             base_t.push(tb);
             blend_t.push(te);
             ratio.push(te / tb);
+            shipped_ratio.extend(ts.map(|ts| ts / tb));
         }
     }
     let (decode_s, blend2_s) = (median(base_t), median(blend_t));
     let blend2_cost = median(ratio) - 1.0;
+    let shipped_cost = (!shipped_ratio.is_empty()).then(|| median(shipped_ratio) - 1.0);
 
     let mut session = engine.session();
     let (b1, b2) = (Blend::dial(0.7)?, Blend::dial(-0.3)?);
@@ -174,6 +196,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "decode_tok_s": N as f64 / decode_s,
         "decode_tok_s_blend2": N as f64 / blend2_s,
         "blend2_cost": blend2_cost,
+        "shipped_blend_cost": shipped_cost,
         "switch_ms": switch_s * 1e3,
         "route_ms": route_s.map(|s| s * 1e3),
         "route_share_of_64_token_answer": route_s.map(|s| s / (prompt_s + decode_s)),
