@@ -166,7 +166,14 @@ fn norm(v: &[f32]) -> f32 {
 #[test]
 fn int8_expert_deltas_track_f32_and_stay_linear() {
     let model = real_model(WeightFormat::Q8_0);
-    let experts = random_experts(&model, 8);
+    // Rank 8 as shipped, and 70 (past the kernels' on-stack buffers, padded to 72 rows).
+    for rank in [8, 70] {
+        int8_deltas_for_rank(&model, rank);
+    }
+}
+
+fn int8_deltas_for_rank(model: &Model, rank: usize) {
+    let experts = random_experts(model, rank);
     let delta = |target: Target, g: Vec<f32>, precision, x: &Tensor| -> Vec<f32> {
         let rows = vec![g];
         let zero = Tensor::zeros(
@@ -193,7 +200,10 @@ fn int8_expert_deltas_track_f32_and_stay_linear() {
             let got = delta(target, g.clone(), ExpertPrecision::Int8, &x);
             let err: Vec<f32> = got.iter().zip(&want).map(|(a, b)| a - b).collect();
             let rel = norm(&err) / norm(&want);
-            assert!(rel < 0.03, "{target:?} g = {g:?}: relative error {rel}");
+            assert!(
+                rel < 0.03,
+                "rank {rank}, {target:?} g = {g:?}: relative error {rel}"
+            );
         }
         let e1 = delta(target, vec![1.0, 0.0], ExpertPrecision::Int8, &x);
         let e2 = delta(target, vec![0.0, 1.0], ExpertPrecision::Int8, &x);

@@ -292,8 +292,16 @@ fn span_sums(
     dx: &[f32],
     n_out: usize,
 ) -> Option<(f32, Vec<i32>)> {
-    let mut h = vec![0f32; sp.rows];
-    int8::matvec_quads_rows(&sp.a, &sp.a_scale, xq, dx, &mut h);
+    // h and u on the stack for ranks up to 64 (this runs ~400 times a decoded token).
+    const STACK: usize = 64;
+    let (mut h_stack, mut h_heap) = ([0f32; STACK], Vec::new());
+    let h: &mut [f32] = if sp.rows <= STACK {
+        &mut h_stack[..sp.rows]
+    } else {
+        h_heap.resize(sp.rows, 0.0);
+        &mut h_heap
+    };
+    int8::matvec_quads_rows(&sp.a, &sp.a_scale, xq, dx, h);
     for (v, d) in h.iter_mut().zip(&sp.b_scale) {
         *v *= se * d;
     }
@@ -301,9 +309,18 @@ fn span_sums(
     if amax == 0.0 {
         return None;
     }
-    let u: Vec<i8> = h.iter().map(|v| (v * 127.0 / amax).round() as i8).collect();
+    let (mut u_stack, mut u_heap) = ([0i8; STACK], Vec::new());
+    let u: &mut [i8] = if sp.rows <= STACK {
+        &mut u_stack[..sp.rows]
+    } else {
+        u_heap.resize(sp.rows, 0);
+        &mut u_heap
+    };
+    for (q, v) in u.iter_mut().zip(h.iter()) {
+        *q = (v * 127.0 / amax).round() as i8;
+    }
     let mut acc = vec![0i32; n_out];
-    int8::quad_matvec(&sp.b, &u, &mut acc);
+    int8::quad_matvec(&sp.b, u, &mut acc);
     Some((amax / 127.0, acc))
 }
 

@@ -512,22 +512,31 @@ mod avx2 {
 
     pub unsafe fn quad_matvec(m: &[i8], u: &[i8], acc: &mut [i32]) {
         let groups = u.len() / 4;
-        // Each group's four values broadcast to every 32-bit lane, split into |u| and signs.
-        let ug: Vec<(__m256i, __m256i)> = u
-            .chunks(4)
-            .map(|c| {
-                let v = _mm256_set1_epi32(i32::from_le_bytes([
-                    c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8,
-                ]));
-                (_mm256_sign_epi8(v, v), v)
-            })
-            .collect();
+        // Each group's four values broadcast to every 32-bit lane, split into |u| and signs
+        // (on the stack up to 16 groups).
+        let broadcast = |c: &[i8]| {
+            let v = _mm256_set1_epi32(i32::from_le_bytes([
+                c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8,
+            ]));
+            (_mm256_sign_epi8(v, v), v)
+        };
+        let mut stack = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 16];
+        let heap: Vec<(__m256i, __m256i)>;
+        let ug: &[(__m256i, __m256i)] = if groups <= stack.len() {
+            for (slot, c) in stack.iter_mut().zip(u.chunks(4)) {
+                *slot = broadcast(c);
+            }
+            &stack[..groups]
+        } else {
+            heap = u.chunks(4).map(broadcast).collect();
+            &heap
+        };
         let ones = _mm256_set1_epi16(1);
         let mut mp = m.as_ptr();
         for out in acc.chunks_mut(super::COLS) {
             // 16 columns: two independent sums of eight, over the groups in memory order.
             let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-            for &(au, su) in &ug {
+            for &(au, su) in ug {
                 let m0 = _mm256_loadu_si256(mp as *const __m256i);
                 let m1 = _mm256_loadu_si256(mp.add(32) as *const __m256i);
                 s0 = _mm256_add_epi32(
@@ -543,7 +552,6 @@ mod avx2 {
             _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, s0);
             _mm256_storeu_si256(out.as_mut_ptr().add(8) as *mut __m256i, s1);
         }
-        let _ = groups;
     }
 }
 
@@ -705,9 +713,9 @@ mod tests {
 
     #[test]
     fn quad_matvec_matches_plain_and_the_row_major_product() {
-        for n in [16, 48] {
+        // k = 80: more than the 16 groups of four kept on the stack.
+        for (n, k) in [(16, 8), (48, 8), (32, 80)] {
             // Values in -127..=127, the range the quantizers produce.
-            let k = 8;
             let u: Vec<i8> = (0..k)
                 .map(|i| ((i * 37 % 255) as i32 - 127) as i8)
                 .collect();
@@ -721,8 +729,8 @@ mod tests {
             let want: Vec<i32> = (0..n)
                 .map(|j| (0..k).map(|r| u[r] as i32 * m[r * n + j] as i32).sum())
                 .collect();
-            assert_eq!(got, want, "n = {n}");
-            assert_eq!(plain, want, "n = {n}");
+            assert_eq!(got, want, "n = {n}, k = {k}");
+            assert_eq!(plain, want, "n = {n}, k = {k}");
         }
     }
 }
