@@ -29,17 +29,22 @@ struct Stack {
     int8: Option<Int8Stack>,
 }
 
-/// The int8 form of a [`Stack`], a quarter of its bytes, one part per expert (see [`int8`]).
+/// The int8 form of a [`Stack`], a quarter of its bytes, one part per expert (see [`int8`]),
+/// and with several experts all of them stacked as one part too: the usual blend has every
+/// expert on, and one pass over the stack is less work a token than one per expert.
 #[derive(Debug)]
 struct Int8Stack {
     spans: Vec<Int8Span>,
+    all: Option<Int8Span>,
 }
 
 /// One expert's `A` and `B` in int8, its rank padded with zero rows to a multiple of 4.
 #[derive(Debug)]
 struct Int8Span {
-    /// The expert's column in a gate-scale row of the stack.
+    /// The first of its columns in a gate-scale row of the stack, and how many.
     off: usize,
+    rank: usize,
+    /// `rank` padded to a multiple of 4.
     rows: usize,
     /// `A` `(rows, in)` in int8 with one scale per row, packed for [`int8::matvec_quads_rows`].
     a: Shared<i8>,
@@ -62,33 +67,67 @@ impl Int8Stack {
         if !n_in.is_multiple_of(int8::BLOCK) || !n_out.is_multiple_of(int8::COLS) {
             return None;
         }
+        let width = spans
+            .iter()
+            .map(|&(_, off, rank)| off + rank)
+            .max()
+            .unwrap_or(0);
+        let all = (spans.len() > 1).then(|| Int8Span::new(a, b, n_in, n_out, 0, width));
         let spans = spans
             .iter()
-            .map(|&(_, off, rank)| {
-                // Rank padded with zero rows to a multiple of 4; one scale per row of `A` and
-                // of `B^T` (each rank component's direction). `B`'s row scales are folded into
-                // `h` before it is rounded, so the product needs no per-output scales.
-                let rows = rank.next_multiple_of(4);
-                let padded = |m: &[f32], n: usize| {
-                    let mut v = m[off * n..(off + rank) * n].to_vec();
-                    v.resize(rows * n, 0.0);
-                    v
-                };
-                let (aq, a_scale) = int8::quantize_rows(&padded(a, n_in), n_in);
-                let (bq, b_scale) = int8::quantize_rows(&padded(b, n_out), n_out);
-                let nb = n_in / int8::BLOCK;
-                let (aq, _) = int8::interleave_row_quads(&aq, &vec![0f32; rows * nb], n_in);
-                Int8Span {
-                    off,
-                    rows,
-                    a: aq.into(),
-                    a_scale,
-                    b: int8::interleave_quads(&bq, rows, n_out).into(),
-                    b_scale,
-                }
-            })
+            .map(|&(_, off, rank)| Int8Span::new(a, b, n_in, n_out, off, rank))
             .collect();
-        Some(Int8Stack { spans })
+        Some(Int8Stack { spans, all })
+    }
+
+    /// The parts to run for one token row whose stacked column scales are `scale` (one per rank
+    /// column, `g_i s_i` over each expert's span): the stacked part when every expert is on,
+    /// else each active expert's own; each with its per-row scales (padded rows 0).
+    fn plan(&self, scale: &[f32]) -> Vec<(&Int8Span, Vec<f32>)> {
+        let row_scales = |sp: &Int8Span| {
+            let mut v = scale[sp.off..sp.off + sp.rank].to_vec();
+            v.resize(sp.rows, 0.0);
+            v
+        };
+        match &self.all {
+            Some(all) if self.spans.iter().all(|sp| scale[sp.off] != 0.0) => {
+                vec![(all, row_scales(all))]
+            }
+            _ => self
+                .spans
+                .iter()
+                .filter(|sp| scale[sp.off] != 0.0)
+                .map(|sp| (sp, row_scales(sp)))
+                .collect(),
+        }
+    }
+}
+
+impl Int8Span {
+    /// Rows `off..off + rank` of the stacked `A` `(R, in)` and `B^T` `(R, out)`: rank padded with
+    /// zero rows to a multiple of 4; one scale per row of `A` and of `B^T` (each rank component's
+    /// direction). `B`'s row scales are folded into `h` before it is rounded, so the product
+    /// needs no per-output scales.
+    fn new(a: &[f32], b: &[f32], n_in: usize, n_out: usize, off: usize, rank: usize) -> Self {
+        let rows = rank.next_multiple_of(4);
+        let padded = |m: &[f32], n: usize| {
+            let mut v = m[off * n..(off + rank) * n].to_vec();
+            v.resize(rows * n, 0.0);
+            v
+        };
+        let (aq, a_scale) = int8::quantize_rows(&padded(a, n_in), n_in);
+        let (bq, b_scale) = int8::quantize_rows(&padded(b, n_out), n_out);
+        let nb = n_in / int8::BLOCK;
+        let (aq, _) = int8::interleave_row_quads(&aq, &vec![0f32; rows * nb], n_in);
+        Int8Span {
+            off,
+            rank,
+            rows,
+            a: aq.into(),
+            a_scale,
+            b: int8::interleave_quads(&bq, rows, n_out).into(),
+            b_scale,
+        }
     }
 }
 
@@ -170,13 +209,14 @@ impl ExpertSet {
             );
         }
         // The int8 copies into one large huge-page buffer, in the order a decode step reads
-        // them (layer, then Q, K, V, O, gate, up, down; each expert's A then B).
+        // them (layer, then Q, K, V, O, gate, up, down; the stacked part first, then each
+        // expert's; A then B).
         let mut by_key: Vec<(&(usize, Target), &mut Stack)> = stacks.iter_mut().collect();
         by_key.sort_by_key(|(k, _)| **k);
         let mut parts = Vec::new();
         for (_, stack) in by_key {
             if let Some(q) = &mut stack.int8 {
-                for sp in &mut q.spans {
+                for sp in q.all.iter_mut().chain(q.spans.iter_mut()) {
                     parts.push(&mut sp.a);
                     parts.push(&mut sp.b);
                 }
@@ -263,10 +303,9 @@ pub struct ExpertHook<'a> {
 /// The int8 expert work of one decode-step linear, run inside the base matmul's dispatch: one
 /// item per (token row, active expert).
 struct ExpertSideWork<'a> {
-    q: &'a Int8Stack,
     n_out: usize,
-    /// Gate x scale per (row, span).
-    items: Vec<(usize, usize, f32)>,
+    /// (token row, part, its per-row scales).
+    items: Vec<(usize, &'a Int8Span, Vec<f32>)>,
 }
 
 impl SideWork for ExpertSideWork<'_> {
@@ -275,19 +314,23 @@ impl SideWork for ExpertSideWork<'_> {
     }
 
     fn run(&self, item: usize, x: &QuantizedRows) -> Option<SideOutput> {
-        let &(row, si, se) = self.items.get(item)?;
-        let (xq, dx) = x.row(row);
-        let (scale, sums) = span_sums(&self.q.spans[si], se, xq, dx, self.n_out)?;
-        Some(SideOutput { row, scale, sums })
+        let (row, sp, scales) = self.items.get(item)?;
+        let (xq, dx) = x.row(*row);
+        let (scale, sums) = span_sums(sp, scales, xq, dx, self.n_out)?;
+        Some(SideOutput {
+            row: *row,
+            scale,
+            sums,
+        })
     }
 }
 
-/// One expert's `se * B (A x)` for an int8-rounded row `x`, as int32 sums and their scale
-/// (`None` when it is zero): `h = A x` by the base weights' kernel, `u = se * h` times `B`'s row
-/// scales rounded to int8 with one scale, then `B^T u` in int32 sums.
+/// A part's `B diag(scales) (A x)` for an int8-rounded row `x`, as int32 sums and their scale
+/// (`None` when it is zero): `h = A x` by the base weights' kernel, `u = scales * h` times `B`'s
+/// row scales rounded to int8 with one scale, then `B^T u` in int32 sums.
 fn span_sums(
     sp: &Int8Span,
-    se: f32,
+    scales: &[f32],
     xq: &[i8],
     dx: &[f32],
     n_out: usize,
@@ -302,7 +345,7 @@ fn span_sums(
         &mut h_heap
     };
     int8::matvec_quads_rows(&sp.a, &sp.a_scale, xq, dx, h);
-    for (v, d) in h.iter_mut().zip(&sp.b_scale) {
+    for ((v, d), se) in h.iter_mut().zip(&sp.b_scale).zip(scales) {
         *v *= se * d;
     }
     let amax = h.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -345,20 +388,18 @@ impl LinearHook for ExpertHook<'_> {
             return Ok(None);
         }
         let mut items = Vec::new();
+        let mut scale = vec![0f32; stack.width];
         for row in 0..b * t {
             let g = &self.rows[row / t];
-            for (si, &(e, _, _)) in stack.spans.iter().enumerate() {
-                let se = g[e] * self.set.adapters[e].scale() as f32;
-                if se != 0.0 {
-                    items.push((row, si, se));
-                }
+            for &(e, off, rank) in &stack.spans {
+                scale[off..off + rank].fill(g[e] * self.set.adapters[e].scale() as f32);
             }
+            items.extend(q.plan(&scale).into_iter().map(|(sp, s)| (row, sp, s)));
         }
         if items.is_empty() {
             return Ok(None);
         }
         Ok(Some(Box::new(ExpertSideWork {
-            q,
             n_out: stack.n_out,
             items,
         })))
@@ -497,12 +538,8 @@ fn int8_delta(
     let (mut xq, mut dx) = (vec![0i8; n_in], vec![0f32; n_in / int8::BLOCK]);
     for row in 0..b * t {
         int8::quantize_blocks(&xs[row * n_in..(row + 1) * n_in], &mut xq, &mut dx);
-        for sp in &q.spans {
-            let se = scale[(row / t) * r_all + sp.off];
-            if se == 0.0 {
-                continue;
-            }
-            if let Some((du, sums)) = span_sums(sp, se, &xq, &dx, n_out) {
+        for (sp, scales) in q.plan(&scale[(row / t) * r_all..(row / t + 1) * r_all]) {
+            if let Some((du, sums)) = span_sums(sp, &scales, &xq, &dx, n_out) {
                 for (yo, &a) in ys[row * n_out..(row + 1) * n_out].iter_mut().zip(&sums) {
                     *yo += a as f32 * du;
                 }
