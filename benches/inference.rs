@@ -99,6 +99,11 @@ fn benches(c: &mut Criterion) {
     )
     .unwrap();
     let engine = Engine::new(model.clone(), ExpertSet::new(vec![pro, con]).unwrap());
+    // The base again, right beside the experts: this machine's speed drifts between minutes.
+    let base = Engine::new(model.clone(), ExpertSet::empty());
+    g.bench_function(format!("decode_{N}/Mixed/base_beside_experts"), |b| {
+        b.iter(|| decode(&base, &ids, &[]))
+    });
     g.bench_function(format!("decode_{N}/Mixed/one_expert"), |b| {
         b.iter(|| decode(&engine, &ids, &[vec![1.0, 0.0]]))
     });
