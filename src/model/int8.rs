@@ -1,4 +1,4 @@
-//! Int8 kernels for passes of few token rows (decoding): the base weights (`q8.rs`) and the
+//! Int8 kernels for passes of few token rows (decoding): the base weights (`packed.rs`) and the
 //! experts (`lora/experts.rs`). With AVX2, 32 multiply-adds per instruction; every matrix is
 //! laid out so that a kernel reads it front to back in one stream (decoding streams the whole
 //! model from memory for every token, and the hardware prefetcher follows one stream well, four
@@ -249,6 +249,25 @@ pub struct Q4Slice<'a> {
     pub nibbles: &'a [u8],
     pub d: &'a [f32],
     pub m: &'a [f32],
+}
+
+/// Raw GGML Q8_0 blocks (34 bytes each: f16 scale, 32 int8 values; rows of `k / 32` blocks,
+/// `rows` a multiple of 4) as [`interleave_row_quads`] lays them out, scales in f32.
+pub fn q8_0_quads(raw: &[u8], rows: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
+    let nb = k / BLOCK;
+    assert!(
+        rows.is_multiple_of(4) && raw.len() == rows * nb * 34,
+        "q8_0_quads: shapes"
+    );
+    let mut q = vec![0i8; rows * k];
+    let mut d = vec![0f32; rows * nb];
+    for (i, blk) in raw.chunks(34).enumerate() {
+        d[i] = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        for (o, &v) in q[i * BLOCK..(i + 1) * BLOCK].iter_mut().zip(&blk[2..]) {
+            *o = v as i8;
+        }
+    }
+    interleave_row_quads(&q, &d, k)
 }
 
 /// `out[r] = sum_i w[r, i] * (dx[i/B] * x[i])` for rows of a [`Q4Quads`] matrix (`out.len()`

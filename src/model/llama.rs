@@ -7,7 +7,7 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::q8::Q8Matrix;
+use super::packed::PackedMatrix;
 use super::{Config, KvCache, LinearHook, Target, Tokenizer};
 use crate::{Error, Result};
 
@@ -16,7 +16,7 @@ use crate::{Error, Result};
 #[serde(rename_all = "lowercase")]
 pub enum WeightFormat {
     /// As stored in the file (Q4_1 for the default base, its embedding Q8_0), multiplied by our
-    /// int8 kernels (`q8.rs`) when the type is Q4_1 or Q8_0, by candle's otherwise.
+    /// int8 kernels (`packed.rs`) when the type is Q4_1 or Q8_0, by candle's otherwise.
     #[default]
     Stored,
     /// Requantized to Q8_0 (our int8 kernels): more bytes than Q4_1, less rounding than a
@@ -30,8 +30,9 @@ pub enum WeightFormat {
 }
 
 /// In format [`WeightFormat::Mixed`], passes with at least this many token rows (batch x
-/// tokens) use the f32 weights. Measured crossover on 2 cores: a 16-token pass takes 61 ms in
-/// Q8_0 and 81 ms in f32, a 64-token pass 224 and 165 ms (docs/BENCHMARKS.md).
+/// tokens) use the f32 weights. Set with candle's Q8_0 kernels (a 16-token pass 61 ms in Q8_0,
+/// 81 ms in f32; 64 tokens 224 and 165 ms); with our kernels on the stored blocks f32 pulls
+/// ahead only from ~128 tokens, within noise at 32-64 (docs/BENCHMARKS.md, "Weight formats now").
 pub const WIDE_ROWS: usize = 32;
 
 impl WeightFormat {
@@ -97,13 +98,26 @@ struct Weight {
     wide: Option<QMatMul>,
 }
 
+impl Weight {
+    /// Our packed matrix when it serves this pass (every pass without a wide copy; in format
+    /// `mixed`, passes of fewer than [`WIDE_ROWS`] token rows).
+    fn packed_for(&self, x: &Tensor) -> Result<Option<&PackedMatrix>> {
+        let Narrow::Packed(m) = &self.mm else {
+            return Ok(None);
+        };
+        let narrow = self.wide.is_none() || x.elem_count() / x.dim(D::Minus1)? < WIDE_ROWS;
+        Ok(narrow.then_some(m))
+    }
+}
+
 /// The matmul for passes narrower than [`WIDE_ROWS`] (every pass unless format `mixed`).
 #[derive(Debug)]
 enum Narrow {
     /// Candle's: the stored quantization, dense f32, or Q8_0 where our kernel's shapes fail.
     Candle(QMatMul),
-    /// Formats `q8_0` and `mixed`: our int8 kernel (`q8.rs`).
-    Q8(Q8Matrix),
+    /// Formats `stored` (Q4_1 and Q8_0 blocks), `q8_0` and `mixed`: our int8 kernels
+    /// (`packed.rs`).
+    Packed(PackedMatrix),
 }
 
 /// One transformer block's weights.
@@ -212,11 +226,8 @@ impl Model {
         } else {
             read("output.weight", &[c.vocab_size, c.hidden])?
         };
-        let mut head = to_matmul(head_q, opts.format)?;
-        if tied && head.wide.is_some() {
-            // The same values as the f32 embedding already held: share it.
-            head.wide = Some(QMatMul::Tensor(embed.clone()));
-        }
+        // A tied head shares the f32 embedding already held.
+        let mut head = to_matmul(head_q, opts.format, tied.then(|| embed.clone()))?;
         let mut blocks = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
             let mut lin = |t: Target| -> Result<Weight> {
@@ -224,6 +235,7 @@ impl Model {
                 to_matmul(
                     read(&name, &[c.out_features(t), c.in_features(t)])?,
                     opts.format,
+                    None,
                 )
             };
             let (q, k, v, o) = (
@@ -257,7 +269,7 @@ impl Model {
             ));
         }
         // Our int8 matrices into a few large huge-page buffers.
-        let mut mats: Vec<&mut Q8Matrix> = blocks
+        let mut mats: Vec<&mut PackedMatrix> = blocks
             .iter_mut()
             .flat_map(|b| {
                 [
@@ -272,11 +284,11 @@ impl Model {
             })
             .chain(std::iter::once(&mut head))
             .filter_map(|w| match &mut w.mm {
-                Narrow::Q8(m) => Some(m),
+                Narrow::Packed(m) => Some(m),
                 Narrow::Candle(_) => None,
             })
             .collect();
-        super::q8::pack_in_arenas(&mut mats);
+        super::packed::pack_in_arenas(&mut mats);
         let (cos, sin) = rope_tables(c.head_dim, c.rope_base, c.context_len, &device)?;
         Ok(Arc::new(Model {
             config,
@@ -308,7 +320,7 @@ impl Model {
             Narrow::Candle(QMatMul::QTensor(q)) => q.dequantize(&self.device)?,
             Narrow::Candle(QMatMul::Tensor(t)) => t.clone(),
             Narrow::Candle(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
-            Narrow::Q8(m) => m.dequantize()?,
+            Narrow::Packed(m) => m.dequantize()?,
         })
     }
 
@@ -381,10 +393,14 @@ impl Model {
     /// A base matmul; in a differentiable pass over dense weights, one that sends gradients
     /// to `x` only (the base is frozen).
     fn dense(&self, w: &Weight, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+        if let Some(m) = w.packed_for(x)? {
+            return Ok(m.forward(&x.contiguous()?)?);
+        }
         let w = match (&w.wide, &w.mm) {
-            (Some(wide), _) if x.elem_count() / x.dim(D::Minus1)? >= WIDE_ROWS => wide,
-            (_, Narrow::Q8(m)) => return Ok(m.forward(&x.contiguous()?)?),
-            (_, Narrow::Candle(mm)) => mm,
+            (Some(wide), _) => wide,
+            (None, Narrow::Candle(mm)) => mm,
+            // (`packed_for` takes these: a packed matrix without a wide copy serves every pass.)
+            (None, Narrow::Packed(m)) => return Ok(m.forward(&x.contiguous()?)?),
         };
         Ok(match w {
             QMatMul::Tensor(w) if pass.differentiable => super::frozen::frozen_linear(x, w)?,
@@ -401,13 +417,10 @@ impl Model {
         x: &Tensor,
         pass: &Pass,
     ) -> Result<Tensor> {
-        // A narrow pass over our int8 weights takes the hook's work into its own dispatch.
-        if let Narrow::Q8(m) = &w.mm {
-            let narrow = w.wide.is_none() || x.elem_count() / x.dim(D::Minus1)? < WIDE_ROWS;
-            if narrow && !pass.differentiable {
-                if let Some(side) = pass.hook.side_work(layer, target, x)? {
-                    return Ok(m.forward_with(&x.contiguous()?, Some(&*side))?);
-                }
+        // A pass over our packed weights takes the hook's work into its own dispatch.
+        if let (Some(m), false) = (w.packed_for(x)?, pass.differentiable) {
+            if let Some(side) = pass.hook.side_work(layer, target, x)? {
+                return Ok(m.forward_with(&x.contiguous()?, Some(&*side))?);
             }
         }
         let y = self.dense(w, x, pass)?;
@@ -496,29 +509,40 @@ fn first_line(e: &candle_core::Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
-fn to_matmul(q: QTensor, format: WeightFormat) -> Result<Weight> {
+/// One weight in `format`. `known`: its f32 values when the caller already holds them (the tied
+/// output head is the f32 token embedding), so they are shared, not computed again.
+fn to_matmul(q: QTensor, format: WeightFormat, known: Option<Tensor>) -> Result<Weight> {
     let device = q.device();
-    let wide = |q: &QTensor| -> Result<Option<QMatMul>> {
-        Ok((format == WeightFormat::Mixed).then_some(QMatMul::Tensor(q.dequantize(&device)?)))
+    let values = |q: &QTensor| -> Result<Tensor> {
+        Ok(match &known {
+            Some(t) => t.clone(),
+            None => q.dequantize(&device)?,
+        })
     };
+    let mixed = format == WeightFormat::Mixed;
     // The file's Q4_1 or Q8_0 blocks as they are, for our kernels: formats `stored` and `mixed`.
     if matches!(format, WeightFormat::Stored | WeightFormat::Mixed) {
-        if let Some(m) = Q8Matrix::from_stored(&q)? {
+        if let Some(m) = PackedMatrix::from_stored(&q)? {
+            let wide = if mixed {
+                Some(QMatMul::Tensor(values(&q)?))
+            } else {
+                None
+            };
             return Ok(Weight {
-                mm: Narrow::Q8(m),
-                wide: wide(&q)?,
+                mm: Narrow::Packed(m),
+                wide,
             });
         }
     }
     let mm = match format {
         WeightFormat::Stored => QMatMul::from_qtensor(q)?,
-        WeightFormat::F32 => QMatMul::Tensor(q.dequantize(&device)?),
+        WeightFormat::F32 => QMatMul::Tensor(values(&q)?),
         WeightFormat::Q8_0 | WeightFormat::Mixed => {
-            let dense = q.dequantize(&device)?;
-            let wide = wide(&q)?;
-            if let Some(m) = Q8Matrix::new(&dense)? {
+            let dense = values(&q)?;
+            let wide = mixed.then(|| QMatMul::Tensor(dense.clone()));
+            if let Some(m) = PackedMatrix::new(&dense)? {
                 return Ok(Weight {
-                    mm: Narrow::Q8(m),
+                    mm: Narrow::Packed(m),
                     wide,
                 });
             }

@@ -9,8 +9,8 @@ pub mod fetch;
 mod frozen;
 pub mod int8;
 mod llama;
-mod q8;
-pub use q8::{QuantizedRows, SideOutput, SideWork};
+mod packed;
+pub use packed::{QuantizedRows, SideOutput, SideWork};
 pub mod tiny;
 mod tokenizer;
 

@@ -1,11 +1,11 @@
-//! The base weights in int8 for passes of few token rows (decoding): each row in blocks of 32
-//! with an f32 scale (GGML's Q8_0 values, the scale kept in f32), multiplied by the
-//! block-quantized activations with [`super::int8::matvec_quads`], four weight rows at a time
-//! sharing each activation load, the matrix stored so that it is read in one stream. The rows are shared among candle's worker threads.
+//! The base weights packed for our int8 kernels ([`super::int8`]): the file's own Q4_1 or Q8_0
+//! blocks, or Q8_0 requantized from other values, four rows packed block by block so a matrix is
+//! read as one stream. A matmul rounds its input rows to int8 blocks once and shares the weight
+//! rows (and any [`SideWork`], the experts' deltas) among candle's worker threads.
 //!
-//! Why not candle's `QMatMul` in Q8_0: its x86 decode path computes one weight row at a time and
-//! converts both f16 scales per block, about half the speed of this kernel (measured with
-//! `cargo run --release --example q8_kernel_probe`; docs/BENCHMARKS.md, "Decode").
+//! Why not candle's `QMatMul`: its x86 path computes one weight row at a time and converts both
+//! f16 scales per block (about half this kernel's speed from cache), and it has no fast Q4_1
+//! path (`cargo run --release --example q8_kernel_probe`; docs/BENCHMARKS.md, session 5).
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -36,11 +36,9 @@ pub struct SideOutput {
 /// The input rows of a matmul rounded to int8 blocks ([`int8::quantize_blocks`]).
 #[derive(Debug)]
 pub struct QuantizedRows {
-    /// Rows and width.
-    pub m: usize,
+    /// Row width.
     pub k: usize,
-    /// The original values `(m, k)`, the rounded ones and the block scales.
-    pub x: Vec<f32>,
+    /// The rounded values `(rows, k)` and their block scales.
     pub q: Vec<i8>,
     pub d: Vec<f32>,
 }
@@ -61,7 +59,7 @@ const CHUNK_ROWS: usize = 64;
 
 /// A weight matrix `(rows, k)` packed for the quad kernels.
 #[derive(Debug)]
-pub struct Q8Matrix {
+pub struct PackedMatrix {
     rows: usize,
     k: usize,
     packed: Packed,
@@ -82,7 +80,7 @@ enum Packed {
 /// Move the weights of `mats` into one large buffer per kind of array, each marked for
 /// transparent huge pages ([`int8::huge_vec`]): per-matrix vectors (under 2 MiB for most of a
 /// small model's matrices) cannot get huge pages, so decoding would take a TLB miss every 4 KiB.
-pub fn pack_in_arenas(mats: &mut [&mut Q8Matrix]) {
+pub fn pack_in_arenas(mats: &mut [&mut PackedMatrix]) {
     let (mut nibbles, mut q4d, mut q4m, mut q8q, mut q8d) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for m in mats.iter_mut() {
@@ -105,7 +103,7 @@ pub fn pack_in_arenas(mats: &mut [&mut Q8Matrix]) {
     int8::pack_shared(q8d);
 }
 
-impl Q8Matrix {
+impl PackedMatrix {
     /// Quantize a dense `(rows, k)` f32 matrix; `None` when `k` is not a multiple of 32 or
     /// `rows` of 4 (the kernel's shapes).
     pub fn new(w: &Tensor) -> candle_core::Result<Option<Self>> {
@@ -118,7 +116,7 @@ impl Q8Matrix {
         let mut d = vec![0f32; rows * k / BLOCK];
         int8::quantize_blocks(&dense, &mut q, &mut d);
         let (q, d) = int8::interleave_row_quads(&q, &d, k);
-        Ok(Some(Q8Matrix {
+        Ok(Some(PackedMatrix {
             rows,
             k,
             packed: Packed::Q8 {
@@ -152,22 +150,13 @@ impl Q8Matrix {
                 m: p.m.into(),
             }
         } else {
-            // Q8_0 blocks: an f16 scale, then 32 int8 values.
-            let mut q = vec![0i8; rows * k];
-            let mut d = vec![0f32; rows * nb];
-            for (i, blk) in raw.chunks(34).enumerate() {
-                d[i] = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                for (o, &v) in q[i * BLOCK..(i + 1) * BLOCK].iter_mut().zip(&blk[2..]) {
-                    *o = v as i8;
-                }
-            }
-            let (q, d) = int8::interleave_row_quads(&q, &d, k);
+            let (q, d) = int8::q8_0_quads(&raw, rows, k);
             Packed::Q8 {
                 q: q.into(),
                 d: d.into(),
             }
         };
-        Ok(Some(Q8Matrix { rows, k, packed }))
+        Ok(Some(PackedMatrix { rows, k, packed }))
     }
 
     /// The matrix in f32, as rounded.
@@ -232,13 +221,7 @@ impl Q8Matrix {
             .chunks(BLOCK)
             .map(|c| c.iter().map(|&v| v as i32).sum())
             .collect();
-        let rounded = QuantizedRows {
-            m,
-            k,
-            x: xs,
-            q: xq,
-            d: dx,
-        };
+        let rounded = QuantizedRows { k, q: xq, d: dx };
         let (xq, dx) = (&rounded.q, &rounded.d);
         // The side items first (each a larger unit than a chunk of rows), then the chunks.
         let n_side = side.map_or(0, |s| s.items());
@@ -352,7 +335,7 @@ mod tests {
         let w = dense(8, 64);
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
             let q = QTensor::quantize(&w, dtype).unwrap();
-            let m = Q8Matrix::from_stored(&q).unwrap().unwrap();
+            let m = PackedMatrix::from_stored(&q).unwrap().unwrap();
             let want: Vec<f32> = q
                 .dequantize(&Device::Cpu)
                 .unwrap()
@@ -371,9 +354,9 @@ mod tests {
         }
         // Another type, or rows not a multiple of 4: not ours.
         let q = QTensor::quantize(&w, GgmlDType::Q4_0).unwrap();
-        assert!(Q8Matrix::from_stored(&q).unwrap().is_none());
+        assert!(PackedMatrix::from_stored(&q).unwrap().is_none());
         let q = QTensor::quantize(&dense(6, 64), GgmlDType::Q8_0).unwrap();
-        assert!(Q8Matrix::from_stored(&q).unwrap().is_none());
+        assert!(PackedMatrix::from_stored(&q).unwrap().is_none());
     }
 
     #[test]
@@ -381,8 +364,8 @@ mod tests {
         let (rows, k) = (136, 96); // three thread chunks, the last one short
         let w = dense(rows, k);
         let mats = [
-            Q8Matrix::new(&w).unwrap().unwrap(),
-            Q8Matrix::from_stored(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap())
+            PackedMatrix::new(&w).unwrap().unwrap(),
+            PackedMatrix::from_stored(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap())
                 .unwrap()
                 .unwrap(),
         ];
