@@ -8,7 +8,7 @@ use indicatif::ProgressBar;
 use std::sync::atomic::AtomicBool;
 
 use stancemix::data::export::Record;
-use stancemix::model::{tiny, Logits, Pass};
+use stancemix::model::{tiny, Logits, Pass, WeightFormat};
 use stancemix::train::{pack, token_logprobs, tokenize, Method, TrainConfig, Trainer};
 
 fn record(i: usize, answer: &str, other: &str) -> Record {
@@ -103,6 +103,59 @@ fn answer_logprobs_match_a_full_forward() {
     assert!(
         diff < 1e-4,
         "packed log-probs differ from a full forward by {diff}"
+    );
+}
+
+/// The int8 base (`--base-format int8`, `model::gemm8`) against the f32 one: the same loss
+/// within its rounding, and LoRA gradients pointing the same way.
+#[test]
+fn int8_base_gradients_track_the_f32_ones() {
+    let run = |format: WeightFormat| -> (f32, Vec<f32>) {
+        let model = common::tiny_model_as(5, format);
+        let dir = tempfile::tempdir().unwrap();
+        let trainer =
+            Trainer::new(&model, config(Method::Sft), &records(), &[], dir.path()).unwrap();
+        // The same B for both (randomize_b draws from candle's global generator).
+        for (i, p) in trainer.lora().pairs.values().enumerate() {
+            let v: Vec<f32> = (0..p.b.elem_count())
+                .map(|j| ((j * 7 + i * 13) as f32 * 0.37).sin() * 0.05)
+                .collect();
+            p.b.set(&Tensor::from_vec(v, p.b.shape().clone(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let (ex, _) = tokenize(&model.tokenizer, &records(), 64).unwrap();
+        let refs: Vec<_> = ex.iter().collect();
+        let (loss, _) = trainer.batch_loss(&refs, true).unwrap();
+        let grads = loss.backward().unwrap();
+        let mut g = Vec::new();
+        for (_, v) in trainer.lora().named_vars() {
+            g.extend(
+                grads
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+        }
+        (loss.to_scalar::<f32>().unwrap(), g)
+    };
+    let (l32, g32) = run(WeightFormat::F32);
+    let (l8, g8) = run(WeightFormat::Int8);
+    assert!((l8 - l32).abs() < 0.01 * l32, "loss int8 {l8} vs f32 {l32}");
+    let dot: f64 = g32
+        .iter()
+        .zip(&g8)
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum();
+    let n32: f64 = g32.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+    let n8: f64 = g8.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+    let cos = dot / (n32 * n8);
+    assert!(cos > 0.99, "gradient cosine {cos}");
+    assert!(
+        (n8 / n32 - 1.0).abs() < 0.05,
+        "gradient norms {n8} vs {n32}"
     );
 }
 

@@ -33,6 +33,10 @@ pub struct Args {
     /// Skip the training figure (the slowest).
     #[arg(long)]
     pub no_train: bool,
+    /// Base weights for the training figure: f32 or int8 (default: int8 where the CPU has
+    /// AVX-512 VNNI, else f32; as `stancemix train`).
+    #[arg(long, value_name = "FORMAT")]
+    pub train_format: Option<WeightFormat>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -90,11 +94,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     // Training first, before the inference models are loaded, so the peak memory it reports is
     // the training's own.
+    let train_format = a
+        .train_format
+        .unwrap_or_else(stancemix::train::default_base);
     let train = if a.no_train {
         None
     } else {
-        say("training (rank 8, q/v, batch 4 x 64)...");
-        Some(train_figure(&path, r.min(3), a.train_steps)?)
+        say(&format!(
+            "training (rank 8, q/v, batch 4 x 64, base {})...",
+            train_format.name()
+        ));
+        Some(train_figure(&path, train_format, r.min(3), a.train_steps)?)
     };
     let model = Model::load(&path, &LoadOptions { format: a.format })?;
     let ids = prompt_ids(&model)?;
@@ -202,6 +212,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "route_share_of_64_token_answer": route_s.map(|s| s / (prompt_s + decode_s)),
         "train_tok_s": train.map(|t| t.0),
         "train_peak_rss_mb": train.and_then(|t| t.1),
+        "train_format": train.map(|_| train_format.name()),
     });
     if a.json {
         println!("{j}");
@@ -216,15 +227,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 /// Training tokens/s (median over repeats) and the process's peak memory.
 fn train_figure(
     path: &std::path::Path,
+    format: WeightFormat,
     repeats: usize,
     steps: usize,
 ) -> anyhow::Result<(f64, Option<f64>)> {
-    let model = Model::load(
-        path,
-        &LoadOptions {
-            format: WeightFormat::F32,
-        },
-    )?;
+    let model = Model::load(path, &LoadOptions { format })?;
     let pairs = load_stance_dir(&repo_dir().join("adapters/data/stance"))?;
     let records = export(&pairs, View::Sft, "progressive", Split::Train)?;
     let mut rates = Vec::new();

@@ -92,6 +92,10 @@ pub struct Args {
     /// Train on the long-form answers too (`--long-form false`: survey examples only).
     #[arg(long)]
     pub long_form: Option<bool>,
+    /// Frozen base weights: f32 (exact) or int8 (per-row int8 products, 3-5x faster per matmul
+    /// with AVX-512 VNNI). Default: int8 where the CPU has AVX-512 VNNI, else f32.
+    #[arg(long, value_name = "FORMAT")]
+    pub base_format: Option<WeightFormat>,
 }
 
 impl Args {
@@ -139,6 +143,9 @@ impl Args {
             beta
         );
         set!(eval_every, eval_limit, checkpoint_every, survey, long_form);
+        if let Some(f) = self.base_format {
+            c.base = f;
+        }
         if self.init.is_some() {
             c.init = self.init.clone();
         }
@@ -162,7 +169,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     let model = Model::load(
         &model_path,
         &LoadOptions {
-            format: WeightFormat::F32,
+            format: config.base,
         },
     )?;
     let pairs = load_stance_dir(&config.data)?;

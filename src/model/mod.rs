@@ -7,6 +7,7 @@ mod config;
 pub mod features;
 pub mod fetch;
 mod frozen;
+pub mod gemm8;
 pub mod int8;
 mod llama;
 mod packed;

@@ -98,21 +98,24 @@ pub struct Trainer<'a> {
 }
 
 impl<'a> Trainer<'a> {
-    /// Set up a run writing to `out`. The model must hold dense f32 weights
-    /// ([`WeightFormat::F32`]): gradients do not flow through quantized matmuls.
+    /// Set up a run writing to `out`. The model must hold its weights in a format gradients
+    /// flow through ([`WeightFormat::F32`] or [`WeightFormat::Int8`]); the saved settings
+    /// record the model's format as `base`, whatever `config.base` said.
     pub fn new(
         model: &'a Model,
-        config: TrainConfig,
+        mut config: TrainConfig,
         train: &[Record],
         dev: &[Record],
         out: &Path,
     ) -> Result<Self> {
-        config.validate().map_err(Error::Invalid)?;
-        if model.format != WeightFormat::F32 {
-            return Err(Error::Invalid(
-                "training needs the model loaded with f32 weights".into(),
-            ));
+        if !matches!(model.format, WeightFormat::F32 | WeightFormat::Int8) {
+            return Err(Error::Invalid(format!(
+                "training needs the model loaded with f32 or int8 weights, not {}",
+                model.format.name()
+            )));
         }
+        config.base = model.format;
+        config.validate().map_err(Error::Invalid)?;
         if config.method == Method::Dpo && train.iter().chain(dev).any(|r| r.rejected.is_none()) {
             return Err(Error::Invalid(
                 "DPO needs a rejected answer in every record".into(),
@@ -167,6 +170,11 @@ impl<'a> Trainer<'a> {
     /// The trainable parameters.
     pub fn lora(&self) -> &TrainLora {
         &self.lora
+    }
+
+    /// The tokenized training examples, in data-file order.
+    pub fn train_examples(&self) -> &[Example] {
+        &self.train
     }
 
     /// Training and dev examples used, and records dropped for length.

@@ -22,16 +22,15 @@ pub fn real_model(format: WeightFormat) -> Arc<Model> {
 
 /// The tiny random model (written to a temp GGUF, loaded through the real loader).
 pub fn tiny_model(seed: u64) -> Arc<Model> {
+    tiny_model_as(seed, WeightFormat::F32)
+}
+
+/// The tiny model with its weights held in `format`.
+pub fn tiny_model_as(seed: u64, format: WeightFormat) -> Arc<Model> {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("tiny.gguf");
     tiny::write_tiny_gguf(&p, seed).unwrap();
-    Model::load(
-        &p,
-        &LoadOptions {
-            format: WeightFormat::F32,
-        },
-    )
-    .unwrap()
+    Model::load(&p, &LoadOptions { format }).unwrap()
 }
 
 /// The `stancemix` binary built for this test run.
