@@ -1,7 +1,7 @@
 //! Tokenized training examples, the data order (seeded, length-bucketed, resumable), and the
 //! per-sequence log-probability of answer tokens.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
 use crate::data::export::Record;
@@ -150,8 +150,8 @@ pub fn token_logprobs(model: &Model, packed: &Packed, pass: &Pass) -> Result<Ten
         .reshape((rows * t, h))?
         .index_select(&packed.positions, 0)?; // (n, hidden)
     let logits = model.head(&picked, &pass)?; // (n, vocab)
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    Ok(logp.gather(&packed.targets, 1)?.squeeze(1)?)
+    let targets = packed.targets.flatten_all()?.to_vec1::<u32>()?;
+    Ok(super::logprob::target_logprobs(&logits, &targets)?)
 }
 
 /// Sum of answer-token log-probabilities per row `(rows,)`.

@@ -4,6 +4,7 @@
 
 mod batch;
 mod checkpoint;
+mod logprob;
 mod lora;
 mod optim;
 mod trainer;
