@@ -65,17 +65,31 @@ impl Panels {
     /// Pack `q` `(n, k)` row-major with per-row `scale` (`n` values).
     pub fn new(q: &[i8], scale: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(q.len(), n * k, "Panels::new: values");
-        assert_eq!(scale.len(), n, "Panels::new: scales");
+        Self::from_fn(scale, n, k, |row, j| q[row * k + j])
+    }
+
+    /// Pack the transpose of `q` `(k, n)` row-major: rows are `q`'s columns.
+    pub fn transposed(q: &[i8], scale: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(q.len(), n * k, "Panels::transposed: values");
+        Self::from_fn(scale, n, k, |row, j| q[j * n + row])
+    }
+
+    /// Pack the `(n, k)` matrix whose value at `(row, j)` is `value(row, j)`, written in the
+    /// layout's own order (the transposed source is then read along its rows).
+    fn from_fn(scale: &[f32], n: usize, k: usize, value: impl Fn(usize, usize) -> i8) -> Self {
+        assert_eq!(scale.len(), n, "Panels: scales");
         let k_pad = k.div_ceil(BLOCK) * BLOCK;
         let n_pad = n.div_ceil(PANEL) * PANEL;
         // Padding holds 128 (zero); it meets zero activations anyway.
         let mut data = super::int8::huge_vec::<u8>(n_pad * k_pad);
         data.fill(128);
-        for row in 0..n {
-            let (p, lane) = (row / PANEL, row % PANEL);
-            for (j, &v) in q[row * k..(row + 1) * k].iter().enumerate() {
-                data[p * PANEL * k_pad + (j / 4) * PANEL * 4 + lane * 4 + j % 4] =
-                    (v as i32 + 128) as u8;
+        for (p, panel) in data.chunks_mut(PANEL * k_pad).enumerate() {
+            for (g, group) in panel.chunks_mut(PANEL * 4).enumerate().take(k.div_ceil(4)) {
+                for j in g * 4..(g * 4 + 4).min(k) {
+                    for lane in 0..PANEL.min(n - p * PANEL) {
+                        group[lane * 4 + j % 4] = (value(p * PANEL + lane, j) as i32 + 128) as u8;
+                    }
+                }
             }
         }
         let mut sc = vec![0f32; n_pad];
@@ -283,7 +297,8 @@ pub fn gemm_with(x: &Rows, w: &Panels, vnni: bool) -> Vec<f32> {
     assert_eq!(x.k_pad, w.k_pad, "gemm: inner dimensions");
     assert!(!vnni || has_vnni(), "gemm: this CPU has no AVX-512 VNNI");
     let (m, n) = (x.m, w.n);
-    let mut out = vec![0f32; m * n];
+    // Every element is written below, each by one kernel call: no zeroing first.
+    let mut out = Vec::<f32>::with_capacity(m * n);
     if m == 0 || n == 0 {
         return out;
     }
@@ -330,6 +345,9 @@ pub fn gemm_with(x: &Rows, w: &Panels, vnni: bool) -> Vec<f32> {
     } else {
         work(0..items);
     }
+    // SAFETY: the items cover every (row, column) of `out` once (row groups x panels, with
+    // `cols` reaching the last column), and each kernel writes all of its block.
+    unsafe { out.set_len(m * n) };
     out
 }
 
@@ -452,15 +470,9 @@ impl FrozenInt8 {
     pub fn new(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "FrozenInt8::new: values");
         let (q, scale) = quantize_weight(w, n, k);
-        let mut qt = vec![0i8; n * k];
-        for r in 0..n {
-            for c in 0..k {
-                qt[c * n + r] = q[r * k + c];
-            }
-        }
         FrozenInt8 {
             fwd: Panels::new(&q, &scale, n, k),
-            bwd: Panels::new(&qt, &vec![1.0; k], k, n),
+            bwd: Panels::transposed(&q, &vec![1.0; k], k, n),
             w_scale: scale,
         }
     }
@@ -572,8 +584,15 @@ impl CustomOp1 for Frozen8 {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let dx = self.0.backward(&g, rows_of(grad.dims()));
+        let grad = grad.contiguous()?;
+        let (storage, layout) = grad.storage_and_layout();
+        let candle_core::Storage::Cpu(CpuStorage::F32(g)) = &*storage else {
+            candle_core::bail!("frozen-linear-int8: gradient must be f32 on the CPU");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-linear-int8: gradient not contiguous");
+        };
+        let dx = self.0.backward(&g[start..end], rows_of(grad.dims()));
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }

@@ -401,6 +401,21 @@ impl Model {
         self.dense(&self.head, x, pass)
     }
 
+    /// `log softmax(head(x))[target]` per row: `x` `(n, hidden)` final-norm hidden states,
+    /// `targets` `n` token ids; `(n,)`. With the head in int8, one op from hidden states to
+    /// log-probabilities (the `(n, vocab)` logits never enter the autograd graph).
+    pub fn target_logprobs(&self, x: &Tensor, targets: &[u32], pass: &Pass) -> Result<Tensor> {
+        if let Narrow::Int8(m) = &self.head.mm {
+            return Ok(super::logprob::head_target_logprobs(
+                &x.contiguous()?,
+                m,
+                targets,
+            )?);
+        }
+        let logits = self.head(x, pass)?; // (n, vocab)
+        Ok(super::logprob::target_logprobs(&logits, targets)?)
+    }
+
     /// A base matmul; in a differentiable pass over dense weights, one that sends gradients
     /// to `x` only (the base is frozen).
     fn dense(&self, w: &Weight, x: &Tensor, pass: &Pass) -> Result<Tensor> {

@@ -10,6 +10,7 @@ mod frozen;
 pub mod gemm8;
 pub mod int8;
 mod llama;
+mod logprob;
 mod packed;
 pub use packed::{QuantizedRows, SideOutput, SideWork};
 pub mod tiny;

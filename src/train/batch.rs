@@ -149,9 +149,8 @@ pub fn token_logprobs(model: &Model, packed: &Packed, pass: &Pass) -> Result<Ten
     let picked = hidden
         .reshape((rows * t, h))?
         .index_select(&packed.positions, 0)?; // (n, hidden)
-    let logits = model.head(&picked, &pass)?; // (n, vocab)
     let targets = packed.targets.flatten_all()?.to_vec1::<u32>()?;
-    Ok(super::logprob::target_logprobs(&logits, &targets)?)
+    model.target_logprobs(&picked, &targets, &pass)
 }
 
 /// Sum of answer-token log-probabilities per row `(rows,)`.

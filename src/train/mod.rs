@@ -4,7 +4,6 @@
 
 mod batch;
 mod checkpoint;
-mod logprob;
 mod lora;
 mod optim;
 mod trainer;
