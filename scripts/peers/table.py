@@ -64,6 +64,7 @@ def main():
     def s(key):
         return median([r.get(key) for r in sm])
 
+    train_format = next((r["train_format"] for r in sm if r.get("train_format")), "f32")
     lc_base = median([lc_decode(d / f"lc-base-{i}.log") for i in rounds])
     lc_l1 = median([lc_decode(d / f"lc-lora1-{i}.log") for i in rounds])
     lc_l2 = median([lc_decode(d / f"lc-lora2-{i}.log") for i in rounds])
@@ -85,7 +86,7 @@ def main():
          "llama-completion", False),
         ("decode, 1 adapter: progressive expert (tok/s)", (None, 0), lc_l1,
          "llama-completion --lora", True),
-        ("LoRA SFT r8 q/v, batch 4x64, fp32 (train tok/s)", s("train_tok_s"),
+        (f"LoRA SFT r8 q/v, batch 4x64, base {train_format} vs fp32 (train tok/s)", s("train_tok_s"),
          median([r.get("train_tok_s") for r in ptt]), "PyTorch + PEFT", True),
         ("LoRA SFT peak memory (MB)", s("train_peak_rss_mb"),
          median([r.get("train_peak_rss_mb") for r in ptt]), "PyTorch + PEFT", False),

@@ -1,6 +1,7 @@
 //! LoRA training of the stance experts: SFT on the adapter's own answers, and DPO with the
 //! other side's answer as the rejected one (the counterfactual pairs give preference pairs for
-//! free). Over dense f32 base weights with candle autograd; checkpoints and exact resume.
+//! free). Candle autograd over a frozen base held in f32 or, faster, as int8 copies
+//! (`TrainConfig::base`, `model::gemm8`); checkpoints and exact resume.
 
 mod batch;
 mod checkpoint;

@@ -20,15 +20,20 @@ use crate::{Error, Result};
 pub const REFERENCE_FILE: &str = "reference_logps.json";
 
 /// Cache key of an example's reference log-probabilities: its id and token lengths, so a change
-/// of data or `max_seq_len` never reuses a stale entry.
-fn reference_key(e: &Example) -> String {
-    format!(
+/// of data or `max_seq_len` never reuses a stale entry, and the base format unless f32 (the
+/// int8 base's log-probabilities differ a little; f32 keys predate the other formats).
+fn reference_key(e: &Example, base: WeightFormat) -> String {
+    let key = format!(
         "{}:{}:{}:{}",
         e.id,
         e.prompt.len(),
         e.chosen.len(),
         e.rejected.len()
-    )
+    );
+    match base {
+        WeightFormat::F32 => key,
+        other => format!("{key}:{}", other.name()),
+    }
 }
 
 /// How a run ended.
@@ -280,7 +285,12 @@ impl<'a> Trainer<'a> {
         let todo: Vec<&Example> = examples
             .iter()
             .copied()
-            .filter(|e| !self.reference.borrow().contains_key(&reference_key(e)))
+            .filter(|e| {
+                !self
+                    .reference
+                    .borrow()
+                    .contains_key(&reference_key(e, self.model.format))
+            })
             .collect();
         if !todo.is_empty() {
             let pass = Pass {
@@ -293,11 +303,17 @@ impl<'a> Trainer<'a> {
                 .to_vec1::<f32>()?;
             let mut cache = self.reference.borrow_mut();
             for (i, e) in todo.iter().enumerate() {
-                cache.insert(reference_key(e), (sums[i], sums[todo.len() + i]));
+                cache.insert(
+                    reference_key(e, self.model.format),
+                    (sums[i], sums[todo.len() + i]),
+                );
             }
         }
         let cache = self.reference.borrow();
-        Ok(examples.iter().map(|e| cache[&reference_key(e)]).collect())
+        Ok(examples
+            .iter()
+            .map(|e| cache[&reference_key(e, self.model.format)])
+            .collect())
     }
 
     /// Dev loss over the first `limit` dev examples (0: all); DPO also gives reward accuracy.
