@@ -5,7 +5,7 @@
 use candle_core::{Device, Tensor};
 use stancemix::data::export::{export, Split, View};
 use stancemix::data::load_stance_dir;
-use stancemix::model::{fetch, LoadOptions, Model, WeightFormat};
+use stancemix::model::{fetch, LoadOptions, Model, Target, WeightFormat};
 use stancemix::train::{Method, TrainConfig, Trainer};
 
 fn main() -> anyhow::Result<()> {
@@ -25,17 +25,7 @@ fn main() -> anyhow::Result<()> {
             method: Method::Sft,
             rank: 8,
             alpha: 16.0,
-            targets: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            targets: Target::ALL.map(|t| t.peft_name().to_string()).to_vec(),
             max_seq_len: 128,
             ..TrainConfig::default()
         };

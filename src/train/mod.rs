@@ -113,17 +113,9 @@ impl Default for TrainConfig {
             rank: 8,
             alpha: 16.0,
             rslora: false,
-            targets: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            targets: crate::model::Target::ALL
+                .map(|t| t.peft_name().to_string())
+                .to_vec(),
             dropout: 0.0,
             lr: 2e-4,
             warmup_steps: 10,
