@@ -207,12 +207,13 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     let mut trainer = Trainer::new(&model, config, &train, &dev, &args.out)?;
     let (n_train, n_dev, dropped) = trainer.sizes();
     eprintln!(
-        "training {} ({:?}): {n_train} train / {n_dev} dev examples ({dropped} records longer than max_seq_len left out), {} trainable parameters, {} steps, {} threads",
+        "training {} ({:?}): {n_train} train / {n_dev} dev examples ({dropped} records longer than max_seq_len left out), {} trainable parameters, {} steps, {} threads, base weights {}",
         args.out.display(),
         method,
         trainer.lora().num_params(),
         trainer.total_steps(),
         candle_core::utils::get_num_threads(),
+        model.format.name(),
     );
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();

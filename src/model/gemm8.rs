@@ -103,16 +103,6 @@ impl Panels {
         }
     }
 
-    /// Rows (the outputs of a product).
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
-    /// Inner dimension.
-    pub fn inner(&self) -> usize {
-        self.k
-    }
-
     fn panels(&self) -> usize {
         self.scale.len() / PANEL
     }
@@ -127,11 +117,6 @@ impl Panels {
         let (p, lane) = (row / PANEL, row % PANEL);
         (self.data[p * PANEL * self.k_pad + (j / 4) * PANEL * 4 + lane * 4 + j % 4] as i32 - 128)
             as i8
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len() + self.scale.len() * 4
     }
 }
 
@@ -487,11 +472,6 @@ impl FrozenInt8 {
     /// `(n, k)`.
     pub fn dims(&self) -> (usize, usize) {
         (self.fwd.n, self.fwd.k)
-    }
-
-    /// Bytes held (both copies).
-    pub fn bytes(&self) -> usize {
-        self.fwd.bytes() + self.bwd.bytes() + self.w_scale.len() * 4
     }
 
     /// The weight as the int8 copy holds it, `(n, k)` row-major.

@@ -15,7 +15,7 @@ use super::gemm8::FrozenInt8;
 
 /// `(n,)` log-probabilities of `targets[i]` under `softmax(logits[i])`, `logits` `(n, vocab)`.
 pub fn target_logprobs(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
-    logits.apply_op1(TargetLogp {
+    logits.contiguous()?.apply_op1(TargetLogp {
         targets: targets.to_vec(),
         lse: Mutex::new(Vec::new()),
     })
