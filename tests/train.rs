@@ -289,6 +289,30 @@ fn bad_train_config_names_the_field() {
     std::fs::write(&p, text.replace("rank = 0", "rank = 4\nranq = 4")).unwrap();
     let e = TrainConfig::load(&p).unwrap_err().to_string();
     assert!(e.contains("ranq"), "{e}");
+    // The base format: one gradients flow through, by a name that exists.
+    let without_base: String = text
+        .replace("rank = 0", "rank = 4")
+        .lines()
+        .filter(|l| !l.starts_with("base = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for (base, says) in [
+        ("stored", "carries no gradients"),
+        ("int9", "unknown variant"),
+    ] {
+        std::fs::write(&p, format!("{without_base}base = \"{base}\"\n")).unwrap();
+        let e = TrainConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("t.toml") && e.contains("base") && e.contains(says),
+            "{e}"
+        );
+    }
+    std::fs::write(&p, &without_base).unwrap();
+    assert_eq!(
+        TrainConfig::load(&p).unwrap().base,
+        WeightFormat::F32,
+        "files without it trained in f32"
+    );
 }
 
 /// Train through the CLI on the tiny model and a slice of the real stance data.
