@@ -105,6 +105,7 @@ fn main() -> anyhow::Result<()> {
         bias: "none".into(),
         fan_in_fan_out: false,
         inference_mode: true,
+        layers_to_transform: None,
     };
     let mut lora = TrainLora::init(&model.config, ac, 1, 0.0)?;
     lora.pairs.retain(|(l, _), _| *l < LAYER);

@@ -305,6 +305,8 @@ fn hidden_features_are_per_token_normalised_means_of_the_residual_stream() {
         size: model.config.hidden,
         mean: Vec::new(),
         std: Vec::new(),
+        adapter: None,
+        reader: Default::default(),
     };
     let text = "Rent again";
     let ids = model.tokenizer.encode(text).unwrap();
@@ -378,6 +380,8 @@ fn hidden_state_gate_trains_saves_and_loads() {
             size,
             mean: Vec::new(),
             std: Vec::new(),
+            adapter: None,
+            reader: Default::default(),
         }),
     };
     let gate = Gate::train(&ex, Some(&pooled), &topics, &cfg, 1e-3, 200, 4).unwrap();
@@ -485,5 +489,140 @@ fn malformed_hidden_gate_file_is_a_file_line_field_error() {
         let want = format!("{}:1: {field}: ", p.display());
         assert!(e.starts_with(&want), "{e:?} should start with {want:?}");
         assert!(e.contains(problem), "{e:?} should say {problem:?}");
+    }
+}
+
+/// A fine-tuned gate: `finetune` lowers its training loss, and a gate saved with the adapter
+/// reads the same pooled states as the model with the adapter merged into its weights
+/// (independent: `merge_to_gguf` in f32, then the plain hidden-state path).
+#[test]
+fn a_fine_tuned_gate_reads_through_its_adapter() {
+    use stancemix::router::finetune::{finetune, FinetuneConfig};
+    // The model file must outlive the model: merging reads it again.
+    let dir = tempfile::tempdir().unwrap();
+    let tiny_path = dir.path().join("tiny.gguf");
+    stancemix::model::tiny::write_tiny_gguf(&tiny_path, 4).unwrap();
+    let model = Model::load(
+        &tiny_path,
+        &stancemix::model::LoadOptions {
+            format: WeightFormat::F32,
+        },
+    )
+    .unwrap();
+    let labelled: Vec<(String, usize)> = [
+        ("taxes and budgets", 0),
+        ("budgets and taxes again", 0),
+        ("a recipe for soup", 1),
+        ("soup with bread", 1),
+    ]
+    .iter()
+    .map(|(t, c)| (t.to_string(), *c))
+    .collect();
+    let cfg = FinetuneConfig {
+        epochs: 40,
+        lr: 1e-2,
+        rank: 4,
+        batch: 4,
+        seed: 3,
+    };
+    let mut losses = Vec::new();
+    let adapter = finetune(&model, 1, &labelled, 2, &cfg, &mut |_, l| losses.push(l)).unwrap();
+    assert!(
+        losses[losses.len() - 1] < 0.5 * losses[0],
+        "training loss {losses:?}"
+    );
+    assert!(
+        adapter.pairs.keys().all(|(layer, _)| *layer == 0),
+        "only block 1 is read"
+    );
+
+    // Save a gate whose hidden features read through the adapter; load it back.
+    adapter
+        .save(dir.path().join("gate-lora"), &model.config)
+        .unwrap();
+    let size = model.config.hidden;
+    let h = HiddenFeatures {
+        layer: 1,
+        template: Template::Raw,
+        size,
+        mean: Vec::new(),
+        std: Vec::new(),
+        adapter: Some("gate-lora".into()),
+        reader: Default::default(),
+    };
+    let cfg = GateFeatures {
+        ngrams: FeatureConfig {
+            dim: 8,
+            bigrams: true,
+        },
+        ngram_scale: 1.0,
+        hidden: Some(h),
+    };
+    let ex: Vec<(String, String)> = labelled
+        .iter()
+        .map(|(t, c)| (t.clone(), ["taxes", "non_political"][*c].to_string()))
+        .collect();
+    let pooled: Vec<Vec<f32>> = (0..ex.len())
+        .map(|i| (0..size).map(|j| ((i * size + j) % 7) as f32).collect())
+        .collect();
+    let topics_ = ["taxes", "non_political"];
+    Gate::train(&ex, Some(&pooled), &topics_, &cfg, 1.0, 50, 1)
+        .unwrap()
+        .save(dir.path())
+        .unwrap();
+    let gate = Gate::load(dir.path()).unwrap();
+    let got = gate
+        .pooled(Some(&model), "soup and taxes")
+        .unwrap()
+        .unwrap();
+
+    // The same states from the adapter merged into the weights.
+    let set = ExpertSet::new(vec![Adapter::load(
+        dir.path().join("gate-lora"),
+        &model.config,
+    )
+    .unwrap()])
+    .unwrap();
+    let merged = dir.path().join("merged.gguf");
+    stancemix::lora::merge_to_gguf(&model, &set, &[1.0], &merged, true, "test").unwrap();
+    let merged = Model::load(
+        &merged,
+        &stancemix::model::LoadOptions {
+            format: WeightFormat::F32,
+        },
+    )
+    .unwrap();
+    let mut plain = gate.features.hidden.clone().unwrap();
+    plain.adapter = None;
+    plain.reader = Default::default();
+    let want = plain.pooled(&merged, "soup and taxes").unwrap();
+    assert!(
+        max_abs_diff(&got, &want) < 1e-4,
+        "{}",
+        max_abs_diff(&got, &want)
+    );
+    // And the adapter changes them (the test can fail).
+    let base = plain.pooled(&model, "soup and taxes").unwrap();
+    assert!(
+        max_abs_diff(&got, &base) > 1e-3,
+        "{}",
+        max_abs_diff(&got, &base)
+    );
+
+    // A cache refuses it; a gate file naming a missing or nested adapter is an error.
+    let e = PooledCache::open(dir.path(), &model, gate.features.hidden.as_ref().unwrap())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("adapter"), "{e}");
+    let json = std::fs::read_to_string(dir.path().join(GATE_FILE)).unwrap();
+    for bad in ["elsewhere", "../gate-lora"] {
+        std::fs::write(
+            dir.path().join(GATE_FILE),
+            json.replace("\"gate-lora\"", &format!("\"{bad}\"")),
+        )
+        .unwrap();
+        let e = err_of(Gate::load(dir.path()));
+        assert!(e.contains("hidden.adapter") && e.contains(GATE_FILE), "{e}");
     }
 }

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use stancemix::data::{is_dev, load_router_prompts, topics};
 use stancemix::model::{LoadOptions, Model, WeightFormat};
 use stancemix::router::{
-    argmax, FeatureConfig, Gate, GateFeatures, HiddenFeatures, PooledCache, Report, Template,
+    argmax, finetune, FeatureConfig, Gate, GateAdapter, GateFeatures, HiddenFeatures, PooledCache,
+    Report, Template,
 };
 
 use super::common::EngineArgs;
@@ -109,7 +110,18 @@ pub struct TrainArgs {
     /// Extra training-only prompts: stance files (their `prompt` and `topic`); empty for none.
     #[arg(long, default_value = "adapters/data/stance")]
     extra: PathBuf,
+    /// Fine-tune the blocks the gate reads first: epochs of a LoRA adapter (+ a training head)
+    /// on the topic labels, saved as OUT/gate-lora and used for every hidden-state pass (0: the
+    /// base's own states). The hidden-state cache is not used then.
+    #[arg(long, default_value_t = 0)]
+    finetune_epochs: usize,
+    /// Peak learning rate of the fine-tuning.
+    #[arg(long, default_value_t = 1e-3)]
+    finetune_lr: f64,
 }
+
+/// The folder of a fine-tuned gate's adapter, beside gate.json.
+const GATE_ADAPTER: &str = "gate-lora";
 
 pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
     let RouterCommand::Train(a) = c;
@@ -148,14 +160,65 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
                 model.config.n_layer
             );
         }
-        let h = HiddenFeatures {
+        let mut h = HiddenFeatures {
             layer: a.layer,
             template: a.template,
             size: model.config.hidden,
             mean: Vec::new(),
             std: Vec::new(),
+            adapter: None,
+            reader: Default::default(),
         };
-        let mut cache = if a.cache_dir.as_os_str().is_empty() {
+        if a.finetune_epochs > 0 {
+            // Training needs weights gradients flow through; the states are then read in --format.
+            let trainable = Model::load(
+                &path,
+                &LoadOptions {
+                    format: stancemix::train::default_base(),
+                },
+            )?;
+            let labelled = ex
+                .iter()
+                .map(|(text, topic)| {
+                    let c = all
+                        .iter()
+                        .position(|t| t == topic)
+                        .ok_or_else(|| anyhow::anyhow!("unknown topic '{topic}'"))?;
+                    Ok((h.wrap(text), c))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let fc = finetune::FinetuneConfig {
+                epochs: a.finetune_epochs,
+                lr: a.finetune_lr,
+                ..Default::default()
+            };
+            eprintln!(
+                "fine-tuning blocks 1-{} on {} prompts, {} epochs ({} base)...",
+                a.layer,
+                labelled.len(),
+                fc.epochs,
+                trainable.format.name()
+            );
+            let t0 = std::time::Instant::now();
+            let adapter = finetune::finetune(
+                &trainable,
+                a.layer,
+                &labelled,
+                all.len(),
+                &fc,
+                &mut |epoch, loss| {
+                    eprintln!(
+                        "  epoch {epoch}: train loss {loss:.4} ({:.0} s)",
+                        t0.elapsed().as_secs_f64()
+                    )
+                },
+            )?;
+            let dir = a.out.join(GATE_ADAPTER);
+            adapter.save(&dir, &trainable.config)?;
+            h.adapter = Some(GATE_ADAPTER.into());
+            h.reader = GateAdapter::at(dir);
+        }
+        let mut cache = if a.cache_dir.as_os_str().is_empty() || h.adapter.is_some() {
             None
         } else {
             Some(PooledCache::open(&a.cache_dir, &model, &h)?)
@@ -257,7 +320,7 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
     gate.notes.insert(
         "command".into(),
         serde_json::json!(format!(
-            "stancemix router train --data {} --dim {} --ngram-scale {} --layer {} --template {template} --format {} --alpha {} --max-iter {} --restarts {} --extra {}",
+            "stancemix router train --data {} --dim {} --ngram-scale {} --layer {} --template {template} --format {} --alpha {} --max-iter {} --restarts {} --extra {} --finetune-epochs {} --finetune-lr {}",
             a.data.display(),
             a.dim,
             a.ngram_scale,
@@ -266,7 +329,9 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
             a.alpha,
             a.max_iter,
             a.restarts,
-            a.extra.display()
+            a.extra.display(),
+            a.finetune_epochs,
+            a.finetune_lr
         )),
     );
     gate.save(&a.out)?;

@@ -42,6 +42,10 @@ pub struct AdapterConfig {
     pub fan_in_fan_out: bool,
     #[serde(default)]
     pub inference_mode: bool,
+    /// PEFT's `layers_to_transform`: the blocks (0-based) the adapter covers; all when absent
+    /// (a fine-tuned gate covers only the blocks it reads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_to_transform: Option<Vec<usize>>,
 }
 
 fn default_peft_type() -> String {
@@ -165,8 +169,21 @@ impl Adapter {
                     format!("not a readable safetensors file: {e}"),
                 )
             })?;
+        let layers: Vec<usize> = match &config.layers_to_transform {
+            None => (0..model.n_layer).collect(),
+            Some(ls) => {
+                if let Some(l) = ls.iter().find(|&&l| l >= model.n_layer) {
+                    return Err(Error::adapter(
+                        &cfg_path,
+                        "layers_to_transform",
+                        format!("layer {l} of a {}-layer model", model.n_layer),
+                    ));
+                }
+                ls.clone()
+            }
+        };
         let mut pairs = BTreeMap::new();
-        for layer in 0..model.n_layer {
+        for layer in layers {
             for &t in &targets {
                 let mut take = |ab: char, shape: (usize, usize)| -> Result<Tensor> {
                     let name = peft_tensor_name(layer, t, ab);
@@ -288,6 +305,7 @@ impl Adapter {
                 bias: default_bias(),
                 fan_in_fan_out: false,
                 inference_mode: true,
+                layers_to_transform: None,
             },
             pairs,
         })

@@ -4,7 +4,7 @@
 
 use candle_core::{Device, Tensor};
 
-use super::{Logits, Model, NoHook, Pass};
+use super::{LinearHook, Logits, Model, NoHook, Pass};
 use crate::{Error, Result};
 
 /// Mean over positions of the residual stream after `layer` blocks (1-based) for `ids`
@@ -16,6 +16,16 @@ pub fn pooled_hidden_ids(model: &Model, ids: &[u32], layer: usize) -> Result<Vec
 /// The residual stream after `layer` blocks (1-based) at every position, `(t, hidden)`, for
 /// `ids` (empty is an error; long inputs keep their last `context_len` tokens).
 pub fn layer_states(model: &Model, ids: &[u32], layer: usize) -> Result<Tensor> {
+    layer_states_with(model, ids, layer, &NoHook)
+}
+
+/// [`layer_states`] with `hook` attached to the blocks (e.g. a fine-tuned gate's adapter).
+pub fn layer_states_with(
+    model: &Model,
+    ids: &[u32],
+    layer: usize,
+    hook: &dyn LinearHook,
+) -> Result<Tensor> {
     if ids.is_empty() {
         return Err(Error::Invalid("layer states of an empty text".into()));
     }
@@ -25,7 +35,7 @@ pub fn layer_states(model: &Model, ids: &[u32], layer: usize) -> Result<Tensor> 
         &x,
         None,
         &Pass {
-            hook: &NoHook,
+            hook,
             logits: Logits::Layer(layer),
             differentiable: false,
         },

@@ -36,6 +36,14 @@ impl PooledCache {
 
     /// Open (or start) the cache for `model` and `h` under `dir`.
     pub fn open(dir: &Path, model: &Model, h: &HiddenFeatures) -> Result<PooledCache> {
+        if h.adapter.is_some() {
+            // The file name keys the base's own states; an adapter's would be mixed in.
+            return Err(Error::Invalid(
+                "the pooled-state cache holds the base's own states: a gate that reads through \
+                 an adapter is not cached"
+                    .into(),
+            ));
+        }
         let path = Self::path_for(dir, model, h);
         let size = h.size;
         let mut map = HashMap::new();

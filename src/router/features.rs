@@ -7,7 +7,10 @@
 //! far better. Measurements: `router-data/README.md`.
 
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
+use crate::lora::{Adapter, ExpertSet};
 use crate::model::{chatml_message, Model};
 use crate::{Error, Result};
 
@@ -77,6 +80,52 @@ pub struct HiddenFeatures {
     pub mean: Vec<f32>,
     /// Per-dimension standard deviation over the training prompts (divided out).
     pub std: Vec<f32>,
+    /// A fine-tuned gate: the folder (beside `gate.json`) of a LoRA adapter applied to the
+    /// blocks the gate reads (`router train --finetune-epochs`); none for the base's own states.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// That adapter, found by [`crate::router::Gate::load`] and read on first use.
+    #[serde(skip)]
+    pub reader: GateAdapter,
+}
+
+/// The adapter a fine-tuned gate reads its hidden states with: its folder, loaded on first use
+/// (loading needs the model's configuration, which the gate file does not hold).
+#[derive(Debug, Clone, Default)]
+pub struct GateAdapter {
+    dir: Option<PathBuf>,
+    set: OnceLock<std::result::Result<Arc<ExpertSet>, String>>,
+}
+
+impl PartialEq for GateAdapter {
+    fn eq(&self, other: &Self) -> bool {
+        self.dir == other.dir
+    }
+}
+
+impl GateAdapter {
+    /// The adapter in `dir` (read when first needed).
+    pub fn at(dir: PathBuf) -> GateAdapter {
+        GateAdapter {
+            dir: Some(dir),
+            set: OnceLock::new(),
+        }
+    }
+
+    /// The adapter as a one-expert set for `model`, loading it on the first call; `None` when
+    /// there is no adapter.
+    fn get(&self, model: &Model) -> Result<Option<Arc<ExpertSet>>> {
+        let Some(dir) = &self.dir else {
+            return Ok(None);
+        };
+        let loaded = self.set.get_or_init(|| {
+            Adapter::load(dir, &model.config)
+                .and_then(|a| ExpertSet::new(vec![a]))
+                .map(Arc::new)
+                .map_err(|e| format!("the gate's adapter {}: {e}", dir.display()))
+        });
+        loaded.clone().map(Some).map_err(Error::Invalid)
+    }
 }
 
 impl HiddenFeatures {
@@ -115,7 +164,20 @@ impl HiddenFeatures {
                 "cannot route a prompt with no tokens".into(),
             ));
         }
-        let h = crate::model::features::layer_states(model, &ids, self.layer)?; // (t, hidden)
+        let h = match (&self.adapter, self.reader.get(model)?) {
+            (_, Some(set)) => {
+                let rows = [vec![1.0f32]];
+                let hook = set.hook(&rows)?;
+                crate::model::features::layer_states_with(model, &ids, self.layer, &hook)?
+            }
+            (Some(name), None) => {
+                return Err(Error::Invalid(format!(
+                    "the gate reads its hidden states with the adapter '{name}', which was not \
+                     loaded (load the gate with Gate::load)"
+                )))
+            }
+            (None, None) => crate::model::features::layer_states(model, &ids, self.layer)?,
+        }; // (t, hidden)
         Ok(rms_pooled(&h.to_vec2::<f32>()?, model.config.rms_eps))
     }
 }

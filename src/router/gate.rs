@@ -291,11 +291,36 @@ impl Gate {
         let f: GateFile = serde_json::from_str(&text)
             .map_err(|e| Error::data(&path, e.line(), "gate", e.to_string()))?;
         let bad = |field: &str, msg: String| Err(Error::data(&path, 1, field, msg));
-        let features = GateFeatures {
+        let mut features = GateFeatures {
             ngrams: f.features,
             ngram_scale: f.ngram_scale,
             hidden: f.hidden,
         };
+        // A fine-tuned gate's adapter: a folder beside gate.json, read on first use.
+        if let Some(h) = features.hidden.as_mut() {
+            if let Some(name) = &h.adapter {
+                let plain = !name.is_empty()
+                    && Path::new(name).components().count() == 1
+                    && !name.contains("..");
+                if !plain {
+                    return bad(
+                        "hidden.adapter",
+                        format!("'{name}' is not a folder name beside gate.json"),
+                    );
+                }
+                let d = dir.join(name);
+                if !d.join("adapter_config.json").is_file() {
+                    return bad(
+                        "hidden.adapter",
+                        format!(
+                            "no adapter in {} (adapter_config.json missing)",
+                            d.display()
+                        ),
+                    );
+                }
+                h.reader = super::features::GateAdapter::at(d);
+            }
+        }
         let d = features.input_dim();
         if d == 0 {
             return bad(

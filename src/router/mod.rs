@@ -2,13 +2,15 @@
 
 mod cache;
 mod features;
+pub mod finetune;
 mod gate;
 mod policy;
 mod report;
 
 pub use cache::PooledCache;
 pub use features::{
-    assemble, features, rms_pooled, words, FeatureConfig, GateFeatures, HiddenFeatures, Template,
+    assemble, features, rms_pooled, words, FeatureConfig, GateAdapter, GateFeatures,
+    HiddenFeatures, Template,
 };
 pub use gate::{Gate, Route, GATE_FILE};
 pub use policy::{load_policies, Policy};

@@ -154,6 +154,7 @@ impl<'a> Trainer<'a> {
                     bias: "none".into(),
                     fan_in_fan_out: false,
                     inference_mode: true,
+                    layers_to_transform: None,
                 };
                 TrainLora::init(&model.config, ac, config.seed, config.dropout as f32)?
             }
