@@ -514,6 +514,20 @@ fn bad_adapters_name_the_file_and_tensor() {
         good(4),
         "lora_alpha",
     );
+    // Some blocks only (PEFT's layers_to_transform): the others' tensors are extra, a block
+    // past the model's is named.
+    let mut some = cfg(4, "v_proj");
+    some["layers_to_transform"] = serde_json::json!([0, 1]);
+    check("extra-layers", some.clone(), good(4), "unexpected tensor");
+    some["layers_to_transform"] = serde_json::json!([0, c.n_layer]);
+    check("layer-range", some.clone(), good(4), "layers_to_transform");
+    let d = root.path().join("two-blocks");
+    let mut two = good(4);
+    two.retain(|(n, _)| n.contains(".layers.0.") || n.contains(".layers.1."));
+    some["layers_to_transform"] = serde_json::json!([0, 1]);
+    write_bad(&d, some, two);
+    let a = Adapter::load(&d, c).unwrap();
+    assert_eq!(a.pairs.len(), 2, "{:?}", a.pairs.keys().collect::<Vec<_>>());
 }
 
 #[test]
