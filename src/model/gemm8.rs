@@ -262,12 +262,12 @@ unsafe fn quantize_block_avx512(x: &[f32], cs: Option<&[f32]>, q: &mut [i8]) -> 
 
 /// A raw pointer the pool's workers share; each writes a disjoint part.
 #[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
+pub(super) struct SendPtr<T>(pub(super) *mut T);
 // SAFETY: only used for disjoint writes, documented at each use.
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 impl<T> SendPtr<T> {
-    fn get(self) -> *mut T {
+    pub(super) fn get(self) -> *mut T {
         self.0
     }
 }

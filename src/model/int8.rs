@@ -442,7 +442,23 @@ mod avx2 {
     }
 
     pub unsafe fn matvec_quads(w: &[i8], dw: &[f32], x: &[i8], dx: &[f32], out: &mut [f32]) {
-        let nb = dx.len();
+        quads::<false>(w, dw, x, dx, out)
+    }
+
+    pub unsafe fn matvec_quads_rows(w: &[i8], dw: &[f32], x: &[i8], dx: &[f32], out: &mut [f32]) {
+        quads::<true>(w, dw, x, dx, out)
+    }
+
+    /// Both: `ROW_SCALES` reads one scale per row (applied to the finished sum) instead of one
+    /// per row and block (applied per block).
+    #[inline(always)]
+    unsafe fn quads<const ROW_SCALES: bool>(
+        w: &[i8],
+        dw: &[f32],
+        x: &[i8],
+        dx: &[f32],
+        out: &mut [f32],
+    ) {
         let ones = _mm256_set1_epi16(1);
         let mut wp = w.as_ptr();
         let mut dp = dw.as_ptr();
@@ -455,37 +471,23 @@ mod avx2 {
                     let vw = _mm256_loadu_si256(wp.add(i * BLOCK) as *const __m256i);
                     let p =
                         _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(vw, vx)), ones);
-                    *a = _mm256_fmadd_ps(_mm256_set1_ps(*dp.add(i) * d), _mm256_cvtepi32_ps(p), *a);
+                    let scale = if ROW_SCALES { d } else { *dp.add(i) * d };
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(p), *a);
                 }
                 wp = wp.add(4 * BLOCK);
+                if !ROW_SCALES {
+                    dp = dp.add(4);
+                }
+            }
+            for (i, (o, a)) in quad.iter_mut().zip(acc).enumerate() {
+                *o = if ROW_SCALES {
+                    hsum(a) * *dp.add(i)
+                } else {
+                    hsum(a)
+                };
+            }
+            if ROW_SCALES {
                 dp = dp.add(4);
-            }
-            for (o, a) in quad.iter_mut().zip(acc) {
-                *o = hsum(a);
-            }
-        }
-        let _ = nb;
-    }
-
-    pub unsafe fn matvec_quads_rows(w: &[i8], dw: &[f32], x: &[i8], dx: &[f32], out: &mut [f32]) {
-        let ones = _mm256_set1_epi16(1);
-        let mut wp = w.as_ptr();
-        for (quad, dq) in out.chunks_mut(4).zip(dw.chunks(4)) {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for (b, &d) in dx.iter().enumerate() {
-                let vx = _mm256_loadu_si256(x.as_ptr().add(b * BLOCK) as *const __m256i);
-                let ax = _mm256_sign_epi8(vx, vx);
-                let vd = _mm256_set1_ps(d);
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let vw = _mm256_loadu_si256(wp.add(i * BLOCK) as *const __m256i);
-                    let p =
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(vw, vx)), ones);
-                    *a = _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(p), *a);
-                }
-                wp = wp.add(4 * BLOCK);
-            }
-            for ((o, a), &s) in quad.iter_mut().zip(acc).zip(dq) {
-                *o = hsum(a) * s;
             }
         }
     }

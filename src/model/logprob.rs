@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
-use super::gemm8::FrozenInt8;
+use super::gemm8::{FrozenInt8, SendPtr};
 
 /// `(n,)` log-probabilities of `targets[i]` under `softmax(logits[i])`, `logits` `(n, vocab)`.
 pub fn target_logprobs(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
@@ -36,18 +36,6 @@ pub fn head_target_logprobs(
     })
 }
 
-/// The pointer workers write disjoint rows through.
-#[derive(Clone, Copy)]
-struct Rows(*mut f32);
-// SAFETY: each row is written by one worker only (see the uses).
-unsafe impl Send for Rows {}
-unsafe impl Sync for Rows {}
-impl Rows {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Run `f(row)` for rows `0..n` on candle's thread pool.
 fn each_row(n: usize, f: impl Fn(usize) + Sync) {
     candle_core::utils::barrier_pool().execute_chunked(n, |range| range.for_each(&f));
@@ -68,7 +56,7 @@ fn check(targets: &[u32], n: usize, vocab: usize) -> candle_core::Result<()> {
 fn forward_rows(z: &[f32], vocab: usize, targets: &[u32]) -> (Vec<f32>, Vec<f32>) {
     let n = targets.len();
     let mut lse = vec![0f32; n];
-    let out = Rows(lse.as_mut_ptr());
+    let out = SendPtr(lse.as_mut_ptr());
     each_row(n, |i| {
         let z = &z[i * vocab..(i + 1) * vocab];
         let max = z.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
@@ -84,7 +72,7 @@ fn forward_rows(z: &[f32], vocab: usize, targets: &[u32]) -> (Vec<f32>, Vec<f32>
 
 /// Turn logits `z` into their gradient in place: `g * (1[v = target] - exp(z[v] - lse))`.
 fn grad_in_place(z: &mut [f32], vocab: usize, targets: &[u32], lse: &[f32], g: &[f32]) {
-    let rows = Rows(z.as_mut_ptr());
+    let rows = SendPtr(z.as_mut_ptr());
     each_row(targets.len(), |i| {
         // SAFETY: row i is touched by this call only; `z` outlives the pool call.
         let row = unsafe { std::slice::from_raw_parts_mut(rows.get().add(i * vocab), vocab) };
@@ -198,6 +186,40 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
 
+    /// `ours` and `theirs` agree in value (within `tol`) and in the gradient of
+    /// `sum(weights * .)` with respect to `var` (within `grad_tol`).
+    fn assert_same(
+        ours: Tensor,
+        theirs: Tensor,
+        var: &Var,
+        weights: &Tensor,
+        tol: f32,
+        grad_tol: f32,
+    ) {
+        let values = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+        for (p, q) in values(&ours).iter().zip(&values(&theirs)) {
+            assert!((p - q).abs() < tol, "{p} vs {q}");
+        }
+        let grad = |t: Tensor| {
+            let g = (t * weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            g.get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (ga, gb) = (grad(ours), grad(theirs));
+        for (p, q) in ga.iter().zip(&gb) {
+            assert!((p - q).abs() < grad_tol, "{p} vs {q}");
+        }
+    }
+
     #[test]
     fn equals_log_softmax_and_gather_forward_and_backward() {
         let z = Tensor::randn(0f32, 3.0, (5, 37), &Device::Cpu).unwrap();
@@ -215,42 +237,7 @@ mod tests {
             .unwrap()
             .squeeze(1)
             .unwrap();
-        let (a, b) = (
-            ours.to_vec1::<f32>().unwrap(),
-            theirs.to_vec1::<f32>().unwrap(),
-        );
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
-        }
-        let ga = (ours * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gb = (theirs * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let ga = ga
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let gb = gb
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        for (x, y) in ga.iter().zip(&gb) {
-            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
-        }
+        assert_same(ours, theirs, &var, &weights, 1e-5, 1e-5);
     }
 
     #[test]
@@ -265,42 +252,7 @@ mod tests {
         let ours = head_target_logprobs(x.as_tensor(), &head, &targets).unwrap();
         let logits = crate::model::gemm8::frozen_linear_int8(x.as_tensor(), &head).unwrap();
         let theirs = target_logprobs(&logits, &targets).unwrap();
-        let (a, b) = (
-            ours.to_vec1::<f32>().unwrap(),
-            theirs.to_vec1::<f32>().unwrap(),
-        );
-        for (p, q) in a.iter().zip(&b) {
-            assert!((p - q).abs() < 1e-5, "{p} vs {q}");
-        }
-        let ga = (ours * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gb = (theirs * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let ga = ga
-            .get(x.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let gb = gb
-            .get(x.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        for (p, q) in ga.iter().zip(&gb) {
-            assert!((p - q).abs() < 1e-4, "{p} vs {q}");
-        }
+        assert_same(ours, theirs, &x, &weights, 1e-5, 1e-4);
     }
 
     #[test]

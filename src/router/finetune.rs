@@ -134,13 +134,7 @@ pub fn finetune(
     let mut vars: Vec<&Var> = lora.named_vars().into_iter().map(|(_, v)| v).collect();
     vars.push(&w);
     vars.push(&b);
-    let params = AdamParams {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-    };
-    let mut opt = AdamW::new(&vars, params)?;
+    let mut opt = AdamW::new(&vars, AdamParams::with_weight_decay(0.0))?;
     let total = examples.len().div_ceil(cfg.batch.max(1)) * cfg.epochs;
     let mut order: Vec<usize> = (0..examples.len()).collect();
     let mut step = 0;

@@ -15,6 +15,18 @@ pub struct AdamParams {
     pub weight_decay: f64,
 }
 
+impl AdamParams {
+    /// The usual moments (beta1 0.9, beta2 0.999, eps 1e-8) with `weight_decay`.
+    pub fn with_weight_decay(weight_decay: f64) -> Self {
+        AdamParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        }
+    }
+}
+
 /// AdamW state for a list of parameters.
 pub struct AdamW {
     pub params: AdamParams,

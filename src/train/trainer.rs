@@ -374,15 +374,7 @@ impl<'a> Trainer<'a> {
             .map(|(_, v)| v.clone())
             .collect();
         let var_refs: Vec<&Var> = vars.iter().collect();
-        let mut opt = AdamW::new(
-            &var_refs,
-            AdamParams {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: c.weight_decay,
-            },
-        )?;
+        let mut opt = AdamW::new(&var_refs, AdamParams::with_weight_decay(c.weight_decay))?;
         let ckpt_path = self.out.join(CHECKPOINT_FILE);
         let mut state = Checkpoint::default();
         let mut resumed_from = None;
