@@ -118,6 +118,11 @@ pub struct TrainArgs {
     /// Peak learning rate of the fine-tuning.
     #[arg(long, default_value_t = 1e-3)]
     finetune_lr: f64,
+    /// Count each non-political training prompt this many times (in the fine-tuning and the
+    /// classifier's fit): a political topic given to a non-political prompt is the costlier
+    /// mistake (it sends the prompt to the experts).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    non_political_weight: u32,
 }
 
 /// The folder of a fine-tuned gate's adapter, beside gate.json.
@@ -133,6 +138,13 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
         .map(|p| (p.text.clone(), p.topic.clone()))
         .collect();
     let n_extra = add_stance_prompts(&a.extra, &mut ex)?;
+    let repeats: Vec<(String, String)> = ex
+        .iter()
+        .filter(|(_, topic)| topic == topics::NON_POLITICAL)
+        .flat_map(|e| std::iter::repeat_n(e.clone(), a.non_political_weight as usize - 1))
+        .collect();
+    let distinct = ex.len();
+    ex.extend(repeats);
     let dev_ex: Vec<(String, String)> = dev
         .iter()
         .map(|p| (p.text.clone(), p.topic.clone()))
@@ -204,11 +216,14 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
                 &trainable,
                 a.layer,
                 &labelled,
+                &[],
                 all.len(),
                 &fc,
-                &mut |epoch, loss| {
+                &mut |r| {
                     eprintln!(
-                        "  epoch {epoch}: train loss {loss:.4} ({:.0} s)",
+                        "  epoch {}: train loss {:.4} ({:.0} s)",
+                        r.epoch,
+                        r.train_loss,
                         t0.elapsed().as_secs_f64()
                     )
                 },
@@ -266,10 +281,11 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
     };
 
     eprintln!(
-        "training on {} prompts ({} from {}; {} held out for dev)...",
-        ex.len(),
+        "training on {distinct} prompts ({} from {}; non-political ones counted {} times; {} held \
+         out for dev)...",
         n_extra,
         a.extra.display(),
+        a.non_political_weight,
         dev.len()
     );
     let t0 = std::time::Instant::now();
@@ -311,7 +327,7 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
         serde_json::json!(report.recall(topics::NON_POLITICAL)),
     );
     gate.notes
-        .insert("train_examples".into(), serde_json::json!(ex.len()));
+        .insert("train_examples".into(), serde_json::json!(distinct));
     gate.notes
         .insert("extra_train_examples".into(), serde_json::json!(n_extra));
     gate.notes
@@ -320,7 +336,7 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
     gate.notes.insert(
         "command".into(),
         serde_json::json!(format!(
-            "stancemix router train --data {} --dim {} --ngram-scale {} --layer {} --template {template} --format {} --alpha {} --max-iter {} --restarts {} --extra {} --finetune-epochs {} --finetune-lr {}",
+            "stancemix router train --data {} --dim {} --ngram-scale {} --layer {} --template {template} --format {} --alpha {} --max-iter {} --restarts {} --extra {} --finetune-epochs {} --finetune-lr {} --non-political-weight {}",
             a.data.display(),
             a.dim,
             a.ngram_scale,
@@ -331,7 +347,8 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
             a.restarts,
             a.extra.display(),
             a.finetune_epochs,
-            a.finetune_lr
+            a.finetune_lr,
+            a.non_political_weight
         )),
     );
     gate.save(&a.out)?;

@@ -22,6 +22,19 @@ pub struct FinetuneConfig {
     pub batch: usize,
     /// Seeds the adapter's initialisation and the data order.
     pub seed: u64,
+    /// Longest text read, in tokens (the rest is cut).
+    pub max_tokens: usize,
+}
+
+/// One epoch's figures, passed to the progress callback.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochReport {
+    /// 1-based.
+    pub epoch: usize,
+    /// Mean cross-entropy of the training batches.
+    pub train_loss: f64,
+    /// Accuracy of the training head on the held-out examples, when some were given.
+    pub dev_accuracy: Option<f64>,
 }
 
 impl Default for FinetuneConfig {
@@ -32,12 +45,10 @@ impl Default for FinetuneConfig {
             rank: 8,
             batch: 16,
             seed: 1,
+            max_tokens: 64,
         }
     }
 }
-
-/// Longest prompt read, in tokens (the rest is cut).
-const MAX_TOKENS: usize = 64;
 
 /// Logits of the training head for a batch of texts.
 fn head_logits(
@@ -46,12 +57,13 @@ fn head_logits(
     layer: usize,
     head: (&Var, &Var),
     texts: &[&str],
+    max_tokens: usize,
     differentiable: bool,
 ) -> Result<Tensor> {
     let mut ids = Vec::with_capacity(texts.len());
     for t in texts {
         let mut v = model.tokenizer.encode(t)?;
-        v.truncate(MAX_TOKENS);
+        v.truncate(max_tokens.max(1));
         if v.is_empty() {
             return Err(Error::Invalid(format!(
                 "gate fine-tuning: '{t}' has no tokens"
@@ -85,15 +97,17 @@ fn head_logits(
 }
 
 /// Train the adapter on `(text, class)` examples (texts as the gate reads them, i.e. already
-/// wrapped by its template); `model` must carry gradients (f32 or int8 weights).
-/// `progress(epoch, train loss)` after each epoch.
+/// wrapped by its template); `model` must carry gradients (f32 or int8 weights). After each
+/// epoch `progress` gets the training loss and, when `dev` holds examples, the training head's
+/// accuracy on them.
 pub fn finetune(
     model: &Model,
     layer: usize,
     examples: &[(String, usize)],
+    dev: &[(String, usize)],
     classes: usize,
     cfg: &FinetuneConfig,
-    progress: &mut dyn FnMut(usize, f64),
+    progress: &mut dyn FnMut(EpochReport),
 ) -> Result<Adapter> {
     if examples.is_empty() || classes == 0 {
         return Err(Error::Invalid("gate fine-tuning: no examples".into()));
@@ -104,7 +118,7 @@ pub fn finetune(
             model.config.n_layer
         )));
     }
-    if let Some((_, c)) = examples.iter().find(|(_, c)| *c >= classes) {
+    if let Some((_, c)) = examples.iter().chain(dev).find(|(_, c)| *c >= classes) {
         return Err(Error::Invalid(format!(
             "gate fine-tuning: class {c} of {classes}"
         )));
@@ -153,7 +167,7 @@ pub fn finetune(
             let texts: Vec<&str> = chunk.iter().map(|&i| examples[i].0.as_str()).collect();
             let labels: Vec<u32> = chunk.iter().map(|&i| examples[i].1 as u32).collect();
             let labels = Tensor::new(labels, &Device::Cpu)?;
-            let logits = head_logits(model, &lora, layer, (&w, &b), &texts, true)?;
+            let logits = head_logits(model, &lora, layer, (&w, &b), &texts, cfg.max_tokens, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             batches += 1;
@@ -168,7 +182,28 @@ pub fn finetune(
             opt.step(&vars, &g, learning_rate(step, total, 20, cfg.lr, 0.1))?;
             step += 1;
         }
-        progress(epoch + 1, loss_sum / batches.max(1) as f64);
+        let dev_accuracy = if dev.is_empty() {
+            None
+        } else {
+            let mut right = 0;
+            for chunk in dev.chunks(cfg.batch.max(1)) {
+                let texts: Vec<&str> = chunk.iter().map(|(t, _)| t.as_str()).collect();
+                let logits =
+                    head_logits(model, &lora, layer, (&w, &b), &texts, cfg.max_tokens, false)?;
+                let guess = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+                right += guess
+                    .iter()
+                    .zip(chunk)
+                    .filter(|(g, (_, c))| **g as usize == *c)
+                    .count();
+            }
+            Some(right as f64 / dev.len() as f64)
+        };
+        progress(EpochReport {
+            epoch: epoch + 1,
+            train_loss: loss_sum / batches.max(1) as f64,
+            dev_accuracy,
+        });
     }
     lora.to_adapter()
 }
