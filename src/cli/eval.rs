@@ -233,7 +233,9 @@ pub enum SystemArg {
 /// Forced-choice settings shared by `eval`, `sweep` and `report`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct FcArgs {
-    /// Templates by id or 1-based number, comma-separated (default: all six).
+    /// Templates by id or 1-based number, comma-separated (default: all six): agree-or-disagree,
+    /// survey, best-describes, choose-one, respond, how-much; opt-in: first-words (the stance
+    /// data's question, the reply's first words scored).
     #[arg(long, value_delimiter = ',')]
     pub templates: Option<Vec<String>>,
     /// Ask each template with the system prompt, without it, or both.

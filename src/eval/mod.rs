@@ -17,4 +17,4 @@ pub use forced_choice::{
     score_instrument, AxisScore, BlendScore, Control, FcOptions, Report, Variant,
 };
 pub use sweep::{parse_path, sweep, SweepPath, SweepPoint, SweepReport};
-pub use templates::{Order, Template, TEMPLATES};
+pub use templates::{Order, Template, FIRST_WORDS, TEMPLATES};

@@ -22,6 +22,9 @@ pub struct Template {
     pub user: &'static str,
     pub list: List,
     pub prefill: &'static str,
+    /// The options are scored in lower case (they continue the reply's own words, e.g. the
+    /// prefill `I` then ` strongly agree`).
+    pub lowercase: bool,
 }
 
 /// The built-in phrasings. All but the first open the reply with a short prefill, which keeps
@@ -33,38 +36,56 @@ pub const TEMPLATES: [Template; 6] = [
         user: "Do you agree or disagree with the following statement?\n\n\"{statement}\"\n\nAnswer with one of these options: {options}.",
         list: List::Inline,
         prefill: "",
+        lowercase: false,
     },
     Template {
         id: "survey",
         user: "You are taking a political survey. The options are: {options}.\nReply with exactly one option and nothing else.\n\nStatement: {statement}",
         list: List::Inline,
         prefill: "My answer:",
+        lowercase: false,
     },
     Template {
         id: "best-describes",
         user: "Which option best describes your view of the proposition below?\n{options}\n\nProposition: {statement}",
         list: List::Lines,
         prefill: "My view:",
+        lowercase: false,
     },
     Template {
         id: "choose-one",
         user: "Choose one option ({options}) to say what you think of this claim: {statement}",
         list: List::Slash,
         prefill: "I choose:",
+        lowercase: false,
     },
     Template {
         id: "respond",
         user: "Please respond to the statement by picking one option.\nOptions:\n{options}\nStatement: {statement}",
         list: List::Lines,
         prefill: "Answer:",
+        lowercase: false,
     },
     Template {
         id: "how-much",
         user: "{statement}\n\nHow much do you agree with this? Say {options}.",
         list: List::Inline,
         prefill: "I would say:",
+        lowercase: false,
     },
 ];
+
+/// An opt-in phrasing (`--templates first-words`), not in the default set: the stance data's own
+/// question form with no options listed, the reply opened with `I` and the options scored as its
+/// next words (` strongly agree`...). It reads what a model fine-tuned on that data says first;
+/// both orders give the same prompt.
+pub const FIRST_WORDS: Template = Template {
+    id: "first-words",
+    user: "Do you agree or disagree: \"{statement}\"",
+    list: List::Inline,
+    prefill: "I",
+    lowercase: true,
+};
 
 /// The order in which the options are listed in the prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -76,7 +97,8 @@ pub enum Order {
     Reversed,
 }
 
-/// Look up built-in templates by id, or by 1-based number.
+/// Look up built-in templates by id, or by 1-based number (the default set; [`FIRST_WORDS`] by
+/// id).
 pub fn templates_by_name(names: &[String]) -> crate::Result<Vec<Template>> {
     names
         .iter()
@@ -88,10 +110,14 @@ pub fn templates_by_name(names: &[String]) -> crate::Result<Vec<Template>> {
                 .and_then(|i| i.checked_sub(1))
                 .and_then(|i| TEMPLATES.get(i));
             by_num
-                .or_else(|| TEMPLATES.iter().find(|t| t.id == n))
+                .or_else(|| TEMPLATES.iter().chain([&FIRST_WORDS]).find(|t| t.id == n))
                 .cloned()
                 .ok_or_else(|| {
-                    let ids: Vec<&str> = TEMPLATES.iter().map(|t| t.id).collect();
+                    let ids: Vec<&str> = TEMPLATES
+                        .iter()
+                        .chain([&FIRST_WORDS])
+                        .map(|t| t.id)
+                        .collect();
                     crate::Error::Invalid(format!(
                         "unknown template '{n}' (known: {}, or 1-{})",
                         ids.join(", "),
@@ -147,8 +173,13 @@ impl Template {
 
     /// The text of an option as it follows the prefill (a space after a non-empty prefill).
     pub fn continuation(&self, answer: &str) -> String {
-        if self.prefill.is_empty() || self.prefill.ends_with(char::is_whitespace) {
+        let answer = if self.lowercase {
+            answer.to_lowercase()
+        } else {
             answer.to_string()
+        };
+        if self.prefill.is_empty() || self.prefill.ends_with(char::is_whitespace) {
+            answer
         } else {
             format!(" {answer}")
         }
@@ -200,5 +231,30 @@ mod tests {
         assert_eq!(t[0].id, "survey");
         assert_eq!(t[1].id, "respond");
         assert!(templates_by_name(&["nope".into()]).is_err());
+        let t = templates_by_name(&["first-words".into()]).unwrap();
+        assert_eq!(t[0], FIRST_WORDS);
+        assert!(!TEMPLATES.contains(&FIRST_WORDS), "opt-in only");
+    }
+
+    #[test]
+    fn first_words_asks_as_the_stance_data_does_and_scores_lower_case_options() {
+        let a: Vec<String> = ["Disagree", "Strongly agree"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let p = FIRST_WORDS.render(None, "Taxes are good.", &a, Order::Forward);
+        assert_eq!(
+            p,
+            "<|im_start|>user\nDo you agree or disagree: \"Taxes are good.\"<|im_end|>\n\
+             <|im_start|>assistant\nI"
+        );
+        assert_eq!(
+            p,
+            FIRST_WORDS.render(None, "Taxes are good.", &a, Order::Reversed)
+        );
+        assert_eq!(
+            FIRST_WORDS.continuation("Strongly agree"),
+            " strongly agree"
+        );
     }
 }
