@@ -97,6 +97,11 @@ pub enum Order {
     Reversed,
 }
 
+/// Every built-in template: the default set, then the opt-in ones.
+fn known() -> impl Iterator<Item = &'static Template> {
+    TEMPLATES.iter().chain([&FIRST_WORDS])
+}
+
 /// Look up built-in templates by id, or by 1-based number (the default set; [`FIRST_WORDS`] by
 /// id).
 pub fn templates_by_name(names: &[String]) -> crate::Result<Vec<Template>> {
@@ -110,14 +115,10 @@ pub fn templates_by_name(names: &[String]) -> crate::Result<Vec<Template>> {
                 .and_then(|i| i.checked_sub(1))
                 .and_then(|i| TEMPLATES.get(i));
             by_num
-                .or_else(|| TEMPLATES.iter().chain([&FIRST_WORDS]).find(|t| t.id == n))
+                .or_else(|| known().find(|t| t.id == n))
                 .cloned()
                 .ok_or_else(|| {
-                    let ids: Vec<&str> = TEMPLATES
-                        .iter()
-                        .chain([&FIRST_WORDS])
-                        .map(|t| t.id)
-                        .collect();
+                    let ids: Vec<&str> = known().map(|t| t.id).collect();
                     crate::Error::Invalid(format!(
                         "unknown template '{n}' (known: {}, or 1-{})",
                         ids.join(", "),
