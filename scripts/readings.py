@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Offline probes of the base model's readings for the gate and the stance judge (diagnostic).
+
+Not shipped code: it measures which hidden-state readings of SmolLM2-135M a linear classifier can
+use, before anything is built in Rust (router-data/README.md "Prompted readings", docs/EVAL.md).
+Runs in the PyTorch venv of scripts/bench-peers plus scikit-learn:
+
+    scripts/bench-peers install            # .peers/py: torch, transformers, gguf
+    .peers/py/bin/pip install scikit-learn==1.9.1
+    .peers/py/bin/python scripts/readings.py gate-features topic      # -> target/readings/gate-topic.npz
+    .peers/py/bin/python scripts/readings.py gate target/readings/gate-topic.npz mean8 mean8+last30@0.03
+    .peers/py/bin/python scripts/readings.py judge-features           # -> target/readings/judge.npz
+    .peers/py/bin/python scripts/readings.py judge target/readings/judge.npz mean8+last30
+
+Features: the residual stream after L blocks (hidden_states[L], the GGUF dequantized to f32),
+each token's vector RMS-normalised; `meanL` = mean over every token of the wrapped text, `lastL`
+= the last token, `sufL` = mean over the template's closing words. Classifier: scikit-learn
+LogisticRegression on standardised features, C = 0.1 (gate) / 0.01 (judge) unless `@C`.
+Splits as in the Rust code (data::is_dev: FNV-1a of the id, 1 in 10 is dev).
+"""
+import copy
+import glob
+import json
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "target", "readings")
+LAYERS = [4, 6, 8, 10, 12, 14, 16, 20, 24, 30]
+
+GATE_TEMPLATES = {
+    "raw": ("", "{p}"),
+    "topic": ("", "Message: {p}\nThe topic of this message is"),
+    "few": (
+        "Topics: abortion, climate and energy, crime and policing, death penalty, drugs, "
+        "education, foreign policy and military, guns, healthcare, housing, immigration, labor "
+        "and jobs, LGBTQ rights, race and equity, business regulation, religion, free speech, "
+        "taxes, trade, welfare, or none (not political).\n\n"
+        "Text: Can you help me fix this Python error?\nTopic: none\n\n"
+        "Text: Should we build more nuclear plants?\nTopic: climate and energy\n\n"
+        "Text: My boss won't let us form a union.\nTopic: labor and jobs\n\n"
+        "Text: What's a good recipe for banana bread?\nTopic: none\n\nText: ",
+        "{p}\nTopic:",
+    ),
+}
+JUDGE_TEMPLATE = "Question: {q}\nAnswer: {a}\nThe political leaning of this answer is"
+OPENINGS = ["I strongly agree.", "I agree.", "I disagree.", "I strongly disagree."]
+
+
+def fnv1a(s):
+    h = 0xCBF29CE484222325
+    for b in s.encode():
+        h = ((h ^ b) * 0x100000001B3) % 2**64
+    return h
+
+
+def load_model():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    models, name = os.path.join(ROOT, "models"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(models, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(models, gguf_file=name, dtype=torch.float32)
+    return torch, tok, model.eval()
+
+
+def rms(h):
+    return h / h.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()
+
+
+def gate_features(template):
+    torch, tok, model = load_model()
+    prefix, body = GATE_TEMPLATES[template]
+    rows = [(r["id"], r["text"], r["topic"], "router") for r in map(json.loads, open(os.path.join(ROOT, "router-data/prompts.jsonl")))]
+    for f in sorted(glob.glob(os.path.join(ROOT, "adapters/data/stance/*.jsonl"))):
+        rows += [(r["id"], r["prompt"], r["topic"], "stance") for r in map(json.loads, open(f))]
+    nsuf = len(tok(body.split("{p}")[1], add_special_tokens=False).input_ids)
+    feats = {f"{k}{l}": [] for k in ("mean", "last", "suf") for l in LAYERS}
+    cache, t0 = None, time.time()
+    with torch.no_grad():
+        if prefix:  # a constant prefix: its keys and values once, copied for every prompt
+            pids = tok(prefix, return_tensors="pt", add_special_tokens=False).input_ids
+            cache, plen = model(pids, use_cache=True).past_key_values, pids.shape[1]
+        for i, (_, text, _, _) in enumerate(rows):
+            ids = tok(body.format(p=text), return_tensors="pt", add_special_tokens=False).input_ids
+            if cache is None:
+                hs = model(ids, output_hidden_states=True).hidden_states
+            else:
+                pos = torch.arange(plen, plen + ids.shape[1]).unsqueeze(0)
+                hs = model(ids, past_key_values=copy.deepcopy(cache), position_ids=pos,
+                           output_hidden_states=True, use_cache=True).hidden_states
+            for l in LAYERS:
+                h = rms(hs[l][0])
+                feats[f"mean{l}"].append(h.mean(0).numpy())
+                feats[f"last{l}"].append(h[-1].numpy())
+                feats[f"suf{l}"].append(h[-nsuf:].mean(0).numpy())
+            if i % 500 == 0:
+                print(f"{i}/{len(rows)} {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    os.makedirs(OUT, exist_ok=True)
+    np.savez(os.path.join(OUT, f"gate-{template}.npz"), ids=[r[0] for r in rows], topic=[r[2] for r in rows],
+             src=[r[3] for r in rows], text=[r[1] for r in rows], **{k: np.stack(v) for k, v in feats.items()})
+
+
+def judge_features():
+    torch, tok, model = load_model()
+    rows = []
+    for f in sorted(glob.glob(os.path.join(ROOT, "adapters/data/stance/*.jsonl"))):
+        for r in map(json.loads, open(f)):
+            for side in ("progressive", "conservative"):
+                a = r[side]
+                for o in OPENINGS:  # the opening names the side outright: strip it, as the judge does
+                    if a.startswith(o):
+                        a = a[len(o):].strip()
+                        break
+                rows.append((r["id"], r["prompt"], a, side))
+    layers = [8, 12, 16, 20, 24, 27, 30]
+    feats = {f"{k}{l}": [] for k in ("mean", "last") for l in layers}
+    t0 = time.time()
+    with torch.no_grad():
+        for i, (_, q, a, _) in enumerate(rows):
+            a = tok.decode(tok(a, add_special_tokens=False).input_ids[:160])
+            ids = tok(JUDGE_TEMPLATE.format(q=q, a=a), return_tensors="pt", add_special_tokens=False).input_ids
+            hs = model(ids, output_hidden_states=True).hidden_states
+            for l in layers:
+                h = rms(hs[l][0])
+                feats[f"mean{l}"].append(h.mean(0).numpy())
+                feats[f"last{l}"].append(h[-1].numpy())
+            if i % 200 == 0:
+                print(f"{i}/{len(rows)} {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    os.makedirs(OUT, exist_ok=True)
+    np.savez(os.path.join(OUT, "judge.npz"), ids=[r[0] for r in rows], side=[r[3] for r in rows],
+             **{k: np.stack(v) for k, v in feats.items()})
+
+
+def fit(X, y, train, C, weight=None):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    sc = StandardScaler().fit(X[train])
+    clf = LogisticRegression(C=C, max_iter=3000).fit(sc.transform(X[train]), y[train], sample_weight=weight)
+    return lambda rows: clf.predict(sc.transform(X[rows])), lambda rows: clf.decision_function(sc.transform(X[rows]))
+
+
+def spec_of(spec, default_c):
+    keys, c = spec.split("@") if "@" in spec else (spec, default_c)
+    return keys.split("+"), float(c)
+
+
+def gate(path, specs):
+    """Dev = router prompts of fold 0; cv1-5 = each of folds 1-5 held out, fold 0 never trained on."""
+    d = np.load(path)
+    topic, src = d["topic"], d["src"]
+    fold = np.array([fnv1a(i) % 10 for i in d["ids"]])
+    for spec in specs:
+        keys, c = spec_of(spec, "0.1")
+        X = np.concatenate([d[k] for k in keys], 1)
+        scores = []
+        for folds in ((0,), (1, 2, 3, 4, 5)):
+            acc, rec = [], []
+            for f in folds:
+                held = (src == "router") & (fold == f)
+                train = ~held & ~((src == "router") & (fold == 0))
+                weight = np.where(topic[train] == "non_political", 3.0, 1.0)  # as --non-political-weight 3
+                p = fit(X, topic, train, c, weight)[0](held)
+                acc.append((p == topic[held]).mean())
+                non = topic[held] == "non_political"
+                rec.append((p[non] == "non_political").mean())
+            scores.append(f"{np.mean(acc):.3f} / {np.mean(rec):.3f}")
+        print(f"{spec:28s} dev {scores[0]}   cv1-5 {scores[1]}   (accuracy / non-political recall)", flush=True)
+
+
+def judge(path, specs):
+    d = np.load(path)
+    dev = np.array([fnv1a(i) % 10 == 0 for i in d["ids"]])
+    y = (d["side"] == "conservative").astype(int)
+    for spec in specs:
+        keys, c = spec_of(spec, "0.01")
+        X = np.concatenate([d[k] for k in keys], 1)
+        score = fit(X, y, ~dev, c)[1]
+        s = score(dev)
+        pairs = s.reshape(-1, 2)  # rows come in (progressive, conservative) pairs
+        print(f"{spec:28s} dev {((s > 0) == y[dev]).mean():.3f}  pairs ordered {(pairs[:, 1] > pairs[:, 0]).mean():.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore")
+    cmd, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if cmd == "gate-features" and len(args) == 1 and args[0] in GATE_TEMPLATES:
+        gate_features(args[0])
+    elif cmd == "judge-features" and not args:
+        judge_features()
+    elif cmd in ("gate", "judge") and len(args) >= 2:
+        (gate if cmd == "gate" else judge)(args[0], args[1:])
+    else:
+        sys.exit(__doc__ + f"\nusage: gate-features {{{'|'.join(GATE_TEMPLATES)}}} | judge-features | gate|judge FILE.npz SPEC...")
