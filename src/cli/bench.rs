@@ -2,6 +2,7 @@
 //! the median of several repeats, as a table or one JSON object.
 
 use indicatif::ProgressBar;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
@@ -40,6 +41,9 @@ pub struct Args {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Gate folder for the routing figures (default: the shipped router-data/).
+    #[arg(long)]
+    pub gate: Option<PathBuf>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -58,6 +62,23 @@ fn time(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Re
     }
     Ok(median(v))
 }
+
+/// A long user message (~270 tokens) for the routing figure of long prompts.
+const LONG_MESSAGE: &str =
+    "I need some advice and I'm not sure where else to ask. My partner and I have \
+rented the same two-bedroom flat for six years. When we moved in the rent was manageable, but \
+the landlord has raised it every single year, and this spring's increase was the biggest yet. \
+We both work full time, I'm a nurse on rotating shifts and my partner drives deliveries, and \
+after rent, childcare for our daughter, the car and groceries there is almost nothing left at \
+the end of the month. We've looked at other places nearby and they all cost the same or more, \
+and moving further out would mean a long commute for both of us and a new school for our \
+daughter, who has finally settled in and made friends. Buying seems impossible: every time we \
+save a little, prices go up faster than our savings do, and the deposit alone is more than we \
+earn in a year. Some of our neighbours have started talking about forming a tenants' group to \
+push back on the increases together, and others say the council should build more homes or cap \
+how much rents can rise each year. My parents think we should just tighten our belts and wait. \
+I honestly don't know what is realistic any more. Is there anything ordinary renters like us can \
+actually do, and what would make housing affordable again for families like ours?";
 
 fn prompt_ids(model: &Model) -> anyhow::Result<Vec<u32>> {
     let text = "The history of bread is long and varied. People have baked flat loaves from ground grain for thousands of years, and every region developed its own methods, ovens and recipes. Today bakers still argue about";
@@ -121,7 +142,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Adapter::random(&model.config, stance, 16, 16.0, &Target::ALL, seed, 0.02)
     };
     let experts = ExpertSet::new(vec![random("progressive", 1)?, random("conservative", 2)?])?;
-    let gate_dir = shipped_gate_dir();
+    let gate_dir = a.gate.clone().unwrap_or_else(shipped_gate_dir);
     let engine = if gate_dir.join(GATE_FILE).exists() {
         Engine::with_gate(
             model.clone(),
@@ -197,6 +218,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         None
     };
+    // A long message: its route against its own prompt pass plus the 64 decode steps (the
+    // answer to it), since a long prompt lengthens both.
+    let long = if engine.gate.is_some() {
+        let ids = model.tokenizer.encode(LONG_MESSAGE)?;
+        let prompt = time(r, || {
+            let mut cache = KvCache::new(model.config.n_layer);
+            base.forward_rows(&ids, Some(&mut cache), &[], Logits::Last)?;
+            Ok(())
+        })?;
+        let route = time(r, || {
+            engine.route(LONG_MESSAGE, "libertarian")?;
+            Ok(())
+        })?;
+        Some((ids.len(), route, route / (prompt + decode_s)))
+    } else {
+        None
+    };
 
     let j = serde_json::json!({
         "threads": threads,
@@ -210,6 +248,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "switch_ms": switch_s * 1e3,
         "route_ms": route_s.map(|s| s * 1e3),
         "route_share_of_64_token_answer": route_s.map(|s| s / (prompt_s + decode_s)),
+        "long_prompt_tokens": long.map(|l| l.0),
+        "route_ms_long_prompt": long.map(|l| l.1 * 1e3),
+        "route_share_long_prompt": long.map(|l| l.2),
         "train_tok_s": train.map(|t| t.0),
         "train_peak_rss_mb": train.and_then(|t| t.1),
         "train_format": train.map(|_| train_format.name()),

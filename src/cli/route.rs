@@ -90,6 +90,10 @@ pub struct TrainArgs {
     /// How the prompt is wrapped for the hidden-state pass.
     #[arg(long, value_enum, default_value = "raw")]
     template: Template,
+    /// Read at most the first N tokens of each prompt in the hidden-state pass (0: all): bounds
+    /// the routing time of long prompts.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
     /// Base weights for the hidden-state pass (use the format the runtime loads).
     #[arg(long, default_value = "q8_0")]
     format: WeightFormat,
@@ -178,6 +182,7 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
             size: model.config.hidden,
             mean: Vec::new(),
             std: Vec::new(),
+            max_tokens: (a.max_tokens > 0).then_some(a.max_tokens),
             adapter: None,
             reader: Default::default(),
         };
@@ -336,11 +341,12 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
     gate.notes.insert(
         "command".into(),
         serde_json::json!(format!(
-            "stancemix router train --data {} --dim {} --ngram-scale {} --layer {} --template {template} --format {} --alpha {} --max-iter {} --restarts {} --extra {} --finetune-epochs {} --finetune-lr {} --non-political-weight {}",
+            "stancemix router train --data {} --dim {} --ngram-scale {} --layer {} --template {template} --max-tokens {} --format {} --alpha {} --max-iter {} --restarts {} --extra {} --finetune-epochs {} --finetune-lr {} --non-political-weight {}",
             a.data.display(),
             a.dim,
             a.ngram_scale,
             a.layer,
+            a.max_tokens,
             a.format.name(),
             a.alpha,
             a.max_iter,

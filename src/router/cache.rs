@@ -2,7 +2,7 @@
 //! the slow part (minutes for the ~2,500 training prompts on 2 cores), and retraining with other
 //! classifier settings needs the same states again.
 //!
-//! One file per (model file, weight format, layer, template) under the cache directory; records
+//! One file per (model file, weight format, layer, template, token cap) under the cache directory; records
 //! of `u64` FNV-1a of the wrapped text followed by `size` `f32`s, little-endian.
 
 use std::collections::HashMap;
@@ -28,8 +28,9 @@ impl PooledCache {
             .path
             .file_stem()
             .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+        let cap = h.max_tokens.map_or(String::new(), |n| format!("-T{n}"));
         dir.join(format!(
-            "{stem}-{:?}-L{}-{:?}.bin",
+            "{stem}-{:?}-L{}-{:?}{cap}.bin",
             model.format, h.layer, h.template
         ))
     }

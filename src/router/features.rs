@@ -80,6 +80,10 @@ pub struct HiddenFeatures {
     pub mean: Vec<f32>,
     /// Per-dimension standard deviation over the training prompts (divided out).
     pub std: Vec<f32>,
+    /// Read at most the first this many tokens of the wrapped prompt: bounds the routing pass
+    /// whatever the prompt's length (`None`: every token, as gates before this setting did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<usize>,
     /// A fine-tuned gate: the folder (beside `gate.json`) of a LoRA adapter applied to the
     /// blocks the gate reads (`router train --finetune-epochs`); none for the base's own states.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -137,7 +141,8 @@ impl HiddenFeatures {
         }
     }
 
-    /// The residual stream of `prompt` after `layer` blocks, each token's vector RMS-normalised
+    /// The residual stream of `prompt` (its first `max_tokens` tokens when set) after `layer`
+    /// blocks, each token's vector RMS-normalised
     /// (as the next block's input norm does, without its gain), mean-pooled; before
     /// standardisation. Normalising each token first keeps the first tokens' large residuals
     /// from dominating the mean.
@@ -158,7 +163,10 @@ impl HiddenFeatures {
         if prompt.trim().is_empty() {
             return Err(Error::Invalid("cannot route an empty prompt".into()));
         }
-        let ids = model.tokenizer.encode(&self.wrap(prompt))?;
+        let mut ids = model.tokenizer.encode(&self.wrap(prompt))?;
+        if let Some(n) = self.max_tokens {
+            ids.truncate(n);
+        }
         if ids.is_empty() {
             return Err(Error::Invalid(
                 "cannot route a prompt with no tokens".into(),
