@@ -101,6 +101,14 @@ fn decode(engine: &Engine, ids: &[u32], rows: &[Vec<f32>]) -> anyhow::Result<()>
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    // Checked first: a wrong --gate should not cost the minutes before the routing figures.
+    let gate_dir = a.gate.clone().unwrap_or_else(shipped_gate_dir);
+    if a.gate.is_some() && !gate_dir.join(GATE_FILE).exists() {
+        anyhow::bail!(
+            "--gate {}: no {GATE_FILE} there (a folder written by `stancemix router train --out`)",
+            gate_dir.display()
+        );
+    }
     if let Some(t) = a.threads {
         // candle reads this when its thread pool starts, which has not happened yet.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
@@ -142,7 +150,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Adapter::random(&model.config, stance, 16, 16.0, &Target::ALL, seed, 0.02)
     };
     let experts = ExpertSet::new(vec![random("progressive", 1)?, random("conservative", 2)?])?;
-    let gate_dir = a.gate.clone().unwrap_or_else(shipped_gate_dir);
     let engine = if gate_dir.join(GATE_FILE).exists() {
         Engine::with_gate(
             model.clone(),
