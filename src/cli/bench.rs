@@ -90,6 +90,15 @@ fn prompt_ids(model: &Model) -> anyhow::Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// Median seconds of one prompt pass over `ids` with a fresh cache.
+fn prompt_pass(engine: &Engine, ids: &[u32], repeats: usize) -> anyhow::Result<f64> {
+    time(repeats, || {
+        let mut cache = KvCache::new(engine.model.config.n_layer);
+        engine.forward_rows(ids, Some(&mut cache), &[], Logits::Last)?;
+        Ok(())
+    })
+}
+
 /// 64 decode steps after an 8-token prompt.
 fn decode(engine: &Engine, ids: &[u32], rows: &[Vec<f32>]) -> anyhow::Result<()> {
     let mut cache = KvCache::new(engine.model.config.n_layer);
@@ -140,11 +149,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
     say("prompt processing...");
     let base = Engine::new(model.clone(), ExpertSet::empty());
-    let prompt_s = time(r, || {
-        let mut cache = KvCache::new(model.config.n_layer);
-        base.forward_rows(&ids, Some(&mut cache), &[], Logits::Last)?;
-        Ok(())
-    })?;
+    let prompt_s = prompt_pass(&base, &ids, r)?;
     say("decode: base, two rank-16 experts blended, the shipped experts blended, alternately...");
     let random = |stance: &str, seed| {
         Adapter::random(&model.config, stance, 16, 16.0, &Target::ALL, seed, 0.02)
@@ -229,11 +234,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     // answer to it), since a long prompt lengthens both.
     let long = if engine.gate.is_some() {
         let ids = model.tokenizer.encode(LONG_MESSAGE)?;
-        let prompt = time(r, || {
-            let mut cache = KvCache::new(model.config.n_layer);
-            base.forward_rows(&ids, Some(&mut cache), &[], Logits::Last)?;
-            Ok(())
-        })?;
+        let prompt = prompt_pass(&base, &ids, r)?;
         let route = time(r, || {
             engine.route(LONG_MESSAGE, "libertarian")?;
             Ok(())
