@@ -142,13 +142,14 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
         .map(|p| (p.text.clone(), p.topic.clone()))
         .collect();
     let n_extra = add_stance_prompts(&a.extra, &mut ex)?;
-    let repeats: Vec<(String, String)> = ex
-        .iter()
-        .filter(|(_, topic)| topic == topics::NON_POLITICAL)
-        .flat_map(|e| std::iter::repeat_n(e.clone(), a.non_political_weight as usize - 1))
+    // Index of the original of each added copy: the copies reuse its hidden states.
+    let repeat_of: Vec<usize> = (0..ex.len())
+        .filter(|&i| ex[i].1 == topics::NON_POLITICAL)
+        .flat_map(|i| std::iter::repeat_n(i, a.non_political_weight as usize - 1))
         .collect();
     let distinct = ex.len();
-    ex.extend(repeats);
+    let copies: Vec<_> = repeat_of.iter().map(|&i| ex[i].clone()).collect();
+    ex.extend(copies);
     let dev_ex: Vec<(String, String)> = dev
         .iter()
         .map(|p| (p.text.clone(), p.topic.clone()))
@@ -248,7 +249,7 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
             a.layer,
             model.config.n_layer,
             a.template,
-            ex.len() + dev_ex.len(),
+            distinct + dev_ex.len(),
             cache
                 .as_ref()
                 .map(|c| format!(" ({} cached)", c.len()))
@@ -273,7 +274,9 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
             }
             Ok(out)
         };
-        let pt = get(&ex, "hidden states, train")?;
+        let mut pt = get(&ex[..distinct], "hidden states, train")?;
+        let copies: Vec<_> = repeat_of.iter().map(|&i| pt[i].clone()).collect();
+        pt.extend(copies);
         let pd = get(&dev_ex, "hidden states, dev")?;
         if let Some(c) = cache.as_mut() {
             c.save()?;
