@@ -205,10 +205,13 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
                     Ok((h.wrap(text), c))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let defaults = finetune::FinetuneConfig::default();
             let fc = finetune::FinetuneConfig {
                 epochs: a.finetune_epochs,
                 lr: a.finetune_lr,
-                ..Default::default()
+                // Train on the tokens the gate will read.
+                max_tokens: h.max_tokens.unwrap_or(defaults.max_tokens),
+                ..defaults
             };
             eprintln!(
                 "fine-tuning blocks 1-{} on {} prompts, {} epochs ({} base)...",
