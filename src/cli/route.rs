@@ -87,8 +87,9 @@ pub struct TrainArgs {
     /// Also read the base model's residual stream after this block (1-based; 0: n-grams only).
     #[arg(long, default_value_t = 8)]
     layer: usize,
-    /// How the prompt is wrapped for the hidden-state pass.
-    #[arg(long, value_enum, default_value = "raw")]
+    /// How the prompt is wrapped for the hidden-state pass (topic: the model is asked what it
+    /// is about).
+    #[arg(long, value_enum, default_value = "topic")]
     template: Template,
     /// Read at most the first N tokens of each prompt in the hidden-state pass (0: all): bounds
     /// the routing time of long prompts.
@@ -202,15 +203,19 @@ pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
                         .iter()
                         .position(|t| t == topic)
                         .ok_or_else(|| anyhow::anyhow!("unknown topic '{topic}'"))?;
-                    Ok((h.wrap(text), c))
+                    Ok((h.read_text(&trainable.tokenizer, text)?, c))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let defaults = finetune::FinetuneConfig::default();
             let fc = finetune::FinetuneConfig {
                 epochs: a.finetune_epochs,
                 lr: a.finetune_lr,
-                // Train on the tokens the gate will read.
-                max_tokens: h.max_tokens.unwrap_or(defaults.max_tokens),
+                // The texts are already cut as the gate reads them (`read_text`).
+                max_tokens: if h.max_tokens.is_some() {
+                    usize::MAX
+                } else {
+                    defaults.max_tokens
+                },
                 ..defaults
             };
             eprintln!(

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use crate::lora::{Adapter, ExpertSet};
-use crate::model::{chatml_message, Model};
+use crate::model::{chatml_message, Model, Tokenizer};
 use crate::{Error, Result};
 
 /// N-gram feature settings, saved beside the gate's weights.
@@ -66,6 +66,8 @@ pub enum Template {
     Raw,
     /// A ChatML user turn, `<|im_start|>user\n{text}<|im_end|>\n` (no system prompt).
     User,
+    /// The model asked what the text is about: `Message: {text}\nThe topic of this message is`.
+    Topic,
 }
 
 /// Hidden-state features: which block, which wrapping, and the standardisation.
@@ -80,8 +82,9 @@ pub struct HiddenFeatures {
     pub mean: Vec<f32>,
     /// Per-dimension standard deviation over the training prompts (divided out).
     pub std: Vec<f32>,
-    /// Read at most the first this many tokens of the wrapped prompt: bounds the routing pass
-    /// whatever the prompt's length (`None`: every token, as gates before this setting did).
+    /// Read at most the first this many tokens of the prompt (the template's own words are
+    /// always read): bounds the routing pass whatever the prompt's length (`None`: every
+    /// token, as gates before this setting did).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<usize>,
     /// A fine-tuned gate: the folder (beside `gate.json`) of a LoRA adapter applied to the
@@ -133,16 +136,29 @@ impl GateAdapter {
 }
 
 impl HiddenFeatures {
-    /// The text the model reads for `prompt`.
+    /// `prompt` in the template.
     pub fn wrap(&self, prompt: &str) -> String {
         match self.template {
             Template::Raw => prompt.to_string(),
             Template::User => chatml_message("user", prompt),
+            Template::Topic => format!("Message: {prompt}\nThe topic of this message is"),
         }
     }
 
-    /// The residual stream of `prompt` (its first `max_tokens` tokens when set) after `layer`
-    /// blocks, each token's vector RMS-normalised
+    /// The text the model reads for `prompt`: the prompt cut to its first `max_tokens` tokens
+    /// (when set), then wrapped. Routing and the gate's fine-tuning both read this.
+    pub fn read_text(&self, tok: &Tokenizer, prompt: &str) -> Result<String> {
+        if let Some(n) = self.max_tokens {
+            let ids = tok.encode(prompt)?;
+            if ids.len() > n {
+                return Ok(self.wrap(&tok.decode(&ids[..n], false)?));
+            }
+        }
+        Ok(self.wrap(prompt))
+    }
+
+    /// The residual stream of [`HiddenFeatures::read_text`] after `layer` blocks, each token's
+    /// vector RMS-normalised
     /// (as the next block's input norm does, without its gain), mean-pooled; before
     /// standardisation. Normalising each token first keeps the first tokens' large residuals
     /// from dominating the mean.
@@ -163,10 +179,9 @@ impl HiddenFeatures {
         if prompt.trim().is_empty() {
             return Err(Error::Invalid("cannot route an empty prompt".into()));
         }
-        let mut ids = model.tokenizer.encode(&self.wrap(prompt))?;
-        if let Some(n) = self.max_tokens {
-            ids.truncate(n);
-        }
+        let ids = model
+            .tokenizer
+            .encode(&self.read_text(&model.tokenizer, prompt)?)?;
         if ids.is_empty() {
             return Err(Error::Invalid(
                 "cannot route a prompt with no tokens".into(),
