@@ -57,7 +57,7 @@ fn shipped_gate_meets_dev_accuracy_and_non_political_recall() {
         report.accuracy >= 0.90 && np >= 0.97,
         "dev accuracy {:.3} (need 0.90), non-political recall {np:.3} (need 0.97)\n{}",
         report.accuracy,
-        report.render()
+        report.render("dev")
     );
 }
 
@@ -673,4 +673,140 @@ fn a_fine_tuned_gate_reads_through_its_adapter() {
         let e = err_of(Gate::load(dir.path()));
         assert!(e.contains("hidden.adapter") && e.contains(GATE_FILE), "{e}");
     }
+}
+
+/// `stancemix router eval`: its JSON counts agree with predictions made here through the library
+/// (accuracy, non-political recall, political prompts given to the base, confusion), `--dev`
+/// keeps exactly the ids `is_dev` picks, and a bad topic is a `file:line: field` error.
+#[test]
+fn router_eval_reports_what_the_gate_predicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let words = [
+        ("taxes", "income tax rate brackets deduction"),
+        ("guns", "rifle pistol firearm magazine holster"),
+        (topics::NON_POLITICAL, "recipe bread oven flour yeast"),
+    ];
+    let mut ex = Vec::new();
+    for (t, w) in words {
+        for (i, a) in w.split(' ').enumerate() {
+            for b in w.split(' ').skip(i + 1) {
+                ex.push((format!("{a} {b}"), t.to_string()));
+            }
+        }
+    }
+    let cfg = GateFeatures {
+        ngrams: FeatureConfig {
+            dim: 64,
+            bigrams: true,
+        },
+        ngram_scale: 1.0,
+        hidden: None,
+    };
+    let gate = Gate::train(&ex, None, &topics::all_topics(), &cfg, 1e-2, 200, 2).unwrap();
+    let gate_dir = dir.path().join("gate");
+    gate.save(&gate_dir).unwrap();
+    // Labelled prompts, some deliberately mixed up (a taxes prompt about bread, a recipe labelled
+    // guns), so the report has errors of every kind to count.
+    let labelled: Vec<(String, &str)> = (0..40)
+        .map(|i| {
+            let (t, w) = words[i % 3];
+            let w: Vec<&str> = w.split(' ').collect();
+            let text = format!("{} {} {i}", w[i % w.len()], w[(i / 3) % w.len()]);
+            let label = match i % 7 {
+                0 => "taxes",
+                1 => "guns",
+                _ => t,
+            };
+            (text, label)
+        })
+        .collect();
+    let file = write(
+        dir.path(),
+        "labelled.jsonl",
+        &labelled
+            .iter()
+            .enumerate()
+            .map(|(i, (text, topic))| {
+                format!(
+                    "{}\n",
+                    serde_json::json!({"id": format!("p{i}"), "text": text, "topic": topic})
+                )
+            })
+            .collect::<String>(),
+    );
+    let run = |extra: &[&str]| {
+        let mut c = std::process::Command::new(bin());
+        c.args(["router", "eval", "--json", "--gate"])
+            .arg(&gate_dir)
+            .arg("--data")
+            .arg(&file)
+            .args(extra);
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    // The same counts, made here.
+    let expect = |keep: &dyn Fn(usize) -> bool| {
+        let (mut right, mut n, mut np, mut np_right, mut pol, mut pol_base) = (0, 0, 0, 0, 0, 0);
+        for (_, (text, topic)) in labelled.iter().enumerate().filter(|(i, _)| keep(*i)) {
+            let p = gate.probabilities(None, text).unwrap();
+            let pred = gate.topics[stancemix::router::argmax(&p)].as_str();
+            n += 1;
+            right += (pred == *topic) as usize;
+            if *topic == topics::NON_POLITICAL {
+                np += 1;
+                np_right += (pred == *topic) as usize;
+            } else {
+                pol += 1;
+                pol_base += (pred == topics::NON_POLITICAL) as usize;
+            }
+        }
+        (
+            n,
+            right as f64 / n as f64,
+            np_right as f64 / np as f64,
+            pol_base as f64 / pol as f64,
+        )
+    };
+    let all = run(&[]);
+    let (n, acc, np_recall, to_base) = expect(&|_| true);
+    assert_eq!(all["prompts"], n);
+    assert!(
+        (all["accuracy"].as_f64().unwrap() - acc).abs() < 1e-12,
+        "{all}"
+    );
+    assert!(
+        acc > 0.5 && acc < 1.0,
+        "the mixed-up labels must cost something: {acc}"
+    );
+    assert!((all["non_political_recall"].as_f64().unwrap() - np_recall).abs() < 1e-12);
+    assert!((all["political_to_base"].as_f64().unwrap() - to_base).abs() < 1e-12);
+    let confusion: Vec<Vec<usize>> = serde_json::from_value(all["confusion"].clone()).unwrap();
+    assert_eq!(confusion.iter().flatten().sum::<usize>(), n);
+
+    let dev = run(&["--dev"]);
+    let (n_dev, acc_dev, ..) = expect(&|i| is_dev(&format!("p{i}")));
+    assert!(n_dev > 0 && n_dev < n, "{n_dev} of {n}: pick other ids");
+    assert_eq!(dev["prompts"], n_dev);
+    assert!((dev["accuracy"].as_f64().unwrap() - acc_dev).abs() < 1e-12);
+
+    // A topic no gate knows: a file:line: field error, no report.
+    let bad = write(
+        dir.path(),
+        "bad.jsonl",
+        "{\"id\": \"a\", \"text\": \"bread\", \"topic\": \"non_political\"}\n{\"id\": \"b\", \"text\": \"x\", \"topic\": \"astrology\"}\n",
+    );
+    let o = std::process::Command::new(bin())
+        .args(["router", "eval", "--gate"])
+        .arg(&gate_dir)
+        .arg("--data")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && o.stdout.is_empty(), "{err}");
+    assert!(
+        err.contains("bad.jsonl:2: topic: unknown topic 'astrology'"),
+        "{err}"
+    );
 }

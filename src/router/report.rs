@@ -1,6 +1,7 @@
 //! Gate evaluation: accuracy, per-topic recall, confusion matrix.
 
 use super::Gate;
+use crate::data::topics::NON_POLITICAL;
 use crate::model::Model;
 use crate::Result;
 
@@ -23,12 +24,58 @@ impl Report {
         self.confusion[i][i] as f64 / n as f64
     }
 
-    /// A printable table: accuracy, recall per topic, confusion matrix (rows true, columns predicted).
-    pub fn render(&self) -> String {
-        let n: usize = self.confusion.iter().flatten().sum();
+    /// How many prompts were scored.
+    pub fn total(&self) -> usize {
+        self.confusion.iter().flatten().sum()
+    }
+
+    /// Share of the political prompts (every topic but `non_political`) given `non_political`:
+    /// the prompts a policy would answer with the base alone (NaN if there are none).
+    pub fn political_to_base(&self) -> f64 {
+        let Some(np) = self.topics.iter().position(|t| t == NON_POLITICAL) else {
+            return f64::NAN;
+        };
+        let (mut to_base, mut n) = (0usize, 0usize);
+        for (_, row) in self.confusion.iter().enumerate().filter(|(i, _)| *i != np) {
+            to_base += row[np];
+            n += row.iter().sum::<usize>();
+        }
+        to_base as f64 / n as f64
+    }
+
+    /// The report as one JSON object: `accuracy`, `prompts`, `non_political_recall`,
+    /// `political_to_base`, `recall` per topic, `topics` and `confusion` (rows true, columns
+    /// predicted, in `topics` order). NaN (a topic without prompts) is written as null.
+    pub fn to_json(&self) -> serde_json::Value {
+        let num = |x: f64| serde_json::json!(x.is_finite().then_some(x));
+        let recall: serde_json::Map<String, serde_json::Value> = self
+            .topics
+            .iter()
+            .map(|t| (t.clone(), num(self.recall(t))))
+            .collect();
+        serde_json::json!({
+            "accuracy": num(self.accuracy),
+            "prompts": self.total(),
+            "non_political_recall": num(self.recall(NON_POLITICAL)),
+            "political_to_base": num(self.political_to_base()),
+            "recall": recall,
+            "topics": self.topics,
+            "confusion": self.confusion,
+        })
+    }
+
+    /// A printable table: `{what} accuracy` (plain `accuracy` for an empty `what`), recall per topic, confusion matrix (rows true,
+    /// columns predicted), non-political recall and the political prompts given to the base.
+    pub fn render(&self, what: &str) -> String {
+        let what = if what.is_empty() {
+            "accuracy".to_string()
+        } else {
+            format!("{what} accuracy")
+        };
         let mut s = format!(
-            "dev accuracy {:.3} ({} prompts)\n\nrecall per topic:\n",
-            self.accuracy, n
+            "{what} {:.3} ({} prompts)\n\nrecall per topic:\n",
+            self.accuracy,
+            self.total()
         );
         for t in &self.topics {
             let i = self.topics.iter().position(|x| x == t).unwrap_or(0);
@@ -53,6 +100,11 @@ impl Report {
                 .collect();
             s.push_str(&format!("  {:<17}{}\n", self.topics[i], cells.join(" ")));
         }
+        s.push_str(&format!(
+            "non_political recall {:.3}\npolitical prompts given to the base {:.3}\n",
+            self.recall(NON_POLITICAL),
+            self.political_to_base()
+        ));
         s
     }
 }
