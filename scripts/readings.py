@@ -11,6 +11,7 @@ Runs in the PyTorch venv of scripts/bench-peers plus scikit-learn:
     .peers/py/bin/python scripts/readings.py gate target/readings/gate-topic.npz mean8 mean8+last30@0.03
     .peers/py/bin/python scripts/readings.py judge-features           # -> target/readings/judge.npz
     .peers/py/bin/python scripts/readings.py judge target/readings/judge.npz mean8+last30
+    .peers/py/bin/python scripts/readings.py statements    # which side agrees with a statement?
 
 Features: the residual stream after L blocks (hidden_states[L], the GGUF dequantized to f32),
 each token's vector RMS-normalised; `meanL` = mean over every token of the wrapped text, `lastL`
@@ -187,6 +188,69 @@ def judge(path, specs):
         print(f"{spec:28s} dev {((s > 0) == y[dev]).mean():.3f}  pairs ordered {(pairs[:, 1] > pairs[:, 0]).mean():.3f}", flush=True)
 
 
+STATEMENT_TEMPLATES = {
+    "raw": "{s}",
+    "ask": 'Do you agree or disagree: "{s}"',
+    "lean": "Statement: {s}\nPolitically, this statement is",
+}
+
+
+def statements():
+    """Can a linear probe tell which side agrees with a statement (docs/EVAL.md)? Train: the stance
+    data's propositions (label: the progressive answer agrees); test: the held-out stance-compass
+    items (label: agreeing moves the score to the progressive side). Word TF-IDF, then the residual
+    stream (meanL / lastL) under three wrappings; "cv" = 5-fold cross-validation on the train set."""
+    import re
+
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.preprocessing import StandardScaler
+
+    rows = []
+    for f in sorted(glob.glob(os.path.join(ROOT, "adapters/data/stance/*.jsonl"))):
+        for r in map(json.loads, open(f)):
+            if r["kind"] == "proposition":
+                m = re.search(r'"(.*)"', r["prompt"])
+                agrees = r["progressive"].startswith(("I agree", "I strongly agree"))
+                rows.append((m.group(1) if m else r["prompt"], int(agrees), True))
+    inst = json.load(open(os.path.join(ROOT, "adapters/instruments/stance-compass.json")))
+    for it in inst["items"]:
+        (effects,) = it["effects"].values()  # answers run strongly disagree .. strongly agree
+        rows.append((it["text"], int(effects[0] > 0), False))  # positive = conservative
+    texts = [r[0] for r in rows]
+    y, tr = np.array([r[1] for r in rows]), np.array([r[2] for r in rows])
+    print(f"train {tr.sum()} propositions ({y[tr].mean():.2f} progressive-agrees), test {(~tr).sum()} items")
+
+    def report(name, X, C):
+        clf = LogisticRegression(C=C, max_iter=3000)
+        cv = cross_val_score(clf, X[tr], y[tr], cv=5).mean()
+        test = (clf.fit(X[tr], y[tr]).predict(X[~tr]) == y[~tr]).mean()
+        print(f"{name:24s} C {C:<5} cv {cv:.3f}  test {test:.3f}", flush=True)
+
+    for ng in ((1, 1), (1, 2)):
+        X = TfidfVectorizer(ngram_range=ng, sublinear_tf=True).fit([t for t, m in zip(texts, tr) if m]).transform(texts)
+        for C in (1, 10):
+            report(f"tfidf {ng}", X, C)
+    torch, tok, model = load_model()
+    layers = [6, 8, 12, 16, 20, 24, 30]
+    for name, t in STATEMENT_TEMPLATES.items():
+        feats = {f"{k}{l}": [] for k in ("mean", "last") for l in layers}
+        with torch.no_grad():
+            for text in texts:
+                ids = tok(t.format(s=text), return_tensors="pt", add_special_tokens=False).input_ids
+                hs = model(ids, output_hidden_states=True).hidden_states
+                for l in layers:
+                    h = rms(hs[l][0])
+                    feats[f"mean{l}"].append(h.mean(0).numpy())
+                    feats[f"last{l}"].append(h[-1].numpy())
+        for k, v in feats.items():
+            X = np.stack(v)
+            X = StandardScaler().fit(X[tr]).transform(X)
+            for C in (0.01, 0.1):
+                report(f"{name} {k}", X, C)
+
+
 if __name__ == "__main__":
     warnings.filterwarnings("ignore")
     cmd, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
@@ -194,7 +258,9 @@ if __name__ == "__main__":
         gate_features(args[0])
     elif cmd == "judge-features" and not args:
         judge_features()
+    elif cmd == "statements" and not args:
+        statements()
     elif cmd in ("gate", "judge") and len(args) >= 2:
         (gate if cmd == "gate" else judge)(args[0], args[1:])
     else:
-        sys.exit(__doc__ + f"\nusage: gate-features {{{'|'.join(GATE_TEMPLATES)}}} | judge-features | gate|judge FILE.npz SPEC...")
+        sys.exit(__doc__ + f"\nusage: gate-features {{{'|'.join(GATE_TEMPLATES)}}} | judge-features | statements | gate|judge FILE.npz SPEC...")
