@@ -15,24 +15,19 @@ import os
 import re
 import sys
 
+from splits import fold  # scripts/splits.py: data::is_dev
+
 root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 split = sys.argv[1] if len(sys.argv) > 1 else "train"
 if split not in ("train", "dev"):
     sys.exit(f"split '{split}': train or dev")
 
 
-def fnv1a(s):
-    h = 0xCBF29CE484222325
-    for b in s.encode():
-        h = ((h ^ b) * 0x100000001B3) % 2**64
-    return h
-
-
 items, count = [], {}
 for path in sorted(glob.glob(os.path.join(root, "adapters/data/stance/*.jsonl"))):
     for line in open(path):
         r = json.loads(line)
-        if r["kind"] != "proposition" or (fnv1a(r["id"]) % 10 == 0) != (split == "dev"):
+        if r["kind"] != "proposition" or (fold(r["id"]) == 0) != (split == "dev"):
             continue
         m = re.search(r'"(.+)"', r["prompt"])
         opening = r["progressive"].lower()

@@ -29,6 +29,8 @@ import warnings
 
 import numpy as np
 
+from splits import fold  # scripts/splits.py: data::is_dev
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "target", "readings")
 LAYERS = [4, 6, 8, 10, 12, 14, 16, 20, 24, 30]
@@ -50,13 +52,6 @@ GATE_TEMPLATES = {
 }
 JUDGE_TEMPLATE = "Question: {q}\nAnswer: {a}\nThe political leaning of this answer is"
 OPENINGS = ["I strongly agree.", "I agree.", "I disagree.", "I strongly disagree."]
-
-
-def fnv1a(s):
-    h = 0xCBF29CE484222325
-    for b in s.encode():
-        h = ((h ^ b) * 0x100000001B3) % 2**64
-    return h
 
 
 def load_model():
@@ -156,7 +151,7 @@ def gate(path, specs):
     """Dev = router prompts of fold 0; cv1-5 = each of folds 1-5 held out, fold 0 never trained on."""
     d = np.load(path)
     topic, src = d["topic"], d["src"]
-    fold = np.array([fnv1a(i) % 10 for i in d["ids"]])
+    fold_of = np.array([fold(i) for i in d["ids"]])
     for spec in specs:
         keys, c = spec_of(spec, "0.1")
         X = np.concatenate([d[k] for k in keys], 1)
@@ -164,8 +159,8 @@ def gate(path, specs):
         for folds in ((0,), (1, 2, 3, 4, 5)):
             acc, rec = [], []
             for f in folds:
-                held = (src == "router") & (fold == f)
-                train = ~held & ~((src == "router") & (fold == 0))
+                held = (src == "router") & (fold_of == f)
+                train = ~held & ~((src == "router") & (fold_of == 0))
                 weight = np.where(topic[train] == "non_political", 3.0, 1.0)  # as --non-political-weight 3
                 p = fit(X, topic, train, c, weight)[0](held)
                 acc.append((p == topic[held]).mean())
@@ -177,7 +172,7 @@ def gate(path, specs):
 
 def judge(path, specs):
     d = np.load(path)
-    dev = np.array([fnv1a(i) % 10 == 0 for i in d["ids"]])
+    dev = np.array([fold(i) == 0 for i in d["ids"]])
     y = (d["side"] == "conservative").astype(int)
     for spec in specs:
         keys, c = spec_of(spec, "0.01")
