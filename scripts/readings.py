@@ -11,6 +11,7 @@ Runs in the PyTorch venv of scripts/bench-peers plus scikit-learn:
     .peers/py/bin/python scripts/readings.py gate target/readings/gate-topic.npz mean8 mean8+last30@0.03
     .peers/py/bin/python scripts/readings.py judge-features           # -> target/readings/judge.npz
     .peers/py/bin/python scripts/readings.py judge target/readings/judge.npz mean8+last30
+    .peers/py/bin/python scripts/readings.py gate-classifiers target/readings/gate-topic.npz
     .peers/py/bin/python scripts/readings.py statements    # which side agrees with a statement?
 
 Features: the residual stream after L blocks (hidden_states[L], the GGUF dequantized to f32),
@@ -170,6 +171,51 @@ def gate(path, specs):
         print(f"{spec:28s} dev {scores[0]}   cv1-5 {scores[1]}   (accuracy / non-political recall)", flush=True)
 
 
+def gate_classifiers(path):
+    """Other classifiers than logistic regression on the same readings (mean after block 8, and
+    with word 1-2-gram TF-IDF as the Rust gate adds its hashed n-grams), same folds as `gate`."""
+    from scipy.sparse import csr_matrix, hstack
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    d = np.load(path)
+    topic, src, text = d["topic"], d["src"], d["text"]
+    fold_of = np.array([fold(i) for i in d["ids"]])
+
+    def hidden(train):
+        return StandardScaler().fit(d["mean8"][train]).transform(d["mean8"])
+
+    def hidden_words(train):
+        words = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(text[train]).transform(text)
+        return hstack([csr_matrix(hidden(train)), words * 10]).tocsr()
+
+    rows = [
+        ("logistic regression, mean8", lambda: LogisticRegression(C=0.1, max_iter=3000), hidden),
+        ("the same + word TF-IDF x10", lambda: LogisticRegression(C=0.1, max_iter=3000), hidden_words),
+        ("SVM, RBF kernel, C 10, mean8", lambda: SVC(C=10), hidden),
+        ("MLP, 256 hidden, mean8", lambda: MLPClassifier((256,), alpha=1e-2, max_iter=300, random_state=0), hidden),
+    ]
+    for name, make, features in rows:
+        scores = []
+        for folds in ((0,), (1, 2, 3, 4, 5)):
+            acc = []
+            for f in folds:
+                held = (src == "router") & (fold_of == f)
+                train = ~held & ~((src == "router") & (fold_of == 0))
+                X, clf = features(train), make()
+                weight = np.where(topic[train] == "non_political", 3.0, 1.0)
+                if isinstance(clf, MLPClassifier):  # takes no sample weights
+                    clf.fit(X[train], topic[train])
+                else:
+                    clf.fit(X[train], topic[train], sample_weight=weight)
+                acc.append((clf.predict(X[held]) == topic[held]).mean())
+            scores.append(np.mean(acc))
+        print(f"{name:32s} dev {scores[0]:.3f}   cv1-5 {scores[1]:.3f}", flush=True)
+
+
 def judge(path, specs):
     d = np.load(path)
     dev = np.array([fold(i) == 0 for i in d["ids"]])
@@ -253,9 +299,11 @@ if __name__ == "__main__":
         gate_features(args[0])
     elif cmd == "judge-features" and not args:
         judge_features()
+    elif cmd == "gate-classifiers" and len(args) == 1:
+        gate_classifiers(args[0])
     elif cmd == "statements" and not args:
         statements()
     elif cmd in ("gate", "judge") and len(args) >= 2:
         (gate if cmd == "gate" else judge)(args[0], args[1:])
     else:
-        sys.exit(__doc__ + f"\nusage: gate-features {{{'|'.join(GATE_TEMPLATES)}}} | judge-features | statements | gate|judge FILE.npz SPEC...")
+        sys.exit(__doc__ + f"\nusage: gate-features {{{'|'.join(GATE_TEMPLATES)}}} | judge-features | statements | gate-classifiers FILE.npz | gate|judge FILE.npz SPEC...")
