@@ -20,10 +20,11 @@ const N: usize = 64;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// CPU threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub threads: Option<usize>,
     /// Repeats per figure (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub repeats: usize,
     /// Base weights for inference: stored, q8_0, f32 or mixed (the runtime's default).
     #[arg(long, default_value = "mixed")]
@@ -55,7 +56,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn time(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     f()?;
     let mut v = Vec::new();
-    for _ in 0..repeats.max(1) {
+    for _ in 0..repeats {
         let t = Instant::now();
         f()?;
         v.push(t.elapsed().as_secs_f64());
