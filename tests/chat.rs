@@ -297,6 +297,37 @@ fn save_then_load_resumes_the_conversation_and_its_blend() {
         "the resumed answer matches the uninterrupted one"
     );
 
+    // `/load` inside a running chat does the same: what was said so far, on another blend, is
+    // replaced by the saved conversation and its blend.
+    let c = fx.piped(
+        fx.chat(&["--dial", "-0.3", f32w[0], f32w[1]]),
+        &format!(
+            "Tell me about rivers.\n/load {}\n{second}\n",
+            saved.display()
+        ),
+    );
+    assert!(c.status.success(), "{}", text(&c.stderr));
+    assert!(
+        text(&c.stderr).contains("resumed 1 turns from"),
+        "{}",
+        text(&c.stderr)
+    );
+    let c = lines(&c);
+    assert_eq!(c.len(), 2, "{c:?}");
+    assert!(c[0].starts_with("[dial -0.30 | weights] "), "{}", c[0]);
+    assert_eq!(c[1], whole[1], "/load, then the uninterrupted run's answer");
+    // A file that is not there: an error naming it, and the run goes on.
+    let missing = fx.path("missing.jsonl");
+    let d = fx.piped(
+        fx.chat(&[]),
+        &format!("/load {}\n/help\n", missing.display()),
+    );
+    let err = text(&d.stderr);
+    assert!(
+        err.contains(&format!("error: line 1: {}", missing.display())),
+        "{err}"
+    );
+
     // Without the first turn the model cannot know the name: the context really came back.
     let fresh = fx.piped(fx.chat(&["--dial", "0.5"]), &format!("{second}\n"));
     let fresh = lines(&fresh);

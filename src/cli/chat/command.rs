@@ -46,6 +46,8 @@ pub enum Command {
     Reset,
     /// `/save FILE`: write the transcript (JSON Lines).
     Save(PathBuf),
+    /// `/load FILE`: replace the conversation with a saved transcript (as `chat --load`).
+    Load(PathBuf),
     /// `/help`.
     Help,
     /// `/quit` (or `/exit`).
@@ -66,7 +68,8 @@ pub const HELP: &str = "\
 /temp T        sampling temperature (0 = greedy)
 /seed N        sampling seed
 /reset         forget the conversation (keeps the blend)
-/save FILE     write the transcript as JSON Lines (resume with `chat --load FILE`)
+/save FILE     write the transcript as JSON Lines (resume with /load FILE or `chat --load FILE`)
+/load FILE     continue a saved conversation (replaces this one), on its last blend
 /help          this list
 /quit          leave (or Ctrl-D); Ctrl-C stops an answer
 //text         send a prompt that starts with '/'";
@@ -132,6 +135,12 @@ pub fn parse(line: &str) -> Result<Input, String> {
                 return Err("usage: /save FILE".into());
             }
             Command::Save(PathBuf::from(arg))
+        }
+        "load" => {
+            if arg.is_empty() {
+                return Err("usage: /load FILE".into());
+            }
+            Command::Load(PathBuf::from(arg))
         }
         "help" | "?" => no_arg(name, arg, Command::Help)?,
         "quit" | "exit" => no_arg(name, arg, Command::Quit)?,
@@ -231,6 +240,10 @@ mod tests {
             cmd("/save my chats/today.jsonl"),
             Command::Save(PathBuf::from("my chats/today.jsonl"))
         );
+        assert_eq!(
+            cmd("/load my chats/today.jsonl"),
+            Command::Load(PathBuf::from("my chats/today.jsonl"))
+        );
         assert_eq!(cmd("/help"), Command::Help);
         assert_eq!(cmd("/quit"), Command::Quit);
         assert_eq!(cmd("/exit"), Command::Quit);
@@ -267,6 +280,7 @@ mod tests {
         assert_eq!(err("/policy"), "usage: /policy NAME");
         assert_eq!(err("/expert"), "usage: /expert NAME");
         assert_eq!(err("/save"), "usage: /save FILE");
+        assert_eq!(err("/load"), "usage: /load FILE");
         assert!(err("/blend").starts_with("usage: /blend SPEC"));
         assert_eq!(err("/quit now"), "/quit takes no value (got 'now')");
     }
@@ -281,7 +295,7 @@ mod tests {
     fn help_lists_every_command() {
         for c in [
             "/dial", "/mix", "/expert", "/base", "/policy", "/mode", "/blend", "/explain",
-            "/compare", "/temp", "/seed", "/reset", "/save", "/help", "/quit",
+            "/compare", "/temp", "/seed", "/reset", "/save", "/load", "/help", "/quit",
         ] {
             assert!(HELP.contains(c), "{c} missing from /help");
         }

@@ -325,6 +325,7 @@ impl Chat {
                     path.display()
                 ));
             }
+            Command::Load(path) => self.load(&path)?,
             Command::Help => self.info(HELP),
             Command::Quit => return Ok(Flow::Quit),
         }
@@ -477,7 +478,42 @@ impl Chat {
         );
     }
 
-    /// After `--load`: say what was resumed and show the last exchange.
+    /// `/load FILE`: the saved conversation replaces this one (system prompt included), and its
+    /// last blend becomes the blend when the loaded experts can make it. Nothing changes if the
+    /// file cannot be read.
+    fn load(&mut self, path: &Path) -> anyhow::Result<()> {
+        let t = Transcript::load(path)?;
+        let blend: Option<Blend> = match t.turns.last() {
+            Some(turn) => Some(turn.blend_spec.parse()?),
+            None => None,
+        };
+        self.session.restore(t.messages())?;
+        self.session.set_system(t.system.clone());
+        self.transcript.system = t.system;
+        self.transcript.turns = t.turns;
+        if let Some(b) = blend {
+            if let Err(e) = self.set_blend(b.clone()) {
+                self.info(&format!(
+                    "note: cannot switch to the transcript's blend {b}: {}; keeping {}",
+                    one_line(&e),
+                    self.session.blend()
+                ));
+            }
+        }
+        if self.interactive {
+            self.resumed(path);
+        } else {
+            // Piped, stdout carries answers only.
+            self.info(&format!(
+                "resumed {} turns from {}",
+                self.transcript.turns.len(),
+                path.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// After `--load` or `/load`: say what was resumed and show the last exchange.
     fn resumed(&self, path: &Path) {
         let n = self.transcript.turns.len();
         println!("resumed {n} turns from {}", path.display());
