@@ -13,6 +13,7 @@ Runs in the PyTorch venv of scripts/bench-peers plus scikit-learn:
     .peers/py/bin/python scripts/readings.py judge target/readings/judge.npz mean8+last30
     .peers/py/bin/python scripts/readings.py gate-classifiers target/readings/gate-topic.npz
     .peers/py/bin/python scripts/readings.py statements    # which side agrees with a statement?
+    .peers/py/bin/python scripts/readings.py judge-reference target/readings/base-answers.txt
 
 Features: the residual stream after L blocks (hidden_states[L], the GGUF dequantized to f32),
 each token's vector RMS-normalised; `meanL` = mean over every token of the wrapped text, `lastL`
@@ -216,6 +217,65 @@ def gate_classifiers(path):
         print(f"{name:32s} dev {scores[0]:.3f}   cv1-5 {scores[1]:.3f}", flush=True)
 
 
+def judge_reference(answers_path):
+    r"""Does a reference help the judge: the base model's own answer to the same question (its
+    features subtracted from, or set beside, the judged answer's)? ANSWERS_PATH: the base's
+    answers to every stance prompt in data order, one `[blend] text` line each, made with
+        python3 -c 'import glob,json;[print(json.loads(l)["prompt"].replace("\n"," ")+"\n/reset")
+            for f in sorted(glob.glob("adapters/data/stance/*.jsonl")) for l in open(f)]' |
+            stancemix chat --no-adapters --max-tokens 96 > target/readings/base-answers.txt
+    Features as judge-features (mean after 4, 8, 12 of the answer alone; mean after 8 and last
+    after 30 of the answer asked about), ~30 minutes on 2 cores; logistic regression, dev pairs
+    as in `judge`."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rows = []
+    for f in sorted(glob.glob(os.path.join(ROOT, "adapters/data/stance/*.jsonl"))):
+        rows += [json.loads(l) for l in open(f)]
+    base = [l.rstrip("\n").split("] ", 1)[1].replace("\\n", "\n") for l in open(answers_path)]
+    if len(base) != len(rows):
+        sys.exit(f"{answers_path}: {len(base)} answers for {len(rows)} stance prompts")
+    torch, tok, model = load_model()
+
+    def strip(a):
+        return next((a[len(o):].strip() for o in OPENINGS if a.startswith(o)), a)
+
+    def features(q, a):
+        a = tok.decode(tok(a, add_special_tokens=False).input_ids[:160])
+        out = []
+        for text, reads in ((a, (("mean", 4), ("mean", 8), ("mean", 12))),
+                            (JUDGE_TEMPLATE.format(q=q, a=a), (("mean", 8), ("last", 30)))):
+            ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+            hs = model(ids, output_hidden_states=True).hidden_states
+            for kind, l in reads:
+                h = rms(hs[l][0])
+                out.append((h.mean(0) if kind == "mean" else h[-1]).numpy())
+        return out  # alone 4, 8, 12; asked 8 (mean), 30 (last)
+
+    F = {"pro": [], "con": [], "base": []}
+    with torch.no_grad():
+        for i, (r, b) in enumerate(zip(rows, base)):
+            F["pro"].append(features(r["prompt"], strip(r["progressive"])))
+            F["con"].append(features(r["prompt"], strip(r["conservative"])))
+            F["base"].append(features(r["prompt"], b))
+            if i % 100 == 0:
+                print(f"{i}/{len(rows)}", file=sys.stderr, flush=True)
+    dev = np.array([fold(r["id"]) == 0 for r in rows])
+    n = dev.sum()
+    for name, parts in (("answer alone, 4+8+12", (0, 1, 2)), ("asked, mean 8 + last 30", (3, 4))):
+        P, C, B = (np.stack([np.concatenate([x[j] for j in parts]) for x in F[w]]) for w in ("pro", "con", "base"))
+        for mode, f in (("alone", lambda A: A), ("minus base", lambda A: A - B),
+                        ("with base", lambda A: np.concatenate([A, B], 1))):
+            XP, XC = f(P), f(C)
+            Xtr, Xdv = np.concatenate([XP[~dev], XC[~dev]]), np.concatenate([XP[dev], XC[dev]])
+            ytr, ydv = np.r_[np.zeros(len(Xtr) // 2), np.ones(len(Xtr) // 2)], np.r_[np.zeros(n), np.ones(n)]
+            sc = StandardScaler().fit(Xtr)
+            for c in (0.001, 0.01, 0.1):
+                s = LogisticRegression(C=c, max_iter=3000).fit(sc.transform(Xtr), ytr).decision_function(sc.transform(Xdv))
+                print(f"{name:24s} {mode:10s} C {c:<6} dev {((s > 0) == ydv).mean():.3f}  pairs ordered {(s[n:] > s[:n]).mean():.3f}", flush=True)
+
+
 def judge(path, specs):
     d = np.load(path)
     dev = np.array([fold(i) == 0 for i in d["ids"]])
@@ -301,9 +361,11 @@ if __name__ == "__main__":
         judge_features()
     elif cmd == "gate-classifiers" and len(args) == 1:
         gate_classifiers(args[0])
+    elif cmd == "judge-reference" and len(args) == 1:
+        judge_reference(args[0])
     elif cmd == "statements" and not args:
         statements()
     elif cmd in ("gate", "judge") and len(args) >= 2:
         (gate if cmd == "gate" else judge)(args[0], args[1:])
     else:
-        sys.exit(__doc__ + f"\nusage: gate-features {{{'|'.join(GATE_TEMPLATES)}}} | judge-features | statements | gate-classifiers FILE.npz | gate|judge FILE.npz SPEC...")
+        sys.exit(__doc__ + f"\nusage: gate-features {{{'|'.join(GATE_TEMPLATES)}}} | judge-features | judge-reference ANSWERS | statements | gate-classifiers FILE.npz | gate|judge FILE.npz SPEC...")
