@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use stancemix::data::{is_dev, load_router_prompts, topics};
 use stancemix::model::{LoadOptions, Model, WeightFormat};
 use stancemix::router::{
-    argmax, finetune, FeatureConfig, Gate, GateAdapter, GateFeatures, HiddenFeatures, PooledCache,
-    Report, Template,
+    argmax, evaluate_with_progress, finetune, FeatureConfig, Gate, GateAdapter, GateFeatures,
+    HiddenFeatures, PooledCache, Report, Template,
 };
 
 use super::common::EngineArgs;
@@ -188,26 +188,21 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let mut bar = super::eval::progress_bar("routing");
-    let mut pairs = Vec::with_capacity(prompts.len());
-    for (i, p) in prompts.iter().enumerate() {
-        let t = gate
-            .topics
-            .iter()
-            .position(|x| *x == p.topic)
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{}: topic '{}' of prompt '{}' is not one of the gate's ({})",
-                    a.data.display(),
-                    p.topic,
-                    p.id,
-                    dir.display()
-                )
-            })?;
-        pairs.push((t, argmax(&gate.probabilities(model.as_deref(), &p.text)?)));
-        bar(i + 1, prompts.len());
+    if let Some(p) = prompts.iter().find(|p| !gate.topics.contains(&p.topic)) {
+        anyhow::bail!(
+            "{}: topic '{}' of prompt '{}' is not one of the gate's ({})",
+            a.data.display(),
+            p.topic,
+            p.id,
+            dir.display()
+        );
     }
-    let report = Report::from_predictions(&gate.topics, pairs);
+    let report = evaluate_with_progress(
+        &gate,
+        model.as_deref(),
+        prompts.iter().map(|p| (p.text.as_str(), p.topic.as_str())),
+        &mut super::eval::progress_bar("routing"),
+    )?;
     if a.json {
         let mut v = report.to_json();
         v["data"] = serde_json::json!(a.data.display().to_string());

@@ -14,7 +14,7 @@ pub use features::{
 };
 pub use gate::{Gate, Route, GATE_FILE};
 pub use policy::{load_policies, Policy};
-pub use report::{argmax, evaluate, Report};
+pub use report::{argmax, evaluate, evaluate_with_progress, Report};
 
 use std::path::PathBuf;
 

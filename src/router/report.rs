@@ -116,12 +116,23 @@ pub fn evaluate<'a>(
     model: Option<&Model>,
     examples: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> Result<Report> {
+    evaluate_with_progress(gate, model, examples, &mut |_, _| {})
+}
+
+/// [`evaluate`], calling `progress(done, total)` after each pair.
+pub fn evaluate_with_progress<'a>(
+    gate: &Gate,
+    model: Option<&Model>,
+    examples: impl IntoIterator<Item = (&'a str, &'a str)>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Report> {
+    let examples: Vec<_> = examples.into_iter().collect();
     let mut pairs = Vec::new();
-    for (text, topic) in examples {
-        let Some(t) = gate.topics.iter().position(|x| x == topic) else {
-            continue;
-        };
-        pairs.push((t, argmax(&gate.probabilities(model, text)?)));
+    for (i, (text, topic)) in examples.iter().enumerate() {
+        if let Some(t) = gate.topics.iter().position(|x| x == topic) {
+            pairs.push((t, argmax(&gate.probabilities(model, text)?)));
+        }
+        progress(i + 1, examples.len());
     }
     Ok(Report::from_predictions(&gate.topics, pairs))
 }
