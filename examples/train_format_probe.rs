@@ -15,7 +15,13 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(2);
     let path = fetch::ensure_default_model()?;
     let pairs = load_stance_dir(std::path::Path::new("adapters/data/stance"))?;
-    let records = export(&pairs, View::Sft, "progressive", Split::Train)?;
+    let records = export(
+        &pairs,
+        View::Sft,
+        "progressive",
+        Split::Train,
+        &stancemix::model::chat::ChatTemplate::chatml(),
+    )?;
     let dir = tempfile::tempdir()?;
     let mut grads: Vec<Vec<(String, Vec<f32>)>> = Vec::new();
     let mut losses = Vec::new();

@@ -456,7 +456,9 @@ fn shipped_judge_dev_accuracy() -> &'static (stancemix::eval::judge::Judge, usiz
         let pairs = stancemix::data::load_stance_dir(&root.join("adapters/data/stance")).unwrap();
         let model = real_model(WeightFormat::F32);
         let (mut n, mut right) = (0, 0);
-        for p in pairs.iter().filter(|p| stancemix::data::is_dev(&p.id)) {
+        // The shipped judge was trained on the first batch of pairs (those without a sub-issue);
+        // the second batch came after it.
+        for p in pairs.iter().filter(|p| p.subissue.is_none() && p.is_dev()) {
             for (answer, conservative) in [(&p.progressive, false), (&p.conservative, true)] {
                 let pc = judge.p_conservative(&model, &p.prompt, answer).unwrap();
                 assert!((0.0..=1.0).contains(&pc));
@@ -644,7 +646,15 @@ fn option_probabilities_match_a_direct_full_sequence_computation() {
                     got.probs[a]
                 );
             }
-            assert!((got.outside - (1.0 - total)).abs() < 1e-4);
+            assert!(
+                // Four options' masses, each from f32 logits summed in another order by the
+                // cached pass than by this full one: up to 1e-4 each.
+                (got.outside - (1.0 - total)).abs() < 4e-4,
+                "{}: outside {} vs {}",
+                it.id,
+                got.outside,
+                1.0 - total
+            );
         }
     }
 }

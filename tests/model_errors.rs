@@ -38,7 +38,7 @@ fn truncated_gguf_is_a_clear_error() {
 }
 
 #[test]
-fn non_llama_gguf_is_a_clear_error() {
+fn unsupported_architecture_is_a_clear_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("gpt2.gguf");
     let t = QTensor::quantize(
@@ -52,7 +52,10 @@ fn non_llama_gguf_is_a_clear_error() {
         &[("token_embd.weight".into(), t)],
     )
     .unwrap();
-    info_fails_with(&p, "not a LLaMA-family model");
+    info_fails_with(
+        &p,
+        "unsupported architecture: general.architecture is 'gpt2'",
+    );
 }
 
 #[test]

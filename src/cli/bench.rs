@@ -283,7 +283,13 @@ fn train_figure(
 ) -> anyhow::Result<(f64, Option<f64>)> {
     let model = Model::load(path, &LoadOptions { format })?;
     let pairs = load_stance_dir(&repo_dir().join("adapters/data/stance"))?;
-    let records = export(&pairs, View::Sft, "progressive", Split::Train)?;
+    let records = export(
+        &pairs,
+        View::Sft,
+        "progressive",
+        Split::Train,
+        &model.tokenizer.chat,
+    )?;
     let mut rates = Vec::new();
     // Repeat 0 warms up (allocator, thread pool) and is not counted.
     for i in 0..=repeats.max(1) {

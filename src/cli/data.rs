@@ -30,6 +30,10 @@ pub enum Command {
         /// Output file (default: stdout).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Render prompts with this GGUF's chat template, as `train` does for it (default:
+        /// ChatML without a system message).
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
 }
 
@@ -70,12 +74,25 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             data,
             survey,
             out,
+            model,
         } => {
+            let chat = match &model {
+                Some(p) => {
+                    let mut f = std::fs::File::open(p)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                    let content = candle_core::quantized::gguf_file::Content::read(&mut f)
+                        .map_err(|e| {
+                            anyhow::anyhow!("{}: not a readable GGUF file: {e}", p.display())
+                        })?;
+                    stancemix::model::Tokenizer::from_gguf(&content, p)?.chat
+                }
+                None => stancemix::model::chat::ChatTemplate::chatml(),
+            };
             let pairs = load_stance_dir(&data)?;
-            let mut recs = export(&pairs, format, &stance, split)?;
+            let mut recs = export(&pairs, format, &stance, split, &chat)?;
             if survey > 0 {
                 recs.extend(stancemix::data::survey::survey(
-                    &pairs, format, &stance, split, survey,
+                    &pairs, format, &stance, split, survey, &chat,
                 )?);
             }
             let mut buf = Vec::new();

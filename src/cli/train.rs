@@ -173,14 +173,16 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         },
     )?;
     let pairs = load_stance_dir(&config.data)?;
+    // Prompts in the base's own chat template, as chat and eval will render them.
+    let chat = &model.tokenizer.chat;
     let view = match method {
         Method::Sft => View::Sft,
         Method::Dpo => View::Dpo,
     };
     let (mut train, mut dev) = if config.long_form {
         (
-            export(&pairs, view, &config.stance, Split::Train)?,
-            export(&pairs, view, &config.stance, Split::Dev)?,
+            export(&pairs, view, &config.stance, Split::Train, chat)?,
+            export(&pairs, view, &config.stance, Split::Dev, chat)?,
         )
     } else {
         (Vec::new(), Vec::new())
@@ -192,9 +194,17 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             &config.stance,
             Split::Train,
             config.survey,
+            chat,
         )?);
         // Alternate long-form and survey dev records, so a limited dev loss sees both kinds.
-        let extra = survey(&pairs, view, &config.stance, Split::Dev, config.survey)?;
+        let extra = survey(
+            &pairs,
+            view,
+            &config.stance,
+            Split::Dev,
+            config.survey,
+            chat,
+        )?;
         let long = std::mem::take(&mut dev);
         let (mut a, mut b) = (long.into_iter(), extra.into_iter());
         loop {

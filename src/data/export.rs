@@ -1,8 +1,8 @@
 //! Training views of the stance pairs: SFT (chat-formatted prompt + own-side answer) and DPO
 //! (prompt, chosen = own side, rejected = the other side).
 
-use super::{is_dev, StancePair};
-use crate::model::{chatml_prompt, Message};
+use super::StancePair;
+use crate::model::chat::ChatTemplate;
 use crate::{Error, Result};
 
 /// Which view to export.
@@ -24,7 +24,8 @@ pub enum Split {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Record {
     pub id: String,
-    /// ChatML text up to and including the assistant header.
+    /// The user turn rendered by the model's chat template, up to and including the
+    /// assistant header.
     pub prompt: String,
     /// The adapter's own side, ending with `<|im_end|>`.
     pub chosen: String,
@@ -43,25 +44,31 @@ pub fn other_stance(stance: &str) -> Result<&'static str> {
     }
 }
 
-/// Export `pairs` for `stance` in a view and split.
-pub fn export(pairs: &[StancePair], view: View, stance: &str, split: Split) -> Result<Vec<Record>> {
+/// Export `pairs` for `stance` in a view and split, prompts rendered by `chat` (the chat
+/// template of the base to train).
+pub fn export(
+    pairs: &[StancePair],
+    view: View,
+    stance: &str,
+    split: Split,
+    chat: &ChatTemplate,
+) -> Result<Vec<Record>> {
     let other = other_stance(stance)?;
-    Ok(pairs
+    pairs
         .iter()
         .filter(|p| match split {
             Split::All => true,
-            Split::Dev => is_dev(&p.id),
-            Split::Train => !is_dev(&p.id),
+            Split::Dev => p.is_dev(),
+            Split::Train => !p.is_dev(),
         })
-        .map(|p| Record {
-            id: p.id.clone(),
-            prompt: chatml_prompt(&[Message {
-                role: "user".into(),
-                content: p.prompt.clone(),
-            }]),
-            chosen: format!("{}<|im_end|>", p.answer(stance).unwrap_or_default()),
-            rejected: (view == View::Dpo)
-                .then(|| format!("{}<|im_end|>", p.answer(other).unwrap_or_default())),
+        .map(|p| {
+            Ok(Record {
+                id: p.id.clone(),
+                prompt: chat.user_prompt(&p.prompt)?,
+                chosen: format!("{}<|im_end|>", p.answer(stance).unwrap_or_default()),
+                rejected: (view == View::Dpo)
+                    .then(|| format!("{}<|im_end|>", p.answer(other).unwrap_or_default())),
+            })
         })
-        .collect())
+        .collect()
 }

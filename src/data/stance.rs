@@ -19,6 +19,11 @@ pub struct StancePair {
     pub prompt: String,
     pub progressive: String,
     pub conservative: String,
+    /// The sub-issue within the topic (e.g. `estate-tax`), when the writer recorded one. All
+    /// pairs of a sub-issue fall in the same train/dev split, so statements that differ only in
+    /// direction ("raise" / "cut") never straddle it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subissue: Option<String>,
 }
 
 /// The explicit stance sentences a proposition answer must open with.
@@ -42,6 +47,15 @@ fn opening(answer: &str) -> Option<&'static str> {
 }
 
 impl StancePair {
+    /// True when this pair belongs to the ~10% dev split: by its sub-issue (`topic/subissue`)
+    /// where it has one, else by its id.
+    pub fn is_dev(&self) -> bool {
+        match &self.subissue {
+            Some(sub) => super::is_dev(&format!("{}/{sub}", self.topic)),
+            None => super::is_dev(&self.id),
+        }
+    }
+
     /// The answer of one side.
     pub fn answer(&self, stance: &str) -> Option<&str> {
         match stance {

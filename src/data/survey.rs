@@ -8,8 +8,8 @@
 //! `eval/templates.rs`; the statements come from the stance data, never from an instrument.
 
 use super::export::{other_stance, Record, Split, View};
-use super::{is_dev, StancePair};
-use crate::model::{chatml_prompt, Message};
+use super::StancePair;
+use crate::model::chat::ChatTemplate;
 use crate::Result;
 
 /// The four options, in scale order.
@@ -101,14 +101,15 @@ pub fn survey(
     stance: &str,
     split: Split,
     per_pair: usize,
+    chat: &ChatTemplate,
 ) -> Result<Vec<Record>> {
     let other = other_stance(stance)?;
     let mut out = Vec::new();
     for p in pairs.iter().filter(|p| p.kind == "proposition") {
         let keep = match split {
             Split::All => true,
-            Split::Dev => is_dev(&p.id),
-            Split::Train => !is_dev(&p.id),
+            Split::Dev => p.is_dev(),
+            Split::Train => !p.is_dev(),
         };
         let (Some(s), Some(own), Some(theirs)) = (
             statement(&p.prompt),
@@ -133,10 +134,7 @@ pub fn survey(
             let lead = LEADS[(h >> 16) as usize % LEADS.len()];
             out.push(Record {
                 id,
-                prompt: chatml_prompt(&[Message {
-                    role: "user".into(),
-                    content: user,
-                }]),
+                prompt: chat.user_prompt(&user)?,
                 chosen: format!("{lead}{own}<|im_end|>"),
                 rejected: (view == View::Dpo).then(|| format!("{lead}{theirs}<|im_end|>")),
             });

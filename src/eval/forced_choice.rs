@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::stats;
 use super::templates::{Order, Template, TEMPLATES};
 use crate::data::Instrument;
-use crate::model::{KvCache, Logits, DEFAULT_SYSTEM};
+use crate::model::{KvCache, Logits};
 use crate::runtime::{Blend, Engine, RowPlan, View};
 use crate::{Error, Result};
 
@@ -28,8 +28,9 @@ pub struct FcOptions {
     pub templates: Vec<Template>,
     /// Ask each template without a system prompt (`false`) and/or with one (`true`).
     pub system: Vec<bool>,
-    /// The system prompt used when one is asked for.
-    pub system_prompt: String,
+    /// The system prompt used when one is asked for (`None`: the one the model's own chat
+    /// template inserts by default, e.g. SmolLM2's or Qwen's; a generic one if it has none).
+    pub system_prompt: Option<String>,
     pub orders: Vec<Order>,
     /// Score only this many items, balanced over axes and keying (`None`: all; see [`subset`]).
     pub items: Option<usize>,
@@ -40,12 +41,15 @@ pub struct FcOptions {
     pub workers: usize,
 }
 
+/// The system prompt of the "with system" variants for a model whose template has no default.
+pub const GENERIC_SYSTEM: &str = "You are a helpful assistant.";
+
 impl Default for FcOptions {
     fn default() -> Self {
         FcOptions {
             templates: TEMPLATES.to_vec(),
             system: vec![false, true],
-            system_prompt: DEFAULT_SYSTEM.to_string(),
+            system_prompt: None,
             orders: vec![Order::Forward, Order::Reversed],
             items: None,
             max_rows: 16,
@@ -316,11 +320,15 @@ struct Prepared {
 fn prepare(
     engine: &Engine,
     (tpl, system, order): &(Template, bool, Order),
-    system_prompt: &str,
+    system_prompt: Option<&str>,
     statement: &str,
     answers: &[String],
 ) -> Result<Prepared> {
     let tok = &engine.model.tokenizer;
+    let default_system = tok.chat.default_system();
+    let system_prompt = system_prompt
+        .or(default_system.as_deref())
+        .unwrap_or(GENERIC_SYSTEM);
     let text = tpl.render(system.then_some(system_prompt), statement, answers, *order);
     let prompt = tok.encode(&text)?;
     if prompt.is_empty() {
@@ -443,7 +451,15 @@ fn option_logprobs(
         .map(|v| {
             ins.items
                 .iter()
-                .map(|it| prepare(engine, v, &opts.system_prompt, &it.text, &ins.answers))
+                .map(|it| {
+                    prepare(
+                        engine,
+                        v,
+                        opts.system_prompt.as_deref(),
+                        &it.text,
+                        &ins.answers,
+                    )
+                })
                 .collect::<Result<_>>()
         })
         .collect::<Result<_>>()?;

@@ -18,7 +18,7 @@ use linfa_logistic::LogisticRegression;
 use ndarray::{Array1, Array2};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{is_dev, StancePair, STANCE_OPENINGS};
+use crate::data::{StancePair, STANCE_OPENINGS};
 use crate::model::{chatml_message, LinearHook, Logits, Model, Pass, Target, CHATML_ASSISTANT};
 use crate::router::{features, FeatureConfig};
 use crate::{Error, Result};
@@ -242,8 +242,7 @@ fn examples<'a>(pairs: &[&'a StancePair]) -> Vec<Example<'a>> {
 
 /// Split stance pairs into (train, dev) by hashed id.
 pub fn split(pairs: &[StancePair]) -> (Vec<&StancePair>, Vec<&StancePair>) {
-    let (dev, train): (Vec<&StancePair>, Vec<&StancePair>) =
-        pairs.iter().partition(|p| is_dev(&p.id));
+    let (dev, train): (Vec<&StancePair>, Vec<&StancePair>) = pairs.iter().partition(|p| p.is_dev());
     (train, dev)
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::judge::Judge;
-use crate::data::{is_dev, Instrument, StancePair};
+use crate::data::{Instrument, StancePair};
 use crate::runtime::{Blend, Engine, GenParams};
 use crate::Result;
 
@@ -37,7 +37,7 @@ pub fn instrument_prompts(ins: &Instrument) -> Vec<OpenPrompt> {
 pub fn stance_dev_prompts(pairs: &[StancePair]) -> Vec<OpenPrompt> {
     pairs
         .iter()
-        .filter(|p| is_dev(&p.id))
+        .filter(|p| p.is_dev())
         .map(|p| OpenPrompt {
             id: p.id.clone(),
             axis: p.axis.clone(),

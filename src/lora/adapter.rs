@@ -25,6 +25,10 @@ pub struct AdapterConfig {
     pub use_rslora: bool,
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
+    /// The GGUF base it was trained on (stancemix's field; PEFT's `base_model_name_or_path`
+    /// holds a hub id for adapters trained elsewhere). Loading on another base is an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseModel>,
     /// `progressive` or `conservative` for the stance experts; free text otherwise.
     #[serde(default)]
     pub stance: Option<String>,
@@ -46,6 +50,30 @@ pub struct AdapterConfig {
     /// (a fine-tuned gate covers only the blocks it reads).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers_to_transform: Option<Vec<usize>>,
+}
+
+/// Which base an adapter belongs to.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BaseModel {
+    /// `general.name` of the GGUF.
+    pub name: Option<String>,
+    /// `general.architecture`.
+    pub architecture: String,
+    /// sha256 of the GGUF file trained on (provenance: the same base in another quantization
+    /// has another hash and is accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+impl BaseModel {
+    /// The base `model` describes (sha256 when the caller has it).
+    pub fn of(model: &Config, sha256: Option<String>) -> Self {
+        BaseModel {
+            name: model.name.clone(),
+            architecture: model.arch.clone(),
+            sha256,
+        }
+    }
 }
 
 fn default_peft_type() -> String {
@@ -91,6 +119,9 @@ pub struct Adapter {
     pub dir: PathBuf,
     pub config: AdapterConfig,
     pub pairs: BTreeMap<(usize, Target), LoraPair>,
+    /// A steering vector's direction per block `(hidden,)`, added after that block
+    /// (`super::steer`); empty for a LoRA adapter.
+    pub steer: BTreeMap<usize, Tensor>,
 }
 
 /// PEFT tensor name of `A` or `B` for a layer and target.
@@ -122,6 +153,9 @@ pub fn permute_rows(w: &Tensor, n_head: usize, to_gguf: bool) -> Result<Tensor> 
 }
 
 fn rope_heads(config: &Config, target: Target) -> Option<usize> {
+    if config.family.rope() != crate::model::RopeStyle::Interleaved {
+        return None;
+    }
     match target {
         Target::Q => Some(config.n_head),
         Target::K => Some(config.n_kv_head),
@@ -140,15 +174,35 @@ impl Adapter {
         self.config.stance.as_deref()
     }
 
-    /// Load an adapter directory, checking every tensor against the model's shapes.
+    /// Load an adapter directory (PEFT layout) or a control-vector GGUF (a steering expert),
+    /// checking every tensor against the model's shapes.
     pub fn load(dir: impl AsRef<Path>, model: &Config) -> Result<Adapter> {
         let dir = dir.as_ref();
+        if super::steer::is_control_vector(dir) {
+            return super::steer::load(dir, model);
+        }
         let cfg_path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let config: AdapterConfig = serde_json::from_str(&text)
             .map_err(|e| Error::adapter(&cfg_path, "config", e.to_string()))?;
         if config.r == 0 {
             return Err(Error::adapter(&cfg_path, "r", "rank must be at least 1"));
+        }
+        if let Some(base) = &config.base {
+            if base.name != model.name || base.architecture != model.arch {
+                let show = |n: &Option<String>, a: &str| {
+                    format!("'{}' ({a})", n.as_deref().unwrap_or("unnamed"))
+                };
+                return Err(Error::adapter(
+                    &cfg_path,
+                    "base",
+                    format!(
+                        "trained on base {}, but the model loaded is {}",
+                        show(&base.name, &base.architecture),
+                        show(&model.name, &model.arch)
+                    ),
+                ));
+            }
         }
         let targets = config
             .targets()
@@ -225,6 +279,7 @@ impl Adapter {
             dir: dir.to_path_buf(),
             config,
             pairs,
+            steer: BTreeMap::new(),
         })
     }
 
@@ -295,6 +350,7 @@ impl Adapter {
                 target_modules: targets.iter().map(|t| t.peft_name().to_string()).collect(),
                 use_rslora: false,
                 base_model_name_or_path: model.name.clone(),
+                base: Some(BaseModel::of(model, None)),
                 stance: Some(stance.to_string()),
                 description: Some(format!(
                     "random {stance} adapter (seed {seed}) for tests and benchmarks; not trained"
@@ -308,6 +364,7 @@ impl Adapter {
                 layers_to_transform: None,
             },
             pairs,
+            steer: BTreeMap::new(),
         })
     }
 

@@ -2,7 +2,7 @@
 //! and the hook that adds `sum_i g_i * s_i * B_i (A_i x)` with gate weights per batch row.
 
 use candle_core::{Device, Tensor};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::Adapter;
 use crate::model::int8::{self, Shared};
@@ -147,6 +147,8 @@ pub struct ExpertSet {
     adapters: Vec<Adapter>,
     names: Vec<String>,
     stacks: HashMap<(usize, Target), Stack>,
+    /// Steering experts' directions by block: (expert index, direction `(hidden,)`).
+    steer: BTreeMap<usize, Vec<(usize, Tensor)>>,
 }
 
 impl ExpertSet {
@@ -156,6 +158,7 @@ impl ExpertSet {
             adapters: Vec::new(),
             names: Vec::new(),
             stacks: HashMap::new(),
+            steer: BTreeMap::new(),
         }
     }
 
@@ -223,10 +226,17 @@ impl ExpertSet {
             }
         }
         int8::pack_shared(parts);
+        let mut steer: BTreeMap<usize, Vec<(usize, Tensor)>> = BTreeMap::new();
+        for (i, ad) in adapters.iter().enumerate() {
+            for (layer, v) in &ad.steer {
+                steer.entry(*layer).or_default().push((i, v.clone()));
+            }
+        }
         Ok(ExpertSet {
             adapters,
             names,
             stacks,
+            steer,
         })
     }
 
@@ -368,6 +378,32 @@ fn span_sums(
 }
 
 impl LinearHook for ExpertHook<'_> {
+    /// Steering experts: row `r` gets `sum_i g[r][i] * v_i` added after this block.
+    fn after_block(&self, layer: usize, x: Tensor) -> candle_core::Result<Tensor> {
+        let Some(dirs) = self.set.steer.get(&layer) else {
+            return Ok(x);
+        };
+        let (b, _, hidden) = x.dims3()?;
+        let mut add = vec![0f32; b * hidden];
+        let mut any = false;
+        for (r, g) in self.rows.iter().enumerate() {
+            for (i, v) in dirs {
+                if g[*i] != 0.0 {
+                    any = true;
+                    let v = v.to_vec1::<f32>()?;
+                    for (o, d) in add[r * hidden..(r + 1) * hidden].iter_mut().zip(&v) {
+                        *o += g[*i] * d;
+                    }
+                }
+            }
+        }
+        if !any {
+            return Ok(x);
+        }
+        let add = Tensor::from_vec(add, (b, 1, hidden), x.device())?;
+        x.broadcast_add(&add)
+    }
+
     fn side_work(
         &self,
         layer: usize,

@@ -30,6 +30,17 @@ pub fn merge_to_gguf(
             experts.len()
         )));
     }
+    if let Some((_, a)) = experts
+        .adapters()
+        .iter()
+        .enumerate()
+        .find(|(i, a)| !a.steer.is_empty() && g[*i] != 0.0)
+    {
+        return Err(Error::Invalid(format!(
+            "expert '{}' is a steering vector: it adds to the residual stream, not to a weight, so it cannot be merged (serve it with the experts, or give it weight 0)",
+            a.name()
+        )));
+    }
     let src = &model.path;
     let mut file = std::fs::File::open(src).map_err(|e| Error::io(src, e))?;
     let content = Content::read(&mut file).map_err(|e| Error::model(src, e.to_string()))?;

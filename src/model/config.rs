@@ -5,14 +5,66 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
-/// Architectures that share LLaMA's tensor layout (names, SwiGLU MLP, RMSNorm, interleaved RoPE).
-pub const LLAMA_FAMILY: &[&str] = &["llama", "mistral"];
+/// `general.architecture` values this runtime reads, and the family each belongs to.
+pub const ARCHITECTURES: &[(&str, Arch)] = &[
+    ("llama", Arch::Llama),
+    ("mistral", Arch::Llama),
+    ("qwen2", Arch::Qwen2),
+];
+
+/// A transformer family: what differs between the forward passes of the architectures we run.
+///
+/// All share the block layout `x += attn(norm(x)); x += mlp(norm(x))` with RMSNorm, grouped-query
+/// attention and a SwiGLU MLP, and the GGUF tensor names `blk.N.attn_q.weight`...
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// LLaMA, Mistral, SmolLM2: no biases; GGUF stores q/k rows permuted for interleaved RoPE.
+    Llama,
+    /// Qwen2 / Qwen2.5: biases on q, k and v; RoPE over the two halves of each head (NeoX
+    /// style, rows as in Hugging Face); usually an untied output head.
+    Qwen2,
+}
+
+/// How RoPE pairs the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs `(2i, 2i+1)`: llama.cpp's `LLAMA_ROPE_TYPE_NORM` (q/k rows permuted in the file).
+    Interleaved,
+    /// Pairs `(i, i + d/2)`: llama.cpp's `LLAMA_ROPE_TYPE_NEOX`.
+    Halves,
+}
+
+impl Arch {
+    /// The family of a `general.architecture` value, if supported.
+    pub fn from_name(name: &str) -> Option<Arch> {
+        ARCHITECTURES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, a)| *a)
+    }
+
+    /// How this family rotates q and k.
+    pub fn rope(self) -> RopeStyle {
+        match self {
+            Arch::Llama => RopeStyle::Interleaved,
+            Arch::Qwen2 => RopeStyle::Halves,
+        }
+    }
+
+    /// Whether q, k and v carry a bias (`blk.N.attn_q.bias`...).
+    pub fn qkv_bias(self) -> bool {
+        matches!(self, Arch::Qwen2)
+    }
+}
 
 /// Shape and numeric constants of a LLaMA-family model.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Config {
     /// `general.architecture` as stored.
     pub arch: String,
+    /// The family the forward pass follows.
+    pub family: Arch,
     /// `general.name`, if present.
     pub name: Option<String>,
     pub n_layer: usize,
@@ -43,15 +95,16 @@ impl Config {
                 ))
             }
         };
-        if !LLAMA_FAMILY.contains(&arch.as_str()) {
-            return Err(Error::model(
+        let family = Arch::from_name(&arch).ok_or_else(|| {
+            let known: Vec<&str> = ARCHITECTURES.iter().map(|(n, _)| *n).collect();
+            Error::model(
                 path,
                 format!(
-                    "not a LLaMA-family model: general.architecture is '{arch}' (supported: {})",
-                    LLAMA_FAMILY.join(", ")
+                    "unsupported architecture: general.architecture is '{arch}' (supported: {})",
+                    known.join(", ")
                 ),
-            ));
-        }
+            )
+        })?;
         let get = |key: &str| -> Result<&Value> {
             let full = format!("{arch}.{key}");
             md.get(&full)
@@ -121,6 +174,7 @@ impl Config {
             },
             vocab_size,
             arch,
+            family,
         })
     }
 

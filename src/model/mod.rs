@@ -1,8 +1,9 @@
-//! The LLaMA-family transformer: config from GGUF metadata, quantized base weights, tokenizer,
+//! The transformer (LLaMA and Qwen2 families): config from GGUF metadata, quantized base weights, tokenizer,
 //! forward pass with a LoRA hook at every linear, and the per-session KV cache.
 
 mod attention;
 mod cache;
+pub mod chat;
 mod config;
 pub mod features;
 pub mod fetch;
@@ -17,7 +18,7 @@ pub mod tiny;
 mod tokenizer;
 
 pub use cache::KvCache;
-pub use config::{Config, LLAMA_FAMILY};
+pub use config::{Arch, Config, RopeStyle, ARCHITECTURES};
 pub use frozen::frozen_linear;
 pub use llama::{LoadOptions, Logits, Model, Pass, WeightFormat, WIDE_ROWS};
 pub use tokenizer::{
@@ -113,6 +114,12 @@ pub trait LinearHook {
         x: &Tensor,
         y: Tensor,
     ) -> candle_core::Result<Tensor>;
+
+    /// Called with the residual stream `(b, t, hidden)` after block `layer` (0-based); what it
+    /// returns flows on (steering vectors add to it here). Default: unchanged.
+    fn after_block(&self, _layer: usize, x: Tensor) -> candle_core::Result<Tensor> {
+        Ok(x)
+    }
 
     /// For a narrow pass over int8 base weights: work to run inside the base matmul's own
     /// dispatch, on the same int8-rounded input, its output added to the base output (see

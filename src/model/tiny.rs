@@ -1,4 +1,5 @@
-//! A tiny random-weight LLaMA written as a real GGUF file, for fast unit tests.
+//! A tiny random-weight model of each family (LLaMA, Qwen2) written as a real GGUF file, for
+//! fast unit tests.
 //!
 //! Its tokenizer has one token per byte (no merges) plus the ChatML specials, so text
 //! round-trips; its weights are seeded random normals.
@@ -9,13 +10,14 @@ use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::path::Path;
 
-use super::{Config, Target};
+use super::{Arch, Config, Target, ARCHITECTURES};
 use crate::{Error, Result};
 
 /// Shape of the tiny model: 2 layers, hidden 64, FFN 128, 4 heads over 2 KV heads.
 pub fn tiny_config() -> Config {
     Config {
         arch: "llama".into(),
+        family: super::Arch::Llama,
         name: Some("stancemix-tiny".into()),
         n_layer: 2,
         hidden: 64,
@@ -42,9 +44,34 @@ fn normal(rng: &mut StdRng, n: usize, std: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Write the tiny model to `path` (a GGUF with f32 tensors) from `seed`.
+/// The tiny shape in another family (`general.architecture` = its first name there).
+pub fn tiny_config_of(family: Arch) -> Config {
+    let arch = ARCHITECTURES
+        .iter()
+        .find(|(_, a)| *a == family)
+        .map_or("llama", |(n, _)| *n);
+    Config {
+        arch: arch.into(),
+        family,
+        ..tiny_config()
+    }
+}
+
+/// Write the tiny LLaMA to `path` (a GGUF with f32 tensors) from `seed`.
 pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<()> {
-    let c = tiny_config();
+    write_tiny_gguf_of(path, seed, Arch::Llama)
+}
+
+/// Write the tiny model of `family` to `path` (a GGUF with f32 tensors) from `seed`: Qwen2's
+/// has random q/k/v biases and an untied output head.
+pub fn write_tiny_gguf_of(path: &Path, seed: u64, family: Arch) -> Result<()> {
+    write_random_gguf(path, seed, &tiny_config_of(family))
+}
+
+/// Write a random model of shape `c` (its `family`; vocabulary: bytes plus the ChatML specials,
+/// `c.vocab_size` must be 259) to `path`, f32 tensors, from `seed`.
+pub fn write_random_gguf(path: &Path, seed: u64, c: &Config) -> Result<()> {
+    let (c, family) = (c.clone(), c.family);
     let dev = Device::Cpu;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
@@ -78,6 +105,24 @@ pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<()> {
                 false,
             )?;
         }
+        if family.qkv_bias() {
+            for t in [Target::Q, Target::K, Target::V] {
+                add(
+                    format!("blk.{i}.{}.bias", t.gguf_name()),
+                    &[c.out_features(t)],
+                    0.5,
+                    false,
+                )?;
+            }
+        }
+    }
+    if family == Arch::Qwen2 {
+        add(
+            "output.weight".into(),
+            &[c.vocab_size, c.hidden],
+            0.5,
+            false,
+        )?;
     }
     // Byte-level vocabulary: the 256 GPT-2 byte characters, then the specials.
     let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
@@ -94,21 +139,33 @@ pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<()> {
         types.push(Value::I32(3));
     }
     let u32v = |x: usize| Value::U32(x as u32);
-    let md: Vec<(&str, Value)> = vec![
-        ("general.architecture", Value::String("llama".into())),
+    let a = c.arch.as_str();
+    let keys: Vec<String> = [
+        "block_count",
+        "embedding_length",
+        "feed_forward_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "rope.dimension_count",
+        "rope.freq_base",
+        "attention.layer_norm_rms_epsilon",
+        "context_length",
+    ]
+    .iter()
+    .map(|k| format!("{a}.{k}"))
+    .collect();
+    let mut md: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String(a.into())),
         ("general.name", Value::String("stancemix-tiny".into())),
-        ("llama.block_count", u32v(c.n_layer)),
-        ("llama.embedding_length", u32v(c.hidden)),
-        ("llama.feed_forward_length", u32v(c.ffn)),
-        ("llama.attention.head_count", u32v(c.n_head)),
-        ("llama.attention.head_count_kv", u32v(c.n_kv_head)),
-        ("llama.rope.dimension_count", u32v(c.rope_dim)),
-        ("llama.rope.freq_base", Value::F32(c.rope_base)),
-        (
-            "llama.attention.layer_norm_rms_epsilon",
-            Value::F32(c.rms_eps as f32),
-        ),
-        ("llama.context_length", u32v(c.context_len)),
+        (&keys[0], u32v(c.n_layer)),
+        (&keys[1], u32v(c.hidden)),
+        (&keys[2], u32v(c.ffn)),
+        (&keys[3], u32v(c.n_head)),
+        (&keys[4], u32v(c.n_kv_head)),
+        (&keys[5], u32v(c.rope_dim)),
+        (&keys[6], Value::F32(c.rope_base)),
+        (&keys[7], Value::F32(c.rms_eps as f32)),
+        (&keys[8], u32v(c.context_len)),
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
         ("tokenizer.ggml.tokens", Value::Array(tokens)),
         ("tokenizer.ggml.token_type", Value::Array(types)),
@@ -116,6 +173,9 @@ pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<()> {
         ("tokenizer.ggml.eos_token_id", Value::U32(258)),
         ("tokenizer.ggml.bos_token_id", Value::U32(257)),
     ];
+    if family == Arch::Qwen2 {
+        md.push(("tokenizer.ggml.pre", Value::String("qwen2".into())));
+    }
     write_gguf(path, &md, &tensors)
 }
 

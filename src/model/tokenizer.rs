@@ -1,8 +1,13 @@
 //! Tokenizer built from GGUF metadata with the `tokenizers` crate, and the ChatML template.
 //!
-//! What reproduces llama.cpp's ids for SmolLM2 (`tokenizer.ggml.pre = "smollm"`): a byte-level BPE
-//! from the GGUF vocab and merges; pre-tokenizer = `Digits` (each digit alone) then `ByteLevel`
-//! (no prefix space, GPT-2 regex); `ByteLevel` decoder; every control token (type 3) special.
+//! A byte-level BPE from the GGUF vocab and merges, a `ByteLevel` decoder, every control or
+//! user-defined token (types 3 and 4) special, and the pre-tokenizer `tokenizer.ggml.pre` names,
+//! as llama.cpp's `llama-vocab.cpp` splits text for it ([`PRE_TOKENIZERS`]):
+//! - `smollm` (SmolLM2; also a file that names none): `Digits` (each digit alone) then
+//!   `ByteLevel` with the GPT-2 regex;
+//! - `qwen2`: the Qwen2 regex (letters, single digits, punctuation runs, newlines, spaces), then
+//!   `ByteLevel` without a regex of its own;
+//! - `llama-bpe` (Llama 3): as `qwen2`, with digits in runs of up to three.
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use std::path::Path;
@@ -11,13 +16,53 @@ use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 
+use super::chat::ChatTemplate;
 use crate::{Error, Result};
 
-/// GGUF token type of control tokens (`<|im_start|>`, `<|endoftext|>`...).
-const TOKEN_TYPE_CONTROL: i32 = 3;
+/// GGUF token types parsed as whole special tokens: control (`<|im_start|>`, `<|endoftext|>`...)
+/// and user-defined (Qwen's `<tool_call>`...).
+const SPECIAL_TOKEN_TYPES: [i32; 2] = [3, 4];
+
+/// The Qwen2 split regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_QWEN2`).
+const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The Llama 3 split regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
+const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The `tokenizer.ggml.pre` values this tokenizer reproduces.
+pub const PRE_TOKENIZERS: &[&str] = &["smollm", "qwen2", "llama-bpe"];
+
+/// The pre-tokenizer for a `tokenizer.ggml.pre` name (`None`: the file names none).
+fn pre_tokenizer(pre: Option<&str>) -> std::result::Result<Sequence, String> {
+    let split = |regex: &str| -> std::result::Result<Sequence, String> {
+        let split = Split::new(
+            SplitPattern::Regex(regex.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Sequence::new(vec![
+            PreTokenizerWrapper::Split(split),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+        ]))
+    };
+    match pre {
+        None | Some("smollm") => Ok(Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+        ])),
+        Some("qwen2") => split(QWEN2_REGEX),
+        Some("llama-bpe") => split(LLAMA3_REGEX),
+        Some(other) => Err(format!(
+            "tokenizer.ggml.pre is '{other}': supported pre-tokenizers are {}",
+            PRE_TOKENIZERS.join(", ")
+        )),
+    }
+}
 
 /// A BPE tokenizer plus the special ids generation needs.
 #[derive(Clone)]
@@ -30,6 +75,8 @@ pub struct Tokenizer {
     /// `<|im_end|>` id, if the vocabulary has it.
     pub im_end_id: Option<u32>,
     vocab_size: usize,
+    /// The chat template (the file's, or ChatML / plain where it has none).
+    pub chat: ChatTemplate,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -94,7 +141,7 @@ impl Tokenizer {
         let specials: Vec<String> = tokens
             .iter()
             .zip(types.iter().chain(std::iter::repeat(&1)))
-            .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL)
+            .filter(|(_, t)| SPECIAL_TOKEN_TYPES.contains(t))
             .map(|(s, _)| (*s).clone())
             .collect();
         let eos_id = content
@@ -109,26 +156,64 @@ impl Tokenizer {
             .enumerate()
             .map(|(i, s)| ((*s).clone(), i as u32))
             .collect();
-        Self::build(vocab, parsed, &specials, eos_id, tokens.len())
+        let pre_name = content
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str);
+        // llama.cpp looks a whole pre-token up in the vocabulary before merging for Llama 3.
+        let ignore_merges = pre_name == Some("llama-bpe");
+        let pre = pre_tokenizer(pre_name).map_err(|e| Error::model(path, e))?;
+        let mut tok = Self::build(
+            vocab,
+            parsed,
+            pre,
+            ignore_merges,
+            &specials,
+            eos_id,
+            tokens.len(),
+        )?;
+        let text_of = |key: &str| -> String {
+            content
+                .metadata
+                .get(key)
+                .and_then(|v| v.to_u32().ok())
+                .and_then(|id| tokens.get(id as usize))
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        };
+        let template = content
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str);
+        let chatml = tok.im_start_id.is_some() && tok.im_end_id.is_some();
+        tok.chat = ChatTemplate::new(
+            template,
+            chatml,
+            &text_of("tokenizer.ggml.bos_token_id"),
+            &text_of("tokenizer.ggml.eos_token_id"),
+        )
+        .map_err(|e| Error::model(path, e.to_string()))?;
+        Ok(tok)
     }
 
-    /// Build from parts: used by [`Tokenizer::from_gguf`] and by the tiny test model.
-    pub fn build(
+    /// Build from parts (see [`Tokenizer::from_gguf`]).
+    fn build(
         vocab: Vocab,
         merges: Vec<(String, String)>,
+        pre: Sequence,
+        ignore_merges: bool,
         specials: &[String],
         eos_id: u32,
         vocab_size: usize,
     ) -> Result<Self> {
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            .ignore_merges(ignore_merges)
             .build()
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut inner = HfTokenizer::new(bpe);
-        let pre = Sequence::new(vec![
-            PreTokenizerWrapper::Digits(Digits::new(true)),
-            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
-        ]);
         inner.with_pre_tokenizer(Some(pre));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         let added: Vec<AddedToken> = specials
@@ -140,12 +225,14 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let im_start_id = inner.token_to_id("<|im_start|>");
         let im_end_id = inner.token_to_id("<|im_end|>");
+        let chat = ChatTemplate::new(None, im_start_id.is_some() && im_end_id.is_some(), "", "")?;
         Ok(Tokenizer {
             inner,
             eos_id,
             im_start_id,
             im_end_id,
             vocab_size,
+            chat,
         })
     }
 

@@ -129,6 +129,7 @@ pub fn finetune(
         target_modules: Target::ALL.map(|t| t.peft_name().to_string()).to_vec(),
         use_rslora: false,
         base_model_name_or_path: model.config.name.clone(),
+        base: Some(crate::lora::BaseModel::of(&model.config, None)),
         stance: None,
         description: Some(format!(
             "the gate's reader: fine-tuned on topic labels, blocks 1-{layer} only"

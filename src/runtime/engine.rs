@@ -66,8 +66,23 @@ pub fn shipped_adapters() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Whether the adapter in `dir` may load on `model`: false when its config names another base
+/// (or cannot be read, which loading it would report).
+pub fn adapter_fits(dir: &std::path::Path, model: &crate::model::Config) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join(crate::lora::CONFIG_FILE)) else {
+        return false;
+    };
+    match serde_json::from_str::<crate::lora::AdapterConfig>(&text) {
+        Ok(c) => c
+            .base
+            .is_none_or(|b| b.name == model.name && b.architecture == model.arch),
+        Err(_) => false,
+    }
+}
+
 impl Engine {
-    /// Load model, adapters and gate as `opts` says.
+    /// Load model, adapters and gate as `opts` says. Without adapters named, the shipped
+    /// experts that were trained on this base ([`adapter_fits`]).
     pub fn load(opts: &EngineOptions) -> Result<Arc<Engine>> {
         let path = match &opts.model {
             Some(p) => p.clone(),
@@ -79,7 +94,13 @@ impl Engine {
                 format: opts.format,
             },
         )?;
-        let dirs = opts.adapters.clone().unwrap_or_else(shipped_adapters);
+        // By default, the shipped experts that were trained on this base.
+        let dirs = opts.adapters.clone().unwrap_or_else(|| {
+            shipped_adapters()
+                .into_iter()
+                .filter(|d| adapter_fits(d, &model.config))
+                .collect()
+        });
         let adapters = dirs
             .iter()
             .map(|d| Adapter::load(d, &model.config))

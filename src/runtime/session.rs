@@ -5,9 +5,7 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use std::sync::Arc;
 
 use super::{Blend, Engine, RowPlan};
-#[allow(unused_imports)]
-use crate::model::DEFAULT_SYSTEM;
-use crate::model::{chatml_message, KvCache, Logits, Message, TokenStream, CHATML_ASSISTANT};
+use crate::model::{KvCache, Logits, Message, TokenStream};
 use crate::router::Route;
 use crate::{Error, Result};
 
@@ -89,6 +87,9 @@ pub struct Session {
     fed: Vec<u32>,
     /// Tokens to feed before the next forward (the end of the last turn).
     pending: Vec<u32>,
+    /// The text the model has been given (`fed` and `pending`), as the chat template rendered
+    /// it: each turn feeds only what the template adds after it.
+    rendered: String,
     history: Vec<Message>,
     blend: Blend,
     system: Option<String>,
@@ -96,7 +97,8 @@ pub struct Session {
 }
 
 impl Session {
-    /// A fresh session with the base blend and no system prompt (see [`DEFAULT_SYSTEM`]).
+    /// A fresh session with the base blend and no system prompt of its own (the model's chat
+    /// template may insert its default one).
     pub fn new(engine: Arc<Engine>) -> Session {
         let n = engine.model.config.n_layer;
         Session {
@@ -105,6 +107,7 @@ impl Session {
             rows: Vec::new(),
             fed: Vec::new(),
             pending: Vec::new(),
+            rendered: String::new(),
             history: Vec::new(),
             blend: Blend::base(),
             system: None,
@@ -160,6 +163,7 @@ impl Session {
         self.rows.clear();
         self.fed.clear();
         self.pending.clear();
+        self.rendered.clear();
         self.history.clear();
         self.last_route = None;
     }
@@ -167,11 +171,9 @@ impl Session {
     /// Restore a conversation (e.g. a loaded transcript); the cache is rebuilt lazily.
     pub fn restore(&mut self, history: Vec<Message>) -> Result<()> {
         self.reset();
-        let mut text = String::new();
-        for m in &history {
-            text.push_str(&chatml_message(&m.role, &m.content));
-        }
+        let text = self.engine.model.tokenizer.chat.render(&history, false)?;
         self.pending = self.engine.model.tokenizer.encode(&text)?;
+        self.rendered = text;
         self.history = history;
         Ok(())
     }
@@ -204,24 +206,36 @@ impl Session {
     pub fn begin(&mut self, user: &str, params: &GenParams) -> Result<Turn<'_>> {
         let (g, plan, route) = self.engine.plan(&self.blend, user)?;
         self.last_route = route.clone();
-        let mut text = String::new();
         if self.history.is_empty() && self.fed.is_empty() && self.pending.is_empty() {
-            if let Some(s) = &self.system {
-                if !s.is_empty() {
-                    text.push_str(&chatml_message("system", s));
-                    self.history.push(Message {
-                        role: "system".into(),
-                        content: s.clone(),
-                    });
-                }
+            if let Some(s) = self.system.as_ref().filter(|s| !s.is_empty()) {
+                self.history.push(Message {
+                    role: "system".into(),
+                    content: s.clone(),
+                });
             }
         }
-        text.push_str(&chatml_message("user", user));
-        text.push_str(CHATML_ASSISTANT);
         self.history.push(Message {
             role: "user".into(),
             content: user.to_string(),
         });
+        let full = self
+            .engine
+            .model
+            .tokenizer
+            .chat
+            .render(&self.history, true)?;
+        let text = match full.strip_prefix(self.rendered.as_str()) {
+            Some(added) => added.to_string(),
+            None => {
+                // The template rewrote earlier turns (some templates do): start over.
+                self.cache.clear();
+                self.rows.clear();
+                self.fed.clear();
+                self.pending.clear();
+                full.clone()
+            }
+        };
+        self.rendered = full;
         let tokens = self.engine.model.tokenizer.encode(&text)?;
         let logits = self.feed(&tokens, &plan)?;
         let weights = self
@@ -346,11 +360,22 @@ impl Turn<'_> {
         let stop = self.done.unwrap_or(StopReason::MaxTokens);
         let text = self.stream.text(&self.session.engine.model.tokenizer)?;
         let s = &mut *self.session;
-        s.pending = s.engine.model.tokenizer.encode("<|im_end|>\n")?;
         s.history.push(Message {
             role: "assistant".into(),
             content: text.clone(),
         });
+        // What the template closes the answer with (`<|im_end|>\n` in ChatML) is fed before
+        // the next turn.
+        let answered = format!("{}{text}", s.rendered);
+        let closed = s.engine.model.tokenizer.chat.render(&s.history, false)?;
+        match closed.strip_prefix(answered.as_str()) {
+            Some(close) => {
+                s.pending = s.engine.model.tokenizer.encode(close)?;
+                s.rendered = closed;
+            }
+            // The template renders the answer otherwise: the next turn starts over.
+            None => s.rendered = answered,
+        }
         Ok(Reply {
             text,
             tokens: std::mem::take(&mut self.generated),

@@ -119,6 +119,7 @@ impl TrainLora {
             dir: PathBuf::new(),
             config: self.config.clone(),
             pairs,
+            steer: BTreeMap::new(),
         })
     }
 

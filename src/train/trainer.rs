@@ -146,6 +146,10 @@ impl<'a> Trainer<'a> {
                     target_modules: config.targets.clone(),
                     use_rslora: config.rslora,
                     base_model_name_or_path: model.config.name.clone(),
+                    base: Some(crate::lora::BaseModel::of(
+                        &model.config,
+                        crate::model::fetch::sha256_file(&model.path).ok(),
+                    )),
                     stance: Some(config.stance.clone()),
                     description: None,
                     peft_type: "LORA".into(),

@@ -81,6 +81,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         eprintln!("loading the model...");
     }
     let engine = a.engine.load()?;
+    if a.engine.adapters.is_none() && !a.engine.no_adapters && engine.expert_names().is_empty() {
+        let other = shipped_adapters()
+            .iter()
+            .any(|d| !stancemix::runtime::adapter_fits(d, &engine.model.config));
+        if other {
+            eprintln!(
+                "note: the shipped experts were trained on another base; chatting with {} only (train experts for it with `stancemix train`, or pass --adapters DIR...)",
+                file_name(&engine.model.path)
+            );
+        }
+    }
     let mut session = engine.session();
     let mut transcript = Transcript {
         system: a.system.clone(),
