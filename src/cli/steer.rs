@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use stancemix::data::export::{Split, View};
 use stancemix::data::load_stance_dir;
+use stancemix::data::survey::survey;
 use stancemix::lora::steer::{self, Contrast};
 use stancemix::model::{fetch, LoadOptions, Model, WeightFormat};
 
@@ -26,12 +28,25 @@ pub struct Args {
     /// `strength` times the mean difference between the sides (spread evenly over the blocks).
     #[arg(long, default_value_t = 1.0)]
     pub strength: f32,
-    /// Use at most this many pairs, spread evenly over the train split (0 = all).
+    /// Use at most this many examples, spread evenly over the train split (0 = all).
     #[arg(long, default_value_t = 0)]
     pub limit: usize,
+    /// What the two sides' residual streams are read on: `survey` (the default; a proposition
+    /// asked as a poll, each side's Likert option as the answer: contrastive activation
+    /// addition, the option's agree/disagree cancelling out over the balanced keying) or
+    /// `answers` (every pair's prompt with each side's whole answer).
+    #[arg(long, value_enum, default_value = "survey")]
+    pub source: Source,
     /// Folder for `progressive.gguf` and `conservative.gguf` (llama.cpp control vectors).
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// Where the contrast is read.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Survey,
+    Answers,
 }
 
 fn parse_layers(s: &str, n: usize) -> anyhow::Result<(usize, usize)> {
@@ -74,26 +89,35 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some(s) => parse_layers(s, n)?,
         None => ((n / 4).max(1), (3 * n / 4).min(n - 1)),
     };
-    let pairs: Vec<_> = load_stance_dir(&a.data)?
-        .into_iter()
-        .filter(|p| !p.is_dev())
-        .collect();
-    let take = if a.limit == 0 {
-        pairs.len()
-    } else {
-        a.limit.min(pairs.len())
-    };
-    let chosen: Vec<_> = (0..take).map(|i| &pairs[i * pairs.len() / take]).collect();
-    let examples = chosen
-        .iter()
-        .map(|p| {
-            Ok(Contrast {
-                prompt: model.tokenizer.chat.user_prompt(&p.prompt)?,
-                toward: &p.progressive,
-                away: &p.conservative,
+    let pairs = load_stance_dir(&a.data)?;
+    let chat = &model.tokenizer.chat;
+    // (prompt, progressive side, conservative side), train split only.
+    let all: Vec<(String, String, String)> = match a.source {
+        Source::Survey => survey(&pairs, View::Dpo, "progressive", Split::Train, 1, chat)?
+            .into_iter()
+            .map(|r| {
+                let strip = |s: &str| s.trim_end_matches("<|im_end|>").to_string();
+                let away = r.rejected.as_deref().map(strip).unwrap_or_default();
+                (r.prompt, strip(&r.chosen), away)
             })
+            .collect(),
+        Source::Answers => pairs
+            .iter()
+            .filter(|p| !p.is_dev())
+            .map(|p| Ok((chat.user_prompt(&p.prompt)?, p.progressive.clone(), p.conservative.clone())))
+            .collect::<stancemix::Result<_>>()?,
+    };
+    let take = if a.limit == 0 { all.len() } else { a.limit.min(all.len()) };
+    let examples: Vec<Contrast> = (0..take)
+        .map(|i| {
+            let (prompt, toward, away) = &all[i * all.len() / take];
+            Contrast {
+                prompt: prompt.clone(),
+                toward,
+                away,
+            }
         })
-        .collect::<stancemix::Result<Vec<_>>>()?;
+        .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
@@ -126,8 +150,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .map(|(l, v)| format!("{l}:{:.2}", v.iter().map(|x| x * x).sum::<f32>().sqrt()))
         .collect();
     eprintln!(
-        "{} pairs, blocks {first}-{last}, strength {}; |mean difference| per block: {}",
+        "{} examples ({:?}), blocks {first}-{last}, strength {}; |mean difference| per block: {}",
         examples.len(),
+        a.source,
         a.strength,
         norms.join(" ")
     );

@@ -21,6 +21,8 @@ pub struct CheckReport {
     pub warnings: Vec<String>,
     /// (topic, kind) -> pairs.
     pub balance: BTreeMap<(String, String), usize>,
+    /// topic -> the distinct sub-issues its pairs name.
+    pub subissues: BTreeMap<String, std::collections::BTreeSet<String>>,
     pub files: usize,
 }
 
@@ -243,6 +245,12 @@ pub fn check(paths: &[PathBuf]) -> CheckReport {
                         *r.balance
                             .entry((p.topic.clone(), p.kind.clone()))
                             .or_default() += 1;
+                        if let Some(sub) = &p.subissue {
+                            r.subissues
+                                .entry(p.topic.clone())
+                                .or_default()
+                                .insert(sub.clone());
+                        }
                         train_prompts.push((at.clone(), p.prompt.clone()));
                         for (field, ans) in [
                             ("progressive", &p.progressive),
@@ -401,11 +409,15 @@ impl CheckReport {
                 .map(|t| get(t, "opinion") + get(t, "proposition"))
                 .min()
                 .unwrap_or(0);
+            let min_sub = topics_
+                .iter()
+                .map(|t| self.subissues.get(*t).map_or(0, |x| x.len()))
+                .min()
+                .unwrap_or(0);
             s.push_str(&format!(
-                "pairs {n} (target >= 1000) | topics {} of 20, fewest pairs {min_topic} (target >= 40) | opinion {:.0}%, proposition {:.0}% (target >= 35% each) | axes {}\n",
+                "pairs {n} (target >= 5000) | propositions {} (target >= 3000) | topics {} of 20, fewest pairs {min_topic} | fewest sub-issues in a topic {min_sub} (target >= 40) | axes {}\n",
+                n - o,
                 topics_.len(),
-                100.0 * o as f64 / n as f64,
-                100.0 * (n - o) as f64 / n as f64,
                 axis_tot.iter().map(|(a, c)| format!("{a} {c}")).collect::<Vec<_>>().join(", ")
             ));
         }
