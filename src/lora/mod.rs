@@ -3,10 +3,12 @@
 
 mod adapter;
 mod experts;
+mod export;
 mod merge;
 
 pub use adapter::{
     peft_tensor_name, permute_rows, Adapter, AdapterConfig, LoraPair, CONFIG_FILE, WEIGHTS_FILE,
 };
 pub use experts::{ExpertHook, ExpertPrecision, ExpertSet};
+pub use export::export_blend;
 pub use merge::merge_to_gguf;
