@@ -194,10 +194,7 @@ fn parse(raw: &[u8]) -> Resp {
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
         let size = usize::from_str_radix(
             String::from_utf8_lossy(&b[..eol])
                 .split(';')
@@ -481,6 +478,17 @@ fn openai_client(server: &Server) {
     assert_eq!(v["unknown_model"]["status"], 404, "{v}");
 }
 
+/// A bad request: what it is, method, path, body, and the status, error code and param expected.
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    Vec<u8>,
+    u16,
+    Option<&'a str>,
+    Option<&'a str>,
+);
+
 #[test]
 fn bad_requests_get_openai_errors_with_the_right_status_and_the_server_keeps_serving() {
     let server = Server::start(&[]);
@@ -493,7 +501,7 @@ fn bad_requests_get_openai_errors_with_the_right_status_and_the_server_keeps_ser
         b.to_string().into_bytes()
     };
     let long = "hello ".repeat(10_000);
-    let cases: Vec<(&str, &str, &str, Vec<u8>, u16, Option<&str>, Option<&str>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "malformed JSON",
             "POST",
@@ -871,4 +879,65 @@ fn exported_blend_adapter_delta_equals_the_blended_delta() {
         }
     }
     assert!(export_blend(&experts, &[0.0, 0.0], c, "base").is_err());
+}
+
+#[test]
+fn exported_blend_of_the_shipped_experts_equals_their_blend_read_independently_with_numpy() {
+    let probe = python_with_deps()
+        .args(["-c", "import numpy, safetensors"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: python3 with numpy and safetensors is not available (scripts/test installs them)");
+        return;
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (pro, con) = (
+        root.join("adapters/progressive"),
+        root.join("adapters/conservative"),
+    );
+    for (spec, g_pro, g_con) in [
+        ("dial=0.6", 0.6, 0.0),
+        ("mix=0.3", 0.3, 0.7),
+        ("dial=-1", 0.0, 1.0),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(bin())
+            .args(["adapter", "export-blend", "--blend", spec, "--model"])
+            .arg(real_model_path())
+            .arg("--out")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let check = python_with_deps()
+            .arg(root.join("tests/check_exported_blend.py"))
+            .arg(dir.path())
+            .arg(format!("{}:{g_pro}", pro.display()))
+            .arg(format!("{}:{g_con}", con.display()))
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "{spec}: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+    // Routed and multi-pass blends are not one LoRA.
+    for spec in ["auto=libertarian", "dial=0.5@logits", "base"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(bin())
+            .args(["adapter", "export-blend", "--blend", spec, "--model"])
+            .arg(real_model_path())
+            .arg("--out")
+            .arg(dir.path().join("x"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{spec} exported");
+        assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
+    }
 }
