@@ -277,7 +277,7 @@ fn streamed(r: &Resp) -> (String, Value, String) {
 }
 
 #[test]
-fn greedy_answers_equal_generate_over_http_streamed_or_not_and_with_the_openai_client() {
+fn answers_equal_generate_for_the_same_blend_and_seed_as_json_sse_and_via_the_openai_client() {
     let server = Server::start(&[]);
     for (dial, shown) in [("1", "dial +1.00"), ("-1", "dial -1.00")] {
         let want = generate(PROMPT, dial, MAX_TOKENS);
@@ -348,6 +348,34 @@ fn greedy_answers_equal_generate_over_http_streamed_or_not_and_with_the_openai_c
         assert_eq!(r.json()["choices"][0]["text"], want.as_str());
         assert_eq!(r.json()["object"], "text_completion");
     }
+
+    // Sampled (temperature, top_p, seed): the same draw as `generate` with the same seed.
+    let out = Command::new(bin())
+        .args([
+            "generate",
+            "--prompt",
+            PROMPT,
+            "--dial=0.5",
+            "--temperature",
+            "0.8",
+        ])
+        .args(["--top-p", "0.9", "--seed", "11", "--max-tokens"])
+        .arg(MAX_TOKENS.to_string())
+        .arg("--model")
+        .arg(real_model_path())
+        .output()
+        .unwrap();
+    let want = String::from_utf8(out.stdout).unwrap();
+    let mut body = chat_body("stancemix:dial=0.5", false);
+    body["temperature"] = json!(0.8);
+    body["top_p"] = json!(0.9);
+    body["seed"] = json!(11);
+    let v = server.post("/v1/chat/completions", &body).json();
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        want.strip_suffix('\n').unwrap_or(&want),
+        "sampled at seed 11"
+    );
 
     // A stop sequence cuts the answer before it.
     let full = generate(PROMPT, "1", MAX_TOKENS);

@@ -3,10 +3,10 @@
 //!
 //! The arithmetic is the session's: [`Session::feed`] runs the forward under the blend's row
 //! plan and combines the rows; sampling repeats `Turn::next_token` (repeat penalty over the last
-//! 64 generated tokens, candle's `LogitsProcessor`, the tokenizer's stop ids), so a greedy answer
-//! here is token for token `stancemix generate`'s.
+//! 64 generated tokens, `GenParams::sampling` in candle's `LogitsProcessor`, the tokenizer's stop
+//! ids), so an answer here is token for token `stancemix generate`'s for the same seed.
 
-use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_transformers::generation::LogitsProcessor;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -71,23 +71,6 @@ pub enum Event {
     Failed { message: String, invalid: bool },
 }
 
-/// The sampler for `params` (the mapping `GenParams` uses).
-fn sampler(params: &GenParams) -> LogitsProcessor {
-    let t = params.temperature;
-    let s = match (t <= 0.0, params.top_k, params.top_p) {
-        (true, _, _) => Sampling::ArgMax,
-        (false, None, None) => Sampling::All { temperature: t },
-        (false, Some(k), None) => Sampling::TopK { k, temperature: t },
-        (false, None, Some(p)) => Sampling::TopP { p, temperature: t },
-        (false, Some(k), Some(p)) => Sampling::TopKThenTopP {
-            k,
-            p,
-            temperature: t,
-        },
-    };
-    LogitsProcessor::from_sampling(params.seed, s)
-}
-
 /// Text held back from the client: the longest tail of `text` that could begin a stop sequence.
 fn held_back(text: &str, stop: &[String]) -> usize {
     let mut hold = 0;
@@ -148,7 +131,7 @@ fn generate(engine: &Arc<Engine>, job: Job, tx: &mpsc::Sender<Event>) -> crate::
     let stop_ids = tok.stop_ids();
     let dev = engine.model.device().clone();
     let params = &job.params;
-    let mut sample = sampler(params);
+    let mut sample = LogitsProcessor::from_sampling(params.seed, params.sampling());
     let mut generated: Vec<u32> = Vec::new();
     let mut stream = TokenStream::default();
     let mut text = String::new();
