@@ -506,6 +506,50 @@ fn openai_client(server: &Server) {
     assert_eq!(v["unknown_model"]["status"], 404, "{v}");
 }
 
+#[test]
+fn a_multi_turn_chat_answers_as_a_session_restored_from_the_same_history() {
+    let msg = |role: &str, content: &str| stancemix::model::Message {
+        role: role.into(),
+        content: content.into(),
+    };
+    let history = vec![
+        msg("system", "You answer in one sentence."),
+        msg("user", "Name a fruit."),
+        msg("assistant", "An apple."),
+    ];
+    let last = "Should taxes on fuel go up?";
+    let want = {
+        let engine = stancemix::Engine::load(&stancemix::EngineOptions {
+            model: Some(real_model_path()),
+            ..Default::default()
+        })
+        .unwrap();
+        let mut s = engine.session();
+        s.restore(history.clone()).unwrap();
+        s.set_blend("dial=-1".parse().unwrap()).unwrap();
+        let params = stancemix::GenParams {
+            max_tokens: MAX_TOKENS,
+            temperature: 0.0,
+            ..Default::default()
+        };
+        s.chat(last, &params, |_| true).unwrap().text
+    };
+    assert!(!want.is_empty());
+    let server = Server::start(&[]);
+    let mut messages: Vec<Value> = history
+        .iter()
+        .map(|m| json!({"role": m.role, "content": m.content}))
+        .collect();
+    messages.push(json!({"role": "user", "content": last}));
+    let r = server.post(
+        "/v1/chat/completions",
+        &json!({"model": "stancemix:dial=-1", "messages": messages,
+                "max_tokens": MAX_TOKENS, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["choices"][0]["message"]["content"], want.as_str());
+}
+
 /// A bad request: what it is, method, path, body, and the status, error code and param expected.
 type Case<'a> = (
     &'a str,
