@@ -43,8 +43,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         api_key: a.api_key.clone(),
         max_body: a.max_body,
     };
+    // Decoding runs on tokio's blocking threads: keep as many as can work at once (slots, plus a
+    // few for tokenizing) and keep them alive, so that each slot's thread, and its allocator
+    // arena, is reused rather than made anew for each burst of requests.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(a.parallel + 4)
+        .thread_keep_alive(std::time::Duration::from_secs(24 * 3600))
         .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
