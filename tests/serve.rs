@@ -758,8 +758,8 @@ fn bad_requests_get_openai_errors_with_the_right_status_and_the_server_keeps_ser
 }
 
 #[test]
-fn full_queue_gets_429_a_disconnect_frees_the_slot_and_the_api_key_is_required() {
-    let server = Server::start(&["--parallel", "1", "--queue", "0", "--api-key", "s3cret"]);
+fn full_queue_gets_429_a_disconnect_frees_the_slot_or_queue_place_and_the_api_key_is_required() {
+    let server = Server::start(&["--parallel", "1", "--queue", "1", "--api-key", "s3cret"]);
     let key = [("Authorization", "Bearer s3cret")];
     // The key: required everywhere but /health, compared exactly.
     let r = request(server.port, "GET", "/v1/models", &[], b"");
@@ -816,8 +816,30 @@ fn full_queue_gets_429_a_disconnect_frees_the_slot_and_the_api_key_is_required()
     }
     assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
 
-    // No slot, no queue: 429 with Retry-After.
+    // A second request waits in the only queue place.
     let short = json!({"model": "stancemix", "prompt": "Hello", "max_tokens": 2, "temperature": 0});
+    let mut queued = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    write_request(
+        &mut queued,
+        "POST",
+        "/v1/completions",
+        &key,
+        short.to_string().as_bytes(),
+    );
+    let depth = |want: f64| {
+        let t0 = Instant::now();
+        loop {
+            let m = request(server.port, "GET", "/metrics", &key, b"").text();
+            let d = metric(&m, "stancemix_queue_depth");
+            if d == want || t0.elapsed() > Duration::from_secs(60) {
+                return d;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(depth(1.0), 1.0);
+
+    // No slot, no queue place: 429 with Retry-After.
     let r = request(
         server.port,
         "POST",
@@ -831,7 +853,11 @@ fn full_queue_gets_429_a_disconnect_frees_the_slot_and_the_api_key_is_required()
         .is_some_and(|s| s.parse::<u64>().is_ok()));
     assert_eq!(r.json()["error"]["type"], "rate_limit_error");
 
-    // The client goes away: its generation stops and the slot is free again.
+    // The queued client goes away: its place is free again.
+    drop(queued);
+    assert_eq!(depth(0.0), 0.0);
+
+    // The decoding client goes away: its generation stops and the slot is free again.
     drop(s);
     let t0 = Instant::now();
     let r = loop {
