@@ -11,6 +11,7 @@ pub mod lora;
 pub mod model;
 pub mod router;
 pub mod runtime;
+pub mod serve;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -1,4 +1,4 @@
-//! `stancemix adapter init|inspect`.
+//! `stancemix adapter init|inspect|export-blend`.
 
 use std::path::PathBuf;
 
@@ -37,6 +37,20 @@ pub enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
     },
+    /// Write a blend of the experts as one PEFT LoRA adapter (exact: A stacked, B scaled and
+    /// concatenated, rank r1+r2), for servers with multi-LoRA support.
+    ExportBlend(ExportArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub blend: super::common::BlendArgs,
+    #[command(flatten)]
+    pub engine: super::common::EngineArgs,
+    /// Output directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// Parse `q_proj,v_proj` or `all`.
@@ -89,6 +103,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::ExportBlend(a) => export_blend(a),
         Command::Inspect { dir, model } => {
             let model = load_model(model)?;
             let a = Adapter::load(&dir, &model.config)?;
@@ -122,4 +137,39 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn export_blend(a: ExportArgs) -> anyhow::Result<()> {
+    let blend = a.blend.blend()?;
+    if blend.mode != stancemix::Mode::Weights {
+        anyhow::bail!(
+            "blend {blend}: only weights mode is one LoRA (logits and contrast mix several passes)"
+        );
+    }
+    if matches!(blend.view, stancemix::runtime::View::Auto(_)) {
+        anyhow::bail!("blend {blend}: a routed blend changes per prompt; export a fixed one");
+    }
+    let engine = a.engine.load()?;
+    let g = blend.gates(&engine.experts)?;
+    let weights: Vec<String> = engine
+        .expert_names()
+        .iter()
+        .zip(&g)
+        .map(|(n, w)| format!("{n}={w}"))
+        .collect();
+    let description = format!(
+        "Blend '{blend}' of stancemix's experts ({}), exported exactly as one LoRA by `stancemix \
+         adapter export-blend`. The experts are deliberately biased, for research and comparison.",
+        weights.join(", ")
+    );
+    let adapter =
+        stancemix::lora::export_blend(&engine.experts, &g, &engine.model.config, &description)?;
+    adapter.save(&a.out, &engine.model.config)?;
+    println!(
+        "wrote {} (blend {blend}; rank {}, {} linears)",
+        a.out.display(),
+        adapter.config.r,
+        adapter.pairs.len()
+    );
+    Ok(())
 }

@@ -12,6 +12,7 @@ pub mod merge;
 pub mod models;
 pub mod report;
 pub mod route;
+pub mod serve;
 pub mod steer;
 pub mod sweep;
 pub mod train;
@@ -64,6 +65,8 @@ pub enum Command {
     /// Train a stance expert (LoRA) by SFT or DPO.
     #[command(subcommand)]
     Train(train::Command),
+    /// Serve OpenAI's HTTP API (chat, completions, models) with the blend per request.
+    Serve(serve::Args),
 }
 
 /// Run a parsed command line.
@@ -92,5 +95,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Report(a) => report::run(a),
         Command::Train(c) => train::run(c),
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }

@@ -3,6 +3,7 @@
 
 mod adapter;
 mod experts;
+mod export;
 mod merge;
 pub mod steer;
 
@@ -11,4 +12,5 @@ pub use adapter::{
     WEIGHTS_FILE,
 };
 pub use experts::{ExpertHook, ExpertPrecision, ExpertSet};
+pub use export::export_blend;
 pub use merge::merge_to_gguf;

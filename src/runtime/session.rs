@@ -39,7 +39,8 @@ impl Default for GenParams {
 }
 
 impl GenParams {
-    fn sampling(&self) -> Sampling {
+    /// candle's sampling rule for these settings (temperature 0: greedy).
+    pub fn sampling(&self) -> Sampling {
         let t = self.temperature;
         match (t <= 0.0, self.top_k, self.top_p) {
             (true, _, _) => Sampling::ArgMax,
