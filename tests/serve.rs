@@ -335,10 +335,13 @@ fn answers_equal_generate_for_the_same_blend_and_seed_as_json_sse_and_via_the_op
             Some(completion)
         );
         // The plain completion endpoint on the chat template's text gives the same tokens.
-        let chatml = stancemix::model::chatml_prompt(&[stancemix::model::Message {
-            role: "user".into(),
-            content: PROMPT.into(),
-        }]);
+        let chatml = {
+            let path = stancemix::model::fetch::ensure_default_model().unwrap();
+            let mut f = std::fs::File::open(&path).unwrap();
+            let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+            let tok = stancemix::model::Tokenizer::from_gguf(&content, &path).unwrap();
+            tok.chat.user_prompt(PROMPT).unwrap()
+        };
         let r = server.post(
             "/v1/completions",
             &json!({"model": format!("stancemix:dial={dial}"), "prompt": chatml,

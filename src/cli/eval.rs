@@ -377,7 +377,7 @@ pub fn print_table(r: &Report) {
             "argmax"
         ));
     }
-    head.push_str(" | outside  agree  first");
+    head.push_str(" | outside  agree  first | pro-side");
     println!("{head}");
     for b in &r.blends {
         let mut line = format!("{:<w$}", b.blend);
@@ -389,8 +389,8 @@ pub fn print_table(r: &Report) {
             ));
         }
         line.push_str(&format!(
-            " | {:>7.3} {:>6.3} {:>6.3}",
-            b.outside_mass, b.agree_share, b.first_option_share
+            " | {:>7.3} {:>6.3} {:>6.3} | {:>8.3}",
+            b.outside_mass, b.agree_share, b.first_option_share, b.progressive_side
         ));
         println!("{line}");
     }

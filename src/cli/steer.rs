@@ -104,10 +104,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Source::Answers => pairs
             .iter()
             .filter(|p| !p.is_dev())
-            .map(|p| Ok((chat.user_prompt(&p.prompt)?, p.progressive.clone(), p.conservative.clone())))
+            .map(|p| {
+                Ok((
+                    chat.user_prompt(&p.prompt)?,
+                    p.progressive.clone(),
+                    p.conservative.clone(),
+                ))
+            })
             .collect::<stancemix::Result<_>>()?,
     };
-    let take = if a.limit == 0 { all.len() } else { a.limit.min(all.len()) };
+    let take = if a.limit == 0 {
+        all.len()
+    } else {
+        a.limit.min(all.len())
+    };
     let examples: Vec<Contrast> = (0..take)
         .map(|i| {
             let (prompt, toward, away) = &all[i * all.len() / take];

@@ -131,6 +131,12 @@ pub struct BlendScore {
     pub agree_share: f64,
     /// Mean probability of whichever option was listed first (1 / answers if unbiased).
     pub first_option_share: f64,
+    /// Share of items on which the forced choice falls on the progressive side: the item's
+    /// options that move its score toward progressive (negative effect) hold more than half
+    /// the probability (mean over variants). The conservative side's share is the rest; an
+    /// expert's "side accuracy" is its own side's share.
+    #[serde(default)]
+    pub progressive_side: f64,
     pub templates: Vec<TemplateScore>,
     pub items: Vec<ItemResult>,
 }
@@ -743,7 +749,7 @@ fn summarise(
             n += 1.0;
         }
     }
-    let items = ins
+    let items: Vec<ItemResult> = ins
         .items
         .iter()
         .enumerate()
@@ -763,8 +769,29 @@ fn summarise(
                 .collect(),
         })
         .collect();
+    let progressive_side = if items.is_empty() {
+        0.0
+    } else {
+        let on_side = |it: &crate::data::Item, r: &ItemResult| -> bool {
+            let mass: f64 = it
+                .effects
+                .values()
+                .flat_map(|e| e.iter().enumerate())
+                .filter(|(_, &x)| x < 0.0)
+                .map(|(a, _)| r.probs[a])
+                .sum();
+            mass > 0.5
+        };
+        ins.items
+            .iter()
+            .zip(&items)
+            .filter(|(it, r)| on_side(it, r))
+            .count() as f64
+            / items.len() as f64
+    };
     let g = blend.gates(&engine.experts)?;
     Ok(BlendScore {
+        progressive_side,
         blend: blend.to_string(),
         weights: engine
             .expert_names()

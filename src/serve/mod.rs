@@ -50,7 +50,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::model::{chatml_prompt, Message};
+use crate::model::Message;
 use crate::router::Route;
 use crate::{Blend, Engine, GenParams};
 use decode::{Event, Finish, Job};
@@ -378,7 +378,15 @@ async fn prepare(st: &Arc<AppState>, body: Body, kind: Kind) -> Result<Prepared,
         Kind::Chat => {
             let msgs: Vec<Message> = request::messages(&b)?;
             let last = msgs.last().map(|m| m.content.clone()).unwrap_or_default();
-            (chatml_prompt(&msgs), last, "messages")
+            // The model's own chat template, as chat and generate render it.
+            let text = st
+                .engine
+                .model
+                .tokenizer
+                .chat
+                .render(&msgs, true)
+                .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+            (text, last, "messages")
         }
         Kind::Text => {
             let p = request::prompt(&b)?;
