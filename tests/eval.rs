@@ -708,3 +708,39 @@ fn eval_cli_scores_repeated_blend_flags_together() {
     );
     assert!(v["blends"][1]["weights"]["conservative"].is_f64());
 }
+
+#[test]
+fn progressive_side_share_counts_items_whose_progressive_options_hold_most_mass() {
+    let model = tiny_model(31);
+    let engine = random_engine(&model);
+    let ins = compass(8);
+    let blends: Vec<Blend> = ["base", "expert=progressive", "expert=conservative"]
+        .iter()
+        .map(|b| b.parse().unwrap())
+        .collect();
+    let r = score_instrument(&engine, &ins, &blends, &quick_options(), &mut |_, _| {}).unwrap();
+    for b in &r.blends {
+        // Recount from the items' mean probabilities and the instrument's effects: the options
+        // with a negative (progressive) effect on the item's axis.
+        let on_side = ins
+            .items
+            .iter()
+            .zip(&b.items)
+            .filter(|(it, res)| {
+                let effects = it.effects.values().next().unwrap();
+                let mass: f64 = (0..effects.len())
+                    .filter(|&a| effects[a] < 0.0)
+                    .map(|a| res.probs[a])
+                    .sum();
+                mass > 0.5
+            })
+            .count();
+        let want = on_side as f64 / ins.items.len() as f64;
+        assert!(
+            (b.progressive_side - want).abs() < 1e-12,
+            "{}: {} vs {want}",
+            b.blend,
+            b.progressive_side
+        );
+    }
+}
