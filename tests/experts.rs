@@ -608,3 +608,73 @@ fn experts_inside_the_matmul_dispatch_equal_the_after_matmul_path() {
         );
     }
 }
+
+#[test]
+fn peft_adapter_for_a_qwen2_base_keeps_hugging_face_row_order() {
+    // Qwen2's GGUF keeps q/k rows in Hugging Face order (RoPE over halves), so PEFT's B applies
+    // unpermuted: the deltas equal numpy's s * B @ A as they are.
+    let c = stancemix::model::tiny::tiny_config_of(stancemix::model::Arch::Qwen2);
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/make_peft_adapter.py"
+    );
+    let out = python_with_deps()
+        .arg(script)
+        .arg(dir.path())
+        .args([c.n_layer, c.hidden, c.n_head, c.n_kv_head].map(|x| x.to_string()))
+        .arg("qwen2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = Adapter::load(dir.path(), &c).unwrap();
+    let expected = candle_core::safetensors::load(
+        dir.path().join("expected_deltas.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (name, t) in [
+        ("q_proj", Target::Q),
+        ("k_proj", Target::K),
+        ("v_proj", Target::V),
+    ] {
+        let got = a
+            .delta(1, t)
+            .unwrap()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = expected[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-6, "{name}");
+    }
+    // The same file read for a LLaMA base permutes q: the two readings must differ there.
+    let llama = stancemix::model::tiny::tiny_config();
+    let b = Adapter::load(dir.path(), &llama).unwrap();
+    let (dq, dl) = (
+        a.delta(1, Target::Q)
+            .unwrap()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        b.delta(1, Target::Q)
+            .unwrap()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+    );
+    assert!(max_abs_diff(&dq, &dl) > 1e-4);
+}
