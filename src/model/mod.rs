@@ -1,5 +1,19 @@
-//! The transformer (LLaMA and Qwen2 families): config from GGUF metadata, quantized base weights, tokenizer,
-//! forward pass with a LoRA hook at every linear, and the per-session KV cache.
+//! The transformer (LLaMA and Qwen2 families): config from GGUF metadata, quantized base
+//! weights, tokenizer and chat template, forward pass with a LoRA hook at every linear, and the
+//! per-session KV cache.
+//!
+//! From token ids to logits ([`Model::forward`], `llama.rs`):
+//!
+//! ```text
+//! x = embed[ids]                                   (b, t, hidden)
+//! for each block:
+//!     x += o(attention(rope(q(n)), rope(k(n)), v(n)))   n = rms_norm(x); q/k/v biased in Qwen2
+//!     x += down(silu(gate(n)) * up(n))                  n = rms_norm(x)
+//!     x  = hook.after_block(x)                          (steering vectors)
+//! logits = head(rms_norm(x))                       (b, vocab)
+//! ```
+//!
+//! Every named linear (`q`...`down`) is `W x`, then the hook's LoRA delta, then the bias.
 
 mod attention;
 mod cache;
