@@ -135,7 +135,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let diff = steer::compute(&model, &examples, &mut |done, total| {
         if done % 25 == 0 || done == total {
             eprintln!(
-                "{done}/{total} pairs, {:.0} s",
+                "{done}/{total} examples, {:.0} s",
                 start.elapsed().as_secs_f64()
             );
         }
