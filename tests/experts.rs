@@ -390,10 +390,12 @@ fn adapter_save_load_round_trip_is_identical() {
     }
 }
 
-#[test]
-fn peft_adapter_written_by_python_gives_numpy_delta() {
-    let model = real_model(WeightFormat::Q8_0);
-    let c = &model.config;
+/// Run the numpy fixture for a base of shape `c` and family `arch`, load its adapter for `c`, and
+/// check the q/k/v deltas of layer 1 against numpy's. Returns the adapter and its folder.
+fn peft_fixture_matches_numpy(
+    c: &stancemix::model::Config,
+    arch: &str,
+) -> (Adapter, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -403,6 +405,7 @@ fn peft_adapter_written_by_python_gives_numpy_delta() {
         .arg(script)
         .arg(dir.path())
         .args([c.n_layer, c.hidden, c.n_head, c.n_kv_head].map(|x| x.to_string()))
+        .arg(arch)
         .output()
         .unwrap();
     assert!(
@@ -434,8 +437,15 @@ fn peft_adapter_written_by_python_gives_numpy_delta() {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        assert!(max_abs_diff(&got, &want) < 1e-6, "{name}");
+        assert!(max_abs_diff(&got, &want) < 1e-6, "{arch}: {name}");
     }
+    (a, dir)
+}
+
+#[test]
+fn peft_adapter_written_by_python_gives_numpy_delta() {
+    let model = real_model(WeightFormat::Q8_0);
+    peft_fixture_matches_numpy(&model.config, "llama");
 }
 
 fn write_bad(dir: &std::path::Path, config: serde_json::Value, tensors: Vec<(String, Tensor)>) {
@@ -614,67 +624,18 @@ fn peft_adapter_for_a_qwen2_base_keeps_hugging_face_row_order() {
     // Qwen2's GGUF keeps q/k rows in Hugging Face order (RoPE over halves), so PEFT's B applies
     // unpermuted: the deltas equal numpy's s * B @ A as they are.
     let c = stancemix::model::tiny::tiny_config_of(stancemix::model::Arch::Qwen2);
-    let dir = tempfile::tempdir().unwrap();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/make_peft_adapter.py"
-    );
-    let out = python_with_deps()
-        .arg(script)
-        .arg(dir.path())
-        .args([c.n_layer, c.hidden, c.n_head, c.n_kv_head].map(|x| x.to_string()))
-        .arg("qwen2")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let a = Adapter::load(dir.path(), &c).unwrap();
-    let expected = candle_core::safetensors::load(
-        dir.path().join("expected_deltas.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
-    for (name, t) in [
-        ("q_proj", Target::Q),
-        ("k_proj", Target::K),
-        ("v_proj", Target::V),
-    ] {
-        let got = a
-            .delta(1, t)
-            .unwrap()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let want = expected[name]
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert!(max_abs_diff(&got, &want) < 1e-6, "{name}");
-    }
+    let (a, dir) = peft_fixture_matches_numpy(&c, "qwen2");
     // The same file read for a LLaMA base permutes q: the two readings must differ there.
     let llama = stancemix::model::tiny::tiny_config();
     let b = Adapter::load(dir.path(), &llama).unwrap();
-    let (dq, dl) = (
-        a.delta(1, Target::Q)
+    let q = |x: &Adapter| {
+        x.delta(1, Target::Q)
             .unwrap()
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()
-            .unwrap(),
-        b.delta(1, Target::Q)
             .unwrap()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap(),
-    );
-    assert!(max_abs_diff(&dq, &dl) > 1e-4);
+    };
+    assert!(max_abs_diff(&q(&a), &q(&b)) > 1e-4);
 }

@@ -30,6 +30,16 @@ fn pass(logits: Logits, differentiable: bool) -> Pass<'static> {
     }
 }
 
+/// Last-position logits of one row, as a vector.
+fn last_logits(m: &Model, ids: &[u32]) -> Vec<f32> {
+    m.forward(&row(ids), None, &pass(Logits::Last, false))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 fn row(ids: &[u32]) -> Tensor {
     Tensor::new(ids, &Device::Cpu)
         .unwrap()
@@ -85,20 +95,8 @@ fn qwen2_biases_and_rope_style_change_the_output() {
     let (_d1, q) = tiny_of(Arch::Qwen2, 12, WeightFormat::F32);
     let (_d2, l) = tiny_of(Arch::Llama, 12, WeightFormat::F32);
     let ids = q.tokenizer.encode("same ids").unwrap();
-    let a: Vec<f32> = q
-        .forward(&row(&ids), None, &pass(Logits::Last, false))
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f32> = l
-        .forward(&row(&ids), None, &pass(Logits::Last, false))
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let a = last_logits(&q, &ids);
+    let b = last_logits(&l, &ids);
     assert!(max_abs_diff(&a, &b) > 0.1);
 }
 
@@ -171,20 +169,8 @@ fn quantized_block_types_run_on_the_int8_kernels_within_rounding() {
         )
         .unwrap();
         let ids = stored.tokenizer.encode("quantized rows").unwrap();
-        let a: Vec<f32> = stored
-            .forward(&row(&ids), None, &pass(Logits::Last, false))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b: Vec<f32> = dense
-            .forward(&row(&ids), None, &pass(Logits::Last, false))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let a = last_logits(&stored, &ids);
+        let b = last_logits(&dense, &ids);
         let d = max_abs_diff(&a, &b);
         let scale = b.iter().map(|x| x.abs()).fold(0.0, f32::max);
         assert!(

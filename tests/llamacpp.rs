@@ -49,8 +49,9 @@ fn llama_cpp_python() -> Option<PathBuf> {
 /// Top-two logit gap under which a different choice is a near-tie, not a disagreement.
 const NEAR_TIE: f64 = 0.5;
 
-/// Our argmax at each step of `prompt` followed by `forced` (teacher forcing).
-fn forced_choices(m: &Model, prompt: &[u32], forced: &[u32]) -> Vec<u32> {
+/// Decode from `prompt`: at each step our argmax, then the token `next(step, argmax)` chooses
+/// (`None` stops). Returns the argmaxes.
+fn decode(m: &Model, prompt: &[u32], mut next: impl FnMut(usize, u32) -> Option<u32>) -> Vec<u32> {
     let mut cache = KvCache::new(m.config.n_layer);
     let pass = Pass {
         hook: &NoHook,
@@ -59,7 +60,7 @@ fn forced_choices(m: &Model, prompt: &[u32], forced: &[u32]) -> Vec<u32> {
     };
     let mut out = Vec::new();
     let mut feed = prompt.to_vec();
-    for i in 0..=forced.len() {
+    loop {
         let x = Tensor::new(feed.as_slice(), &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
@@ -69,40 +70,28 @@ fn forced_choices(m: &Model, prompt: &[u32], forced: &[u32]) -> Vec<u32> {
             .unwrap()
             .squeeze(0)
             .unwrap();
-        out.push(z.argmax(0).unwrap().to_scalar::<u32>().unwrap());
-        if i < forced.len() {
-            feed = vec![forced[i]];
+        let top = z.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        out.push(top);
+        match next(out.len() - 1, top) {
+            Some(t) => feed = vec![t],
+            None => return out,
         }
     }
-    out
 }
 
+/// Our argmax at each step of `prompt` followed by `forced` (teacher forcing).
+fn forced_choices(m: &Model, prompt: &[u32], forced: &[u32]) -> Vec<u32> {
+    decode(m, prompt, |step, _| forced.get(step).copied())
+}
+
+/// Our free-running greedy tokens, at most `n`, up to a stop token.
 fn greedy(m: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = KvCache::new(m.config.n_layer);
-    let pass = Pass {
-        hook: &NoHook,
-        logits: Logits::Last,
-        differentiable: false,
-    };
     let stop = m.tokenizer.stop_ids();
-    let mut out = Vec::new();
-    let mut feed = prompt.to_vec();
-    for _ in 0..n {
-        let x = Tensor::new(feed.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let z = m
-            .forward(&x, Some(&mut cache), &pass)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        let next = z.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-        if stop.contains(&next) {
-            break;
-        }
-        out.push(next);
-        feed = vec![next];
+    let mut out = decode(m, prompt, |step, top| {
+        (step + 1 < n && !stop.contains(&top)).then_some(top)
+    });
+    if out.last().is_some_and(|t| stop.contains(t)) {
+        out.pop();
     }
     out
 }

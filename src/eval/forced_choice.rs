@@ -326,15 +326,11 @@ struct Prepared {
 fn prepare(
     engine: &Engine,
     (tpl, system, order): &(Template, bool, Order),
-    system_prompt: Option<&str>,
+    system_prompt: &str,
     statement: &str,
     answers: &[String],
 ) -> Result<Prepared> {
     let tok = &engine.model.tokenizer;
-    let default_system = tok.chat.default_system();
-    let system_prompt = system_prompt
-        .or(default_system.as_deref())
-        .unwrap_or(GENERIC_SYSTEM);
     let text = tpl.render(system.then_some(system_prompt), statement, answers, *order);
     let prompt = tok.encode(&text)?;
     if prompt.is_empty() {
@@ -452,20 +448,19 @@ fn option_logprobs(
         }
         groups.last_mut().expect("pushed above").push(b);
     }
+    // The "with system" prompt: the caller's, else the model's default, else a generic one.
+    let default_system = engine.model.tokenizer.chat.default_system();
+    let system_prompt = opts
+        .system_prompt
+        .as_deref()
+        .or(default_system.as_deref())
+        .unwrap_or(GENERIC_SYSTEM);
     let prepared: Vec<Vec<Prepared>> = variants
         .iter()
         .map(|v| {
             ins.items
                 .iter()
-                .map(|it| {
-                    prepare(
-                        engine,
-                        v,
-                        opts.system_prompt.as_deref(),
-                        &it.text,
-                        &ins.answers,
-                    )
-                })
+                .map(|it| prepare(engine, v, system_prompt, &it.text, &ins.answers))
                 .collect::<Result<_>>()
         })
         .collect::<Result<_>>()?;

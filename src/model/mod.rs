@@ -120,14 +120,17 @@ impl std::fmt::Display for Target {
 /// The model knows nothing of adapters; `lora::ExpertHook` implements this to add
 /// `sum_i g_i * s_i * B_i (A_i x)` per row.
 pub trait LinearHook {
-    /// `x`: the linear's input `(b, t, in)`; `y`: the base output `(b, t, out)`.
+    /// `x`: the linear's input `(b, t, in)`; `y`: the base output `(b, t, out)`. Default:
+    /// `y` unchanged.
     fn after_linear(
         &self,
-        layer: usize,
-        target: Target,
-        x: &Tensor,
+        _layer: usize,
+        _target: Target,
+        _x: &Tensor,
         y: Tensor,
-    ) -> candle_core::Result<Tensor>;
+    ) -> candle_core::Result<Tensor> {
+        Ok(y)
+    }
 
     /// Called with the residual stream `(b, t, hidden)` after block `layer` (0-based); what it
     /// returns flows on (steering vectors add to it here). Default: unchanged.
@@ -152,17 +155,7 @@ pub trait LinearHook {
 /// No adapters: the base model.
 pub struct NoHook;
 
-impl LinearHook for NoHook {
-    fn after_linear(
-        &self,
-        _: usize,
-        _: Target,
-        _: &Tensor,
-        y: Tensor,
-    ) -> candle_core::Result<Tensor> {
-        Ok(y)
-    }
-}
+impl LinearHook for NoHook {}
 
 /// Dot product in eight lanes (vectorizes under AVX2).
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
