@@ -609,7 +609,9 @@ fn option_probabilities_match_a_direct_full_sequence_computation() {
         let tpl = &opts.templates[0];
         assert_eq!(tpl.id, variant.template);
         for (i, it) in ins.items.iter().enumerate() {
-            let text = tpl.render(None, &it.text, &ins.answers, variant.order);
+            let text = tpl
+                .render(&tok.chat, None, &it.text, &ins.answers, variant.order)
+                .unwrap();
             let n = tok.encode(&text).unwrap().len();
             // log p(option) from one uncached pass over prompt + option.
             let lp: Vec<f64> = ins
@@ -617,7 +619,7 @@ fn option_probabilities_match_a_direct_full_sequence_computation() {
                 .iter()
                 .map(|a| {
                     let ids = tok
-                        .encode(&format!("{text}{}", tpl.continuation(a)))
+                        .encode(&format!("{text}{}", tpl.continuation(&tok.chat, a)))
                         .unwrap();
                     let z = engine
                         .forward_rows(&ids, None, std::slice::from_ref(&g), Logits::All)

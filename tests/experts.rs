@@ -406,6 +406,7 @@ fn peft_fixture_matches_numpy(
         .arg(dir.path())
         .args([c.n_layer, c.hidden, c.n_head, c.n_kv_head].map(|x| x.to_string()))
         .arg(arch)
+        .arg(c.head_dim.to_string())
         .output()
         .unwrap();
     assert!(
@@ -638,4 +639,12 @@ fn peft_adapter_for_a_qwen2_base_keeps_hugging_face_row_order() {
             .unwrap()
     };
     assert!(max_abs_diff(&q(&a), &q(&b)) > 1e-4);
+}
+
+#[test]
+fn peft_adapter_for_a_gemma3_base_reads_its_wider_heads_in_hugging_face_order() {
+    // Gemma 3's q has heads * head_dim rows (128 here, hidden 64), kept in Hugging Face order.
+    let c = stancemix::model::tiny::tiny_config_of(stancemix::model::Arch::Gemma3);
+    assert_ne!(c.n_head * c.head_dim, c.hidden);
+    peft_fixture_matches_numpy(&c, "gemma3");
 }

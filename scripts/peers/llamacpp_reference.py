@@ -47,7 +47,8 @@ def main():
             llm.eval([nxt])
         greedy.append(out)
         margins.append(gaps)
-    text_ids = llm.tokenize(request["text"].encode("utf-8"), add_bos=False, special=False)
+    # add_bos=True adds BOS only where the file says to (tokenizer.ggml.add_bos_token: Gemma).
+    text_ids = llm.tokenize(request["text"].encode("utf-8"), add_bos=True, special=False)
     llm.reset()
     llm.eval(text_ids)
     scores = np.array(llm.scores[: len(text_ids)], dtype=np.float64)

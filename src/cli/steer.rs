@@ -96,7 +96,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Source::Survey => survey(&pairs, View::Dpo, "progressive", Split::Train, 1, chat)?
             .into_iter()
             .map(|r| {
-                let strip = |s: &str| s.trim_end_matches("<|im_end|>").to_string();
+                let strip = |s: &str| chat.strip_completion(s).to_string();
                 let away = r.rejected.as_deref().map(strip).unwrap_or_default();
                 (r.prompt, strip(&r.chosen), away)
             })

@@ -27,7 +27,8 @@ pub struct Record {
     /// The user turn rendered by the model's chat template, up to and including the
     /// assistant header.
     pub prompt: String,
-    /// The adapter's own side, ending with `<|im_end|>`.
+    /// The adapter's own side, framed as the template frames an answer
+    /// ([`ChatTemplate::completion`]: `answer<|im_end|>` in ChatML).
     pub chosen: String,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub rejected: Option<String>,
@@ -65,9 +66,9 @@ pub fn export(
             Ok(Record {
                 id: p.id.clone(),
                 prompt: chat.user_prompt(&p.prompt)?,
-                chosen: format!("{}<|im_end|>", p.answer(stance).unwrap_or_default()),
+                chosen: chat.completion(p.answer(stance).unwrap_or_default()),
                 rejected: (view == View::Dpo)
-                    .then(|| format!("{}<|im_end|>", p.answer(other).unwrap_or_default())),
+                    .then(|| chat.completion(p.answer(other).unwrap_or_default())),
             })
         })
         .collect()

@@ -135,8 +135,8 @@ pub fn survey(
             out.push(Record {
                 id,
                 prompt: chat.user_prompt(&user)?,
-                chosen: format!("{lead}{own}<|im_end|>"),
-                rejected: (view == View::Dpo).then(|| format!("{lead}{theirs}<|im_end|>")),
+                chosen: chat.completion(&format!("{lead}{own}")),
+                rejected: (view == View::Dpo).then(|| chat.completion(&format!("{lead}{theirs}"))),
             });
         }
     }

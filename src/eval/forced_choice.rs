@@ -331,7 +331,14 @@ fn prepare(
     answers: &[String],
 ) -> Result<Prepared> {
     let tok = &engine.model.tokenizer;
-    let text = tpl.render(system.then_some(system_prompt), statement, answers, *order);
+    let chat = &tok.chat;
+    let text = tpl.render(
+        chat,
+        system.then_some(system_prompt),
+        statement,
+        answers,
+        *order,
+    )?;
     let prompt = tok.encode(&text)?;
     if prompt.is_empty() {
         return Err(Error::Invalid("empty prompt".into()));
@@ -339,7 +346,7 @@ fn prepare(
     let options = answers
         .iter()
         .map(|a| {
-            let cont = tpl.continuation(a);
+            let cont = tpl.continuation(chat, a);
             let full = tok.encode(&format!("{text}{cont}"))?;
             // Tokenised with the prompt when the boundary is stable, alone otherwise.
             let ids = if full.len() > prompt.len() && full.starts_with(&prompt) {

@@ -1,7 +1,9 @@
 //! Prompt templates for forced-choice scoring: several phrasings, each asked with and without a
 //! system prompt and with the answer options listed in both orders.
 
-use crate::model::{chatml_message, CHATML_ASSISTANT};
+use crate::model::chat::ChatTemplate;
+use crate::model::{chatml_message, Message, CHATML_ASSISTANT};
+use crate::Result;
 
 /// How the answer options are listed inside a template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,36 +152,62 @@ impl Template {
         }
     }
 
-    /// The whole prompt in ChatML, up to and including the assistant's prefill.
+    /// The whole prompt, up to and including the assistant's prefill: ChatML where the model's
+    /// vocabulary speaks it (as every figure since the first was rendered; `system: None` is
+    /// then no system message at all, even where the file's template would insert its own),
+    /// the model's chat template otherwise (`chat`; the prefill after the template's lead).
     pub fn render(
         &self,
+        chat: &ChatTemplate,
         system: Option<&str>,
         statement: &str,
         answers: &[String],
         order: Order,
-    ) -> String {
+    ) -> Result<String> {
         let user = self
             .user
             .replace("{options}", &self.options(answers, order))
             .replace("{statement}", statement.trim());
         let mut s = String::new();
-        if let Some(sys) = system {
-            s.push_str(&chatml_message("system", sys));
+        if chat.chatml_vocab {
+            if let Some(sys) = system {
+                s.push_str(&chatml_message("system", sys));
+            }
+            s.push_str(&chatml_message("user", &user));
+            s.push_str(CHATML_ASSISTANT);
+        } else {
+            let message = |role: &str, content: &str| Message {
+                role: role.into(),
+                content: content.into(),
+            };
+            let mut messages: Vec<Message> =
+                system.map(|m| message("system", m)).into_iter().collect();
+            messages.push(message("user", &user));
+            s.push_str(&chat.render(&messages, true)?);
+            if !self.prefill.is_empty() {
+                s.push_str(&chat.frame().lead);
+            }
         }
-        s.push_str(&chatml_message("user", &user));
-        s.push_str(CHATML_ASSISTANT);
         s.push_str(self.prefill);
-        s
+        Ok(s)
     }
 
-    /// The text of an option as it follows the prefill (a space after a non-empty prefill).
-    pub fn continuation(&self, answer: &str) -> String {
+    /// The text of an option as it follows the prompt: after a non-empty prefill, a space; with
+    /// none, the template's lead (nothing in ChatML, a space in the plain template).
+    pub fn continuation(&self, chat: &ChatTemplate, answer: &str) -> String {
         let answer = if self.lowercase {
             answer.to_lowercase()
         } else {
             answer.to_string()
         };
-        if self.prefill.is_empty() || self.prefill.ends_with(char::is_whitespace) {
+        if self.prefill.is_empty() {
+            let lead = if chat.chatml_vocab {
+                ""
+            } else {
+                chat.frame().lead.as_str()
+            };
+            format!("{lead}{answer}")
+        } else if self.prefill.ends_with(char::is_whitespace) {
             answer
         } else {
             format!(" {answer}")
@@ -218,12 +246,26 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let p = TEMPLATES[4].render(Some("sys"), " Taxes are good. ", &a, Order::Forward);
+        let p = TEMPLATES[4]
+            .render(
+                &ChatTemplate::chatml(),
+                Some("sys"),
+                " Taxes are good. ",
+                &a,
+                Order::Forward,
+            )
+            .unwrap();
         assert!(p.starts_with("<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\n"));
         assert!(p.contains("Statement: Taxes are good.<|im_end|>"));
         assert!(p.ends_with("<|im_start|>assistant\nAnswer:"));
-        assert_eq!(TEMPLATES[4].continuation("Agree"), " Agree");
-        assert_eq!(TEMPLATES[0].continuation("Agree"), "Agree");
+        assert_eq!(
+            TEMPLATES[4].continuation(&ChatTemplate::chatml(), "Agree"),
+            " Agree"
+        );
+        assert_eq!(
+            TEMPLATES[0].continuation(&ChatTemplate::chatml(), "Agree"),
+            "Agree"
+        );
     }
 
     #[test]
@@ -243,7 +285,15 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let p = FIRST_WORDS.render(None, "Taxes are good.", &a, Order::Forward);
+        let p = FIRST_WORDS
+            .render(
+                &ChatTemplate::chatml(),
+                None,
+                "Taxes are good.",
+                &a,
+                Order::Forward,
+            )
+            .unwrap();
         assert_eq!(
             p,
             "<|im_start|>user\nDo you agree or disagree: \"Taxes are good.\"<|im_end|>\n\
@@ -251,10 +301,18 @@ mod tests {
         );
         assert_eq!(
             p,
-            FIRST_WORDS.render(None, "Taxes are good.", &a, Order::Reversed)
+            FIRST_WORDS
+                .render(
+                    &ChatTemplate::chatml(),
+                    None,
+                    "Taxes are good.",
+                    &a,
+                    Order::Reversed
+                )
+                .unwrap()
         );
         assert_eq!(
-            FIRST_WORDS.continuation("Strongly agree"),
+            FIRST_WORDS.continuation(&ChatTemplate::chatml(), "Strongly agree"),
             " strongly agree"
         );
     }

@@ -28,13 +28,26 @@ pub enum TemplateSource {
     Plain,
 }
 
+/// How the template frames an assistant's answer after the prompt that opens its turn:
+/// `lead` + answer + `close` (ChatML: `""` and `"<|im_end|>\n"`; the plain template: `" "` and
+/// `"\n\n"`). Training targets and forced-choice continuations are built from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerFrame {
+    pub lead: String,
+    pub close: String,
+}
+
 /// A compiled chat template.
 #[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     pub source: TemplateSource,
+    /// Whether the model's vocabulary has ChatML's `<|im_start|>` and `<|im_end|>`.
+    pub chatml_vocab: bool,
     bos: String,
     eos: String,
+    /// Probed once from the template (see [`ChatTemplate::frame`]).
+    frame: AnswerFrame,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -67,12 +80,84 @@ impl ChatTemplate {
         );
         env.add_template_owned("chat", text)
             .map_err(|e| Error::Tokenizer(format!("chat template: {e:#}")))?;
-        Ok(ChatTemplate {
+        let mut t = ChatTemplate {
             env,
             source,
+            chatml_vocab: chatml,
             bos: bos.to_string(),
             eos: eos.to_string(),
-        })
+            frame: AnswerFrame {
+                lead: String::new(),
+                close: eos.to_string(),
+            },
+        };
+        t.frame = t.probe_frame();
+        Ok(t)
+    }
+
+    /// Render a conversation with one answer and cut it around the answer. A template that
+    /// renders the finished turn differently from the open one (or fails) keeps the fallback:
+    /// no lead, the EOS text as close.
+    fn probe_frame(&self) -> AnswerFrame {
+        const QUESTION: &str = "\u{1}question\u{1}";
+        const ANSWER: &str = "\u{1}answer\u{1}";
+        let user = Message {
+            role: "user".into(),
+            content: QUESTION.into(),
+        };
+        let answer = Message {
+            role: "assistant".into(),
+            content: ANSWER.into(),
+        };
+        let open = self.render(std::slice::from_ref(&user), true);
+        let done = self.render(&[user, answer], false);
+        if let (Ok(open), Ok(done)) = (open, done) {
+            if let Some(rest) = done.strip_prefix(open.as_str()) {
+                if let Some((lead, close)) = rest.split_once(ANSWER) {
+                    return AnswerFrame {
+                        lead: lead.into(),
+                        close: close.into(),
+                    };
+                }
+            }
+        }
+        AnswerFrame {
+            lead: String::new(),
+            close: self.eos.clone(),
+        }
+    }
+
+    /// How this template frames an answer.
+    pub fn frame(&self) -> &AnswerFrame {
+        &self.frame
+    }
+
+    /// An answer as a training target after [`ChatTemplate::user_prompt`]: the lead, the
+    /// answer, and the close up to its last non-blank character (ChatML's `<|im_end|>`, as the
+    /// shipped experts were trained) or, where the close is only blank (the plain template's
+    /// `\n\n`), the close itself, so the model learns where an answer ends.
+    pub fn completion(&self, answer: &str) -> String {
+        let close = self.frame.close.trim_end();
+        let close = if close.is_empty() {
+            self.frame.close.as_str()
+        } else {
+            close
+        };
+        format!("{}{answer}{close}", self.frame.lead)
+    }
+
+    /// The answer inside a [`ChatTemplate::completion`] (the text itself when it is not one).
+    pub fn strip_completion<'a>(&self, completion: &'a str) -> &'a str {
+        let inner = completion
+            .strip_prefix(self.frame.lead.as_str())
+            .unwrap_or(completion);
+        let close = self.frame.close.trim_end();
+        let close = if close.is_empty() {
+            self.frame.close.as_str()
+        } else {
+            close
+        };
+        inner.strip_suffix(close).unwrap_or(inner)
     }
 
     /// ChatML without a system message (exports made without a model).

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::gemm8::{frozen_linear_int8, FrozenInt8};
 use super::packed::PackedMatrix;
-use super::{Config, KvCache, LinearHook, RopeStyle, Target, Tokenizer};
+use super::{Activation, Config, KvCache, LinearHook, RopeStyle, Target, Tokenizer};
 use crate::{Error, Result};
 
 /// How the base weights are held in memory.
@@ -148,6 +148,18 @@ struct Block {
     gate: Weight,
     up: Weight,
     down: Weight,
+    /// Gemma 3's further norms ([`Arch::sandwich_norms`]), `None` elsewhere.
+    sandwich: Option<SandwichNorms>,
+}
+
+/// The norms Gemma 3 adds to a block: on each head of q and k, and on the attention and MLP
+/// outputs before their residual adds.
+#[derive(Debug)]
+struct SandwichNorms {
+    q: Tensor,         // (head_dim,)
+    k: Tensor,         // (head_dim,)
+    post_attn: Tensor, // (hidden,)
+    post_ffn: Tensor,  // (hidden,)
 }
 
 impl Block {
@@ -186,8 +198,10 @@ pub struct Model {
     blocks: Vec<Block>,
     norm: Tensor,
     head: Weight, // output.weight, or the tied token embedding
-    cos: Tensor,  // (context, head_dim / 2)
-    sin: Tensor,
+    /// RoPE tables of the global layers, `(context, head_dim / 2)` each.
+    rope: RopeTables,
+    /// RoPE tables of the sliding-window layers (Gemma 3), on their own base.
+    rope_sliding: Option<RopeTables>,
     device: Device,
 }
 
@@ -280,8 +294,22 @@ impl Model {
             } else {
                 None
             };
+            let sandwich = if c.family.sandwich_norms() {
+                let mut norm = |name: &str, len: usize| -> Result<Tensor> {
+                    Ok(read(&format!("blk.{i}.{name}.weight"), &[len])?.dequantize(&device)?)
+                };
+                Some(SandwichNorms {
+                    q: norm("attn_q_norm", c.head_dim)?,
+                    k: norm("attn_k_norm", c.head_dim)?,
+                    post_attn: norm("post_attention_norm", c.hidden)?,
+                    post_ffn: norm("post_ffw_norm", c.hidden)?,
+                })
+            } else {
+                None
+            };
             blocks.push(Block {
                 qkv_bias,
+                sandwich,
                 attn_norm: read(&format!("blk.{i}.attn_norm.weight"), &[c.hidden])?
                     .dequantize(&device)?,
                 ffn_norm: read(&format!("blk.{i}.ffn_norm.weight"), &[c.hidden])?
@@ -325,7 +353,32 @@ impl Model {
             })
             .collect();
         super::packed::pack_in_arenas(&mut mats);
-        let (cos, sin) = rope_tables(c.head_dim, c.rope_base, c.context_len, &device)?;
+        // Llama 3.1 and later divide each frequency by a stored factor.
+        let freq_factors = if content.tensor_infos.contains_key("rope_freqs.weight") {
+            let f = read("rope_freqs.weight", &[c.head_dim / 2])?.dequantize(&device)?;
+            Some(f.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        let rope = RopeTables::new(
+            c.head_dim,
+            c.rope_base,
+            c.rope_scale,
+            freq_factors.as_deref(),
+            c.context_len,
+            &device,
+        )?;
+        let rope_sliding = match c.sliding {
+            Some(s) => Some(RopeTables::new(
+                c.head_dim,
+                s.rope_base,
+                1.0,
+                None,
+                c.context_len,
+                &device,
+            )?),
+            None => None,
+        };
         Ok(Arc::new(Model {
             config,
             tokenizer,
@@ -335,8 +388,8 @@ impl Model {
             blocks,
             norm,
             head,
-            cos,
-            sin,
+            rope,
+            rope_sliding,
             device,
         }))
     }
@@ -388,21 +441,44 @@ impl Model {
                 )));
             }
         }
-        let mask = if t > 1 {
-            Some(causal_mask(t, pos, &self.device)?)
+        // Additive masks `(t, pos + t)`: causal, and causal within the window for sliding layers.
+        let (mask, mask_sliding) = if t > 1 {
+            let window = self.config.sliding.map(|s| s.window);
+            (
+                Some(causal_mask(t, pos, None, &self.device)?),
+                match window {
+                    Some(w) => Some(causal_mask(t, pos, Some(w), &self.device)?),
+                    None => None,
+                },
+            )
         } else {
-            None
+            (None, None)
         };
         let mut x = self
             .embed
             .index_select(&tokens.flatten_all()?, 0)?
             .reshape((b, t, self.config.hidden))?; // (b, t, hidden)
+        if let Some(scale) = self.config.embed_scale {
+            x = (x * scale as f64)?;
+        }
         for (i, block) in self.blocks.iter().enumerate() {
+            let mask = match self.config.is_sliding(i) {
+                true => mask_sliding.as_ref(),
+                false => mask.as_ref(),
+            };
             let h = self.rms_norm(&x, &block.attn_norm, pass)?;
-            let a = self.attention(i, block, &h, cache.as_deref_mut(), pos, mask.as_ref(), pass)?;
+            let a = self.attention(i, block, &h, cache.as_deref_mut(), pos, mask, pass)?;
+            let a = match &block.sandwich {
+                Some(n) => self.rms_norm(&a, &n.post_attn, pass)?,
+                None => a,
+            };
             x = (x + a)?;
             let h = self.rms_norm(&x, &block.ffn_norm, pass)?;
             let m = self.mlp(i, block, &h, pass)?;
+            let m = match &block.sandwich {
+                Some(n) => self.rms_norm(&m, &n.post_ffn, pass)?,
+                None => m,
+            };
             x = pass.hook.after_block(i, (x + m)?)?; // steering vectors act here
 
             if pass.logits == Logits::Layer(i + 1) {
@@ -509,23 +585,40 @@ impl Model {
         let q = self.linear(layer, Target::Q, blk, x, pass)?; // (b, t, nh * hd)
         let k = self.linear(layer, Target::K, blk, x, pass)?; // (b, t, nkv * hd)
         let v = self.linear(layer, Target::V, blk, x, pass)?;
-        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?; // (b, nh, t, hd)
-        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?; // (b, nkv, t, hd)
+        let (q, k) = (q.reshape((b, t, nh, hd))?, k.reshape((b, t, nkv, hd))?);
+        let (q, k) = match &blk.sandwich {
+            // Gemma 3: RMSNorm over each head before RoPE.
+            Some(n) => (
+                self.rms_norm(&q, &n.q, pass)?,
+                self.rms_norm(&k, &n.k, pass)?,
+            ),
+            None => (q, k),
+        };
+        let q = q.transpose(1, 2)?.contiguous()?; // (b, nh, t, hd)
+        let k = k.transpose(1, 2)?.contiguous()?; // (b, nkv, t, hd)
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = self.rope(&q, pos, pass)?;
-        let k = self.rope(&k, pos, pass)?;
+        let q = self.rope(layer, &q, pos, pass)?;
+        let k = self.rope(layer, &k, pos, pass)?;
         let (k, v) = match cache {
             Some(cache) => cache.append(layer, &k, &v)?, // (b, nkv, pos + t, hd)
             None => (k, v),
         };
         if t == 1 && !pass.differentiable {
+            // A sliding layer's query sees only the last `window` keys.
+            let (k, v) = match c.sliding {
+                Some(s) if c.is_sliding(layer) && k.dim(2)? > s.window => {
+                    let from = k.dim(2)? - s.window;
+                    (k.narrow(2, from, s.window)?, v.narrow(2, from, s.window)?)
+                }
+                _ => (k, v),
+            };
             // A decode step: one op over the cache in place (see `attention.rs`).
-            let y = super::attention::decode_attention(&q, &k, &v, 1.0 / (hd as f32).sqrt())?;
+            let y = super::attention::decode_attention(&q, &k, &v, c.attn_scale)?;
             return self.linear(layer, Target::O, blk, &y, pass);
         }
         let k = candle_transformers::utils::repeat_kv(k, c.n_rep())?; // (b, nh, kv_len, hd)
         let v = candle_transformers::utils::repeat_kv(v, c.n_rep())?.contiguous()?;
-        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?; // (b, nh, t, kv_len)
+        let att = (q.matmul(&k.t()?)? * c.attn_scale as f64)?; // (b, nh, t, kv_len)
         let att = match mask {
             Some(m) => att.broadcast_add(m)?,
             None => att,
@@ -543,7 +636,11 @@ impl Model {
     fn mlp(&self, layer: usize, blk: &Block, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         let gate = self.linear(layer, Target::Gate, blk, x, pass)?; // (b, t, ffn)
         let up = self.linear(layer, Target::Up, blk, x, pass)?;
-        let h = (candle_nn::ops::silu(&gate)? * up)?;
+        let act = match self.config.family.activation() {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?, // candle's `gelu` is the tanh approximation
+        };
+        let h = (act * up)?;
         self.linear(layer, Target::Down, blk, &h, pass)
     }
 
@@ -558,11 +655,15 @@ impl Model {
 
     /// RoPE in the family's pairing: interleaved for LLaMA (GGUF stores its q/k rows permuted
     /// for it), halves for Qwen2. `x`: `(b, heads, t, hd)`.
-    fn rope(&self, x: &Tensor, pos: usize, pass: &Pass) -> Result<Tensor> {
+    fn rope(&self, layer: usize, x: &Tensor, pos: usize, pass: &Pass) -> Result<Tensor> {
         use candle_nn::rotary_emb::{rope, rope_i, rope_i_slow, rope_slow};
         let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
+        let tables = match &self.rope_sliding {
+            Some(sliding) if self.config.is_sliding(layer) => sliding,
+            _ => &self.rope,
+        };
+        let cos = tables.cos.narrow(0, pos, t)?;
+        let sin = tables.sin.narrow(0, pos, t)?;
         Ok(match (self.config.family.rope(), pass.differentiable) {
             (RopeStyle::Interleaved, true) => rope_i_slow(x, &cos, &sin)?,
             (RopeStyle::Interleaved, false) => rope_i(x, &cos, &sin)?,
@@ -652,29 +753,58 @@ fn to_matmul(q: QTensor, format: WeightFormat, known: Option<Tensor>) -> Result<
     })
 }
 
-fn rope_tables(
-    head_dim: usize,
-    base: f32,
-    len: usize,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let inv: Vec<f32> = (0..head_dim)
-        .step_by(2)
-        .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
-        .collect();
-    let inv = Tensor::new(inv.as_slice(), device)?.reshape((1, head_dim / 2))?;
-    let pos = Tensor::arange(0u32, len as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((len, 1))?;
-    let angles = pos.matmul(&inv)?; // (len, hd / 2)
-    Ok((angles.cos()?, angles.sin()?))
+/// RoPE's cosines and sines for every position, `(len, head_dim / 2)` each.
+#[derive(Debug)]
+struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeTables {
+    /// Angle `pos * scale * base^(-2i / head_dim) / factor_i` (factors: Llama 3.1's
+    /// `rope_freqs`, 1 without them).
+    fn new(
+        head_dim: usize,
+        base: f32,
+        scale: f32,
+        factors: Option<&[f32]>,
+        len: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let inv: Vec<f32> = (0..head_dim / 2)
+            .map(|i| {
+                let factor = factors.map_or(1.0, |f| f[i]);
+                scale / base.powf(2.0 * i as f32 / head_dim as f32) / factor
+            })
+            .collect();
+        let inv = Tensor::new(inv.as_slice(), device)?.reshape((1, head_dim / 2))?;
+        let pos = Tensor::arange(0u32, len as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((len, 1))?;
+        let angles = pos.matmul(&inv)?; // (len, hd / 2)
+        Ok(RopeTables {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+        })
+    }
 }
 
 /// Additive causal mask `(t, pos + t)`: 0 where query `pos + i` may see key `j`, -inf elsewhere.
-fn causal_mask(t: usize, pos: usize, device: &Device) -> Result<Tensor> {
+/// With a `window`, a query also sees no key `window` or more positions back.
+fn causal_mask(t: usize, pos: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
     let kv = pos + t;
+    let window = window.unwrap_or(usize::MAX);
     let data: Vec<f32> = (0..t)
-        .flat_map(|i| (0..kv).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            let q = pos + i;
+            (0..kv).map(move |j| {
+                if j > q || q - j >= window {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(data, (t, kv), device)?)
 }

@@ -1,17 +1,21 @@
-//! The transformer (LLaMA and Qwen2 families): config from GGUF metadata, quantized base
+//! The transformer (LLaMA, Qwen2 and Gemma 3 families): config from GGUF metadata, quantized base
 //! weights, tokenizer and chat template, forward pass with a LoRA hook at every linear, and the
 //! per-session KV cache.
 //!
 //! From token ids to logits ([`Model::forward`], `llama.rs`):
 //!
 //! ```text
-//! x = embed[ids]                                   (b, t, hidden)
+//! x = embed[ids] (* sqrt(hidden) in Gemma)         (b, t, hidden)
 //! for each block:
-//!     x += o(attention(rope(q(n)), rope(k(n)), v(n)))   n = rms_norm(x); q/k/v biased in Qwen2
-//!     x += down(silu(gate(n)) * up(n))                  n = rms_norm(x)
-//!     x  = hook.after_block(x)                          (steering vectors)
+//!     x += post(o(attention(rope(q(n)), rope(k(n)), v(n))))   n = rms_norm(x)
+//!     x += post(down(act(gate(n)) * up(n)))                   n = rms_norm(x)
+//!     x  = hook.after_block(x)                                (steering vectors)
 //! logits = head(rms_norm(x))                       (b, vocab)
 //! ```
+//!
+//! What the families change in it: Qwen2 biases q, k and v; Gemma 3 norms each head of q and k
+//! before RoPE, norms both outputs (`post`) before the residual add, uses GELU for `act` (SiLU
+//! elsewhere) and lets five of every six layers see only a sliding window of 512 positions.
 //!
 //! Every named linear (`q`...`down`) is `W x`, then the hook's LoRA delta, then the bias.
 
@@ -32,7 +36,7 @@ pub mod tiny;
 mod tokenizer;
 
 pub use cache::KvCache;
-pub use config::{Arch, Config, RopeStyle, ARCHITECTURES};
+pub use config::{Activation, Arch, Config, RopeStyle, Sliding, ARCHITECTURES};
 pub use frozen::frozen_linear;
 pub use llama::{LoadOptions, Logits, Model, Pass, WeightFormat, WIDE_ROWS};
 pub use tokenizer::{

@@ -1,5 +1,5 @@
-//! A tiny random-weight model of each family (LLaMA, Qwen2) written as a real GGUF file, for
-//! fast unit tests.
+//! A tiny random-weight model of each family (LLaMA, Qwen2, Gemma 3) written as a real GGUF file,
+//! for fast unit tests.
 //!
 //! Its tokenizer has one token per byte (no merges) plus the ChatML specials, so text
 //! round-trips; its weights are seeded random normals.
@@ -27,6 +27,10 @@ pub fn tiny_config() -> Config {
         head_dim: 16,
         rope_dim: 16,
         rope_base: 10_000.0,
+        rope_scale: 1.0,
+        sliding: None,
+        embed_scale: None,
+        attn_scale: 0.25,
         rms_eps: 1e-5,
         context_len: 512,
         vocab_size: 256 + 3,
@@ -44,16 +48,36 @@ fn normal(rng: &mut StdRng, n: usize, std: f32) -> Vec<f32> {
         .collect()
 }
 
-/// The tiny shape in another family (`general.architecture` = its first name there).
+/// The tiny shape in another family (`general.architecture` = its first name there). Gemma 3's
+/// has six layers (five sliding, one global), heads of 32 (wider than hidden / heads, as in
+/// Gemma) and its embedding scale.
 pub fn tiny_config_of(family: Arch) -> Config {
     let arch = ARCHITECTURES
         .iter()
         .find(|(_, a)| *a == family)
         .map_or("llama", |(n, _)| *n);
-    Config {
+    let c = Config {
         arch: arch.into(),
         family,
         ..tiny_config()
+    };
+    match family {
+        Arch::Gemma3 => Config {
+            n_layer: 6,
+            head_dim: 32,
+            rope_dim: 32,
+            rope_base: 1_000_000.0,
+            sliding: Some(super::Sliding {
+                window: 512,
+                pattern: 6,
+                rope_base: 10_000.0,
+            }),
+            embed_scale: Some((c.hidden as f32).sqrt()),
+            attn_scale: 1.0 / (32f32).sqrt(),
+            rms_eps: 1e-6,
+            ..c
+        },
+        Arch::Llama | Arch::Qwen2 => c,
     }
 }
 
@@ -63,7 +87,8 @@ pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<()> {
 }
 
 /// Write the tiny model of `family` to `path` (a GGUF with f32 tensors) from `seed`: Qwen2's
-/// has random q/k/v biases and an untied output head.
+/// has random q/k/v biases and an untied output head; Gemma 3's has random norm weights near 1
+/// (GGUF stores Gemma's `1 + w`) and its further norms.
 pub fn write_tiny_gguf_of(path: &Path, seed: u64, family: Arch) -> Result<()> {
     write_random_gguf(path, seed, &tiny_config_of(family))
 }
@@ -75,12 +100,14 @@ pub fn write_random_gguf(path: &Path, seed: u64, c: &Config) -> Result<()> {
     let dev = Device::Cpu;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let mut add = |name: String, shape: &[usize], std: f32, ones: bool| -> Result<()> {
+    // Values `mean + std * N(0, 1)`.
+    let mut add = |name: String, shape: &[usize], std: f32, mean: f32| -> Result<()> {
         let n: usize = shape.iter().product();
-        let data = if ones {
-            vec![1.0; n]
+        // (A constant draws nothing, so the other tensors' values do not depend on it.)
+        let data: Vec<f32> = if std == 0.0 {
+            vec![mean; n]
         } else {
-            normal(&mut rng, n, std)
+            normal(&mut rng, n, std).iter().map(|x| x + mean).collect()
         };
         let t = Tensor::from_vec(data, shape, &dev)?;
         tensors.push((name, QTensor::quantize(&t, GgmlDType::F32)?));
@@ -90,19 +117,41 @@ pub fn write_random_gguf(path: &Path, seed: u64, c: &Config) -> Result<()> {
         "token_embd.weight".into(),
         &[c.vocab_size, c.hidden],
         0.5,
-        false,
+        0.0,
     )?;
-    add("output_norm.weight".into(), &[c.hidden], 0.0, true)?;
+    // Norm weights: 1 (LLaMA, Qwen2), random near 1 (Gemma 3).
+    let norm_std = if family.sandwich_norms() { 0.3 } else { 0.0 };
+    add("output_norm.weight".into(), &[c.hidden], norm_std, 1.0)?;
     for i in 0..c.n_layer {
-        add(format!("blk.{i}.attn_norm.weight"), &[c.hidden], 0.0, true)?;
-        add(format!("blk.{i}.ffn_norm.weight"), &[c.hidden], 0.0, true)?;
+        add(
+            format!("blk.{i}.attn_norm.weight"),
+            &[c.hidden],
+            norm_std,
+            1.0,
+        )?;
+        add(
+            format!("blk.{i}.ffn_norm.weight"),
+            &[c.hidden],
+            norm_std,
+            1.0,
+        )?;
+        if family.sandwich_norms() {
+            for (name, len) in [
+                ("attn_q_norm", c.head_dim),
+                ("attn_k_norm", c.head_dim),
+                ("post_attention_norm", c.hidden),
+                ("post_ffw_norm", c.hidden),
+            ] {
+                add(format!("blk.{i}.{name}.weight"), &[len], norm_std, 1.0)?;
+            }
+        }
         for t in Target::ALL {
             let std = 1.0 / (c.in_features(t) as f32).sqrt();
             add(
                 format!("blk.{i}.{}.weight", t.gguf_name()),
                 &[c.out_features(t), c.in_features(t)],
                 std,
-                false,
+                0.0,
             )?;
         }
         if family.qkv_bias() {
@@ -111,18 +160,13 @@ pub fn write_random_gguf(path: &Path, seed: u64, c: &Config) -> Result<()> {
                     format!("blk.{i}.{}.bias", t.gguf_name()),
                     &[c.out_features(t)],
                     0.5,
-                    false,
+                    0.0,
                 )?;
             }
         }
     }
     if family == Arch::Qwen2 {
-        add(
-            "output.weight".into(),
-            &[c.vocab_size, c.hidden],
-            0.5,
-            false,
-        )?;
+        add("output.weight".into(), &[c.vocab_size, c.hidden], 0.5, 0.0)?;
     }
     // Byte-level vocabulary: the 256 GPT-2 byte characters, then the specials.
     let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
@@ -175,6 +219,20 @@ pub fn write_random_gguf(path: &Path, seed: u64, c: &Config) -> Result<()> {
     ];
     if family == Arch::Qwen2 {
         md.push(("tokenizer.ggml.pre", Value::String("qwen2".into())));
+    }
+    let (head_keys, window_key) = (
+        [
+            format!("{a}.attention.key_length"),
+            format!("{a}.attention.value_length"),
+        ],
+        format!("{a}.attention.sliding_window"),
+    );
+    if c.head_dim * c.n_head != c.hidden {
+        md.push((&head_keys[0], u32v(c.head_dim)));
+        md.push((&head_keys[1], u32v(c.head_dim)));
+    }
+    if let Some(s) = c.sliding {
+        md.push((&window_key, u32v(s.window)));
     }
     write_gguf(path, &md, &tensors)
 }

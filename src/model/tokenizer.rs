@@ -1,8 +1,16 @@
 //! Tokenizer built from GGUF metadata with the `tokenizers` crate, and the ChatML template.
 //!
-//! A byte-level BPE from the GGUF vocab and merges, a `ByteLevel` decoder, every control or
-//! user-defined token (types 3 and 4) special, and the pre-tokenizer `tokenizer.ggml.pre` names,
-//! as llama.cpp's `llama-vocab.cpp` splits text for it ([`PRE_TOKENIZERS`]):
+//! Two kinds, by `tokenizer.ggml.model`; in both every control or user-defined token (types 3
+//! and 4) is split out of the text whole before anything else, as llama.cpp does.
+//!
+//! `llama` (SentencePiece, Gemma): spaces become `▁` (and a leading `▁` when
+//! `tokenizer.ggml.add_space_prefix`), then BPE merges ranked by the score of the piece they
+//! make (llama.cpp's `llm_tokenizer_spm` merges the adjacent pair whose piece scores highest),
+//! bytes of characters outside the vocabulary as `<0xXX>` tokens.
+//!
+//! `gpt2` (byte-level BPE): the GGUF vocab and merges, a `ByteLevel` decoder, and the
+//! pre-tokenizer `tokenizer.ggml.pre` names, as llama.cpp's `llama-vocab.cpp` splits text for
+//! it ([`PRE_TOKENIZERS`]):
 //! - `smollm` (SmolLM2; also a file that names none): `Digits` (each digit alone) then
 //!   `ByteLevel` with the GPT-2 regex;
 //! - `qwen2`: the Qwen2 regex (letters, single digits, punctuation runs, newlines, spaces), then
@@ -11,8 +19,14 @@
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use std::path::Path;
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -24,9 +38,12 @@ use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 use super::chat::ChatTemplate;
 use crate::{Error, Result};
 
-/// GGUF token types parsed as whole special tokens: control (`<|im_start|>`, `<|endoftext|>`...)
-/// and user-defined (Qwen's `<tool_call>`...).
-const SPECIAL_TOKEN_TYPES: [i32; 2] = [3, 4];
+/// GGUF token type of control tokens (`<|im_start|>`, `<bos>`...): split out of the text whole,
+/// left out of decoded text unless asked for.
+const CONTROL: i32 = 3;
+/// GGUF token type of user-defined tokens (Qwen's `<tool_call>`, Gemma's runs of newlines and
+/// spaces, HTML tags): split out of the text whole, decoded as text.
+const USER_DEFINED: i32 = 4;
 
 /// The Qwen2 split regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_QWEN2`).
 const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -64,6 +81,51 @@ fn pre_tokenizer(pre: Option<&str>) -> std::result::Result<Sequence, String> {
     }
 }
 
+/// SentencePiece's stand-in for a space.
+const SPM_SPACE: &str = "\u{2581}";
+
+/// How text becomes the pieces BPE merges: byte-level (GPT-2 style) or SentencePiece.
+enum Kind {
+    ByteLevel {
+        pre: Sequence,
+        /// Llama 3: a whole pre-token found in the vocabulary is one token.
+        ignore_merges: bool,
+    },
+    SentencePiece {
+        add_space_prefix: bool,
+    },
+}
+
+/// SentencePiece BPE as merges: every split of a piece into two pieces of the vocabulary,
+/// ranked by the score of the piece it makes (highest first), as Hugging Face's converter
+/// writes Gemma's `tokenizer.json`. Control, byte and unused tokens (types 3, 5, 6) are never
+/// made by merging.
+fn spm_merges(tokens: &[&String], scores: &[f32], types: &[i32], vocab: &Vocab) -> Merges {
+    let mergeable = |id: u32| matches!(types.get(id as usize), Some(1) | None);
+    let mut ranked: Vec<(f32, u32, u32, usize)> = Vec::new(); // (score, left id, right id, piece)
+    for (i, piece) in tokens.iter().enumerate() {
+        if !mergeable(i as u32) {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(at);
+            if let (Some(&a), Some(&b)) = (vocab.get(l), vocab.get(r)) {
+                ranked.push((scores.get(i).copied().unwrap_or(0.0), a, b, i));
+            }
+        }
+    }
+    // Highest score first; among one piece's splits, by the ids of the halves.
+    ranked.sort_by(|x, y| {
+        y.0.total_cmp(&x.0)
+            .then(x.3.cmp(&y.3))
+            .then((x.1, x.2).cmp(&(y.1, y.2)))
+    });
+    ranked
+        .into_iter()
+        .map(|(_, a, b, _)| (tokens[a as usize].clone(), tokens[b as usize].clone()))
+        .collect()
+}
+
 /// A BPE tokenizer plus the special ids generation needs.
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -77,6 +139,9 @@ pub struct Tokenizer {
     vocab_size: usize,
     /// The chat template (the file's, or ChatML / plain where it has none).
     pub chat: ChatTemplate,
+    /// A further id that ends an answer: under the plain template, the one token of its turn
+    /// close (`\n\n`), since no special token ends its turns.
+    turn_close_id: Option<u32>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -111,38 +176,28 @@ impl Tokenizer {
             .and_then(|v| v.to_string().ok())
             .map(String::as_str)
             .unwrap_or("");
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(Error::model(
                 path,
                 format!(
-                    "tokenizer.ggml.model is '{model}': only byte-level BPE ('gpt2') is supported"
+                    "tokenizer.ggml.model is '{model}': supported are byte-level BPE ('gpt2') and SentencePiece ('llama')"
                 ),
             ));
         }
         let tokens = string_array(content, "tokenizer.ggml.tokens", path)?;
-        let merges = match content.metadata.get("tokenizer.ggml.merges") {
-            Some(_) => string_array(content, "tokenizer.ggml.merges", path)?,
-            None => Vec::new(),
-        };
         let types: Vec<i32> = match content.metadata.get("tokenizer.ggml.token_type") {
             Some(Value::Array(items)) => items.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
-        let mut parsed = Vec::with_capacity(merges.len());
-        for (i, m) in merges.iter().enumerate() {
-            let (a, b) = m.split_once(' ').ok_or_else(|| {
-                Error::model(
-                    path,
-                    format!("tokenizer.ggml.merges[{i}]: '{m}' is not 'a b'"),
-                )
-            })?;
-            parsed.push((a.to_string(), b.to_string()));
-        }
-        let specials: Vec<String> = tokens
+        let flag = |key: &str| match content.metadata.get(key) {
+            Some(Value::Bool(b)) => Some(*b),
+            _ => None,
+        };
+        let specials: Vec<(String, i32)> = tokens
             .iter()
             .zip(types.iter().chain(std::iter::repeat(&1)))
-            .filter(|(_, t)| SPECIAL_TOKEN_TYPES.contains(t))
-            .map(|(s, _)| (*s).clone())
+            .filter(|(_, t)| [CONTROL, USER_DEFINED].contains(t))
+            .map(|(s, t)| ((*s).clone(), *t))
             .collect();
         let eos_id = content
             .metadata
@@ -156,23 +211,48 @@ impl Tokenizer {
             .enumerate()
             .map(|(i, s)| ((*s).clone(), i as u32))
             .collect();
-        let pre_name = content
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(|v| v.to_string().ok())
-            .map(String::as_str);
-        // llama.cpp looks a whole pre-token up in the vocabulary before merging for Llama 3.
-        let ignore_merges = pre_name == Some("llama-bpe");
-        let pre = pre_tokenizer(pre_name).map_err(|e| Error::model(path, e))?;
-        let mut tok = Self::build(
-            vocab,
-            parsed,
-            pre,
-            ignore_merges,
-            &specials,
-            eos_id,
-            tokens.len(),
-        )?;
+        let (merges, kind) = if model == "llama" {
+            let scores: Vec<f32> = match content.metadata.get("tokenizer.ggml.scores") {
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|v| v.to_f32().unwrap_or(0.0))
+                    .collect(),
+                _ => return Err(Error::model(path, "missing metadata key tokenizer.ggml.scores (SentencePiece needs the pieces' scores)")),
+            };
+            let kind = Kind::SentencePiece {
+                // llama.cpp's default for SentencePiece files that do not say.
+                add_space_prefix: flag("tokenizer.ggml.add_space_prefix").unwrap_or(true),
+            };
+            (spm_merges(&tokens, &scores, &types, &vocab), kind)
+        } else {
+            let merges = match content.metadata.get("tokenizer.ggml.merges") {
+                Some(_) => string_array(content, "tokenizer.ggml.merges", path)?,
+                None => Vec::new(),
+            };
+            let mut parsed = Vec::with_capacity(merges.len());
+            for (i, m) in merges.iter().enumerate() {
+                let (a, b) = m.split_once(' ').ok_or_else(|| {
+                    Error::model(
+                        path,
+                        format!("tokenizer.ggml.merges[{i}]: '{m}' is not 'a b'"),
+                    )
+                })?;
+                parsed.push((a.to_string(), b.to_string()));
+            }
+            let pre_name = content
+                .metadata
+                .get("tokenizer.ggml.pre")
+                .and_then(|v| v.to_string().ok())
+                .map(String::as_str);
+            let kind = Kind::ByteLevel {
+                pre: pre_tokenizer(pre_name).map_err(|e| Error::model(path, e))?,
+                // llama.cpp looks a whole pre-token up in the vocabulary before merging for
+                // Llama 3.
+                ignore_merges: pre_name == Some("llama-bpe"),
+            };
+            (parsed, kind)
+        };
+        let mut tok = Self::build(vocab, merges, kind, &specials, eos_id, tokens.len())?;
         let text_of = |key: &str| -> String {
             content
                 .metadata
@@ -195,33 +275,70 @@ impl Tokenizer {
             &text_of("tokenizer.ggml.eos_token_id"),
         )
         .map_err(|e| Error::model(path, e.to_string()))?;
+        if tok.chat.source == super::chat::TemplateSource::Plain {
+            if let [id] = tok.encode(&tok.chat.frame().close)?[..] {
+                tok.turn_close_id = Some(id);
+            }
+        }
         Ok(tok)
     }
 
     /// Build from parts (see [`Tokenizer::from_gguf`]).
     fn build(
         vocab: Vocab,
-        merges: Vec<(String, String)>,
-        pre: Sequence,
-        ignore_merges: bool,
-        specials: &[String],
+        merges: Merges,
+        kind: Kind,
+        specials: &[(String, i32)],
         eos_id: u32,
         vocab_size: usize,
     ) -> Result<Self> {
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(ignore_merges)
-            .build()
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let mut inner = HfTokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(pre));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        let added: Vec<AddedToken> = specials
-            .iter()
-            .map(|s| AddedToken::from(s.clone(), true))
-            .collect();
+        let err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+        let builder = BPE::builder().vocab_and_merges(vocab, merges);
+        let mut inner = match kind {
+            Kind::ByteLevel { pre, ignore_merges } => {
+                let bpe = builder.ignore_merges(ignore_merges).build().map_err(err)?;
+                let mut inner = HfTokenizer::new(bpe);
+                inner.with_pre_tokenizer(Some(pre));
+                inner.with_decoder(Some(ByteLevelDecoder::default()));
+                inner
+            }
+            Kind::SentencePiece { add_space_prefix } => {
+                let bpe = builder.byte_fallback(true).build().map_err(err)?;
+                let mut inner = HfTokenizer::new(bpe);
+                let space = Replace::new(" ", SPM_SPACE).map_err(err)?;
+                let mut norms = vec![NormalizerWrapper::Replace(space)];
+                let mut decoders = vec![
+                    DecoderWrapper::Replace(Replace::new(SPM_SPACE, " ").map_err(err)?),
+                    DecoderWrapper::ByteFallback(ByteFallback::default()),
+                    DecoderWrapper::Fuse(Fuse::default()),
+                ];
+                if add_space_prefix {
+                    norms.insert(
+                        0,
+                        NormalizerWrapper::Prepend(Prepend::new(SPM_SPACE.into())),
+                    );
+                    decoders.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
+                }
+                inner
+                    .with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms)))
+                    .map_err(err)?;
+                inner.with_decoder(Some(DecoderSequence::new(decoders)));
+                inner
+            }
+        };
+        // Both kinds match the raw text (not normalized), as llama.cpp splits them out.
+        let added = |kind: i32| -> Vec<AddedToken> {
+            specials
+                .iter()
+                .filter(|(_, t)| *t == kind)
+                .map(|(s, _)| AddedToken::from(s.clone(), kind == CONTROL).normalized(false))
+                .collect()
+        };
         inner
-            .add_special_tokens(added)
+            .add_special_tokens(added(CONTROL))
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        inner
+            .add_tokens(added(USER_DEFINED))
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let im_start_id = inner.token_to_id("<|im_start|>");
         let im_end_id = inner.token_to_id("<|im_end|>");
@@ -233,6 +350,7 @@ impl Tokenizer {
             im_end_id,
             vocab_size,
             chat,
+            turn_close_id: None,
         })
     }
 
@@ -267,11 +385,12 @@ impl Tokenizer {
         self.vocab_size
     }
 
-    /// Ids that end an assistant turn: EOS and `<|im_end|>`.
+    /// Ids that end an assistant turn: EOS, `<|im_end|>`, and under the plain template its
+    /// turn close (a paragraph break: a pretrained base answers in one paragraph).
     pub fn stop_ids(&self) -> Vec<u32> {
         let mut ids = vec![self.eos_id];
-        if let Some(id) = self.im_end_id {
-            if id != self.eos_id {
+        for id in [self.im_end_id, self.turn_close_id].into_iter().flatten() {
+            if !ids.contains(&id) {
                 ids.push(id);
             }
         }
