@@ -19,6 +19,11 @@ const N: usize = 64;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    /// Base model GGUF (default: the fetched SmolLM2-135M-Instruct; `stancemix models` lists
+    /// the others). With another base, the routing figures need `--gate` (the shipped gate reads
+    /// the default base's hidden states) and the shipped experts count only if made for it.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// CPU threads (default: all cores).
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub threads: Option<usize>,
@@ -112,19 +117,30 @@ fn decode(engine: &Engine, ids: &[u32], rows: &[Vec<f32>]) -> anyhow::Result<()>
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     // Checked first: a wrong --gate should not cost the minutes before the routing figures.
-    let gate_dir = a.gate.clone().unwrap_or_else(shipped_gate_dir);
-    if a.gate.is_some() && !gate_dir.join(GATE_FILE).exists() {
-        anyhow::bail!(
-            "--gate {}: no {GATE_FILE} there (a folder written by `stancemix router train --out`)",
-            gate_dir.display()
-        );
-    }
+    // The gate for the routing figures: --gate, else the shipped one on the default base, else
+    // none (another base, no gate asked for).
+    let gate_dir = match (&a.gate, &a.model) {
+        (Some(g), _) => {
+            if !g.join(GATE_FILE).exists() {
+                anyhow::bail!(
+                    "--gate {}: no {GATE_FILE} there (a folder written by `stancemix router train --out`)",
+                    g.display()
+                );
+            }
+            Some(g.clone())
+        }
+        (None, None) => Some(shipped_gate_dir()).filter(|g| g.join(GATE_FILE).exists()),
+        (None, Some(_)) => None,
+    };
     if let Some(t) = a.threads {
         // candle reads this when its thread pool starts, which has not happened yet.
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
     let threads = candle_core::utils::get_num_threads();
-    let path = fetch::ensure_default_model()?;
+    let path = match &a.model {
+        Some(p) => p.clone(),
+        None => fetch::ensure_default_model()?,
+    };
     let r = a.repeats;
     let say = |s: &str| {
         if !a.json {
@@ -156,18 +172,21 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Adapter::random(&model.config, stance, 16, 16.0, &Target::ALL, seed, 0.02)
     };
     let experts = ExpertSet::new(vec![random("progressive", 1)?, random("conservative", 2)?])?;
-    let engine = if gate_dir.join(GATE_FILE).exists() {
+    let engine = if let Some(gate_dir) = &gate_dir {
         Engine::with_gate(
             model.clone(),
             experts,
-            Gate::load(&gate_dir)?,
+            Gate::load(gate_dir)?,
             load_policies(&policies_dir())?,
         )
     } else {
         Engine::new(model.clone(), experts)
     };
     // The shipped experts (rank 8), blended the same way, when both are there.
-    let shipped_paths = stancemix::runtime::shipped_adapters();
+    let shipped_paths: Vec<PathBuf> = stancemix::runtime::shipped_adapters()
+        .into_iter()
+        .filter(|p| stancemix::runtime::adapter_fits(p, &model.config))
+        .collect();
     let shipped = if shipped_paths.len() == 2 {
         let adapters = shipped_paths
             .iter()
@@ -246,6 +265,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
 
     let j = serde_json::json!({
+        "model": model.config.name.clone().unwrap_or_else(|| path.display().to_string()),
         "threads": threads,
         "format": format!("{:?}", a.format),
         "repeats": r,
