@@ -648,3 +648,68 @@ fn peft_adapter_for_a_gemma3_base_reads_its_wider_heads_in_hugging_face_order() 
     assert_ne!(c.n_head * c.head_dim, c.hidden);
     peft_fixture_matches_numpy(&c, "gemma3");
 }
+
+#[test]
+fn sessions_decoded_together_match_each_decoded_alone() {
+    // Three sessions at different positions under blends of one, two and three rows: a step
+    // batched across them must give each what it gets alone, bit for bit (the int8 kernels
+    // round and multiply row by row).
+    use stancemix::runtime::feed_together;
+    let model = tiny_model_as(31, WeightFormat::Q8_0);
+    let engine = stancemix::Engine::new(model.clone(), random_experts(&model, 4));
+    let cases = [
+        ("a short one", "dial=0.6"),
+        ("a somewhat longer prompt here", "mix=0.3@logits"),
+        ("mid length", "dial=-1@contrast"),
+    ];
+    let argmax = |z: &[f32]| {
+        z.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap()
+    };
+    let plans: Vec<_> = cases
+        .iter()
+        .map(|(p, b)| engine.plan(&b.parse().unwrap(), p).unwrap().1)
+        .collect();
+    assert_eq!(
+        plans.iter().map(|p| p.rows.len()).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    let prompt = |p: &str| model.tokenizer.encode(p).unwrap();
+    // Alone: prompt, then six greedy steps.
+    let mut alone: Vec<Vec<Vec<f32>>> = Vec::new();
+    for ((p, _), plan) in cases.iter().zip(&plans) {
+        let mut s = engine.session();
+        let mut z = s.feed(&prompt(p), plan).unwrap();
+        let mut steps = vec![z.clone()];
+        for _ in 0..6 {
+            z = s.feed(&[argmax(&z)], plan).unwrap();
+            steps.push(z.clone());
+        }
+        alone.push(steps);
+    }
+    // Together: the same prompts, then the six steps batched.
+    let mut sessions: Vec<_> = cases.iter().map(|_| engine.session()).collect();
+    let mut last: Vec<Vec<f32>> = sessions
+        .iter_mut()
+        .zip(cases.iter().zip(&plans))
+        .map(|(s, ((p, _), plan))| s.feed(&prompt(p), plan).unwrap())
+        .collect();
+    for (step, _) in alone[0].iter().enumerate().skip(1) {
+        let mut items: Vec<_> = sessions
+            .iter_mut()
+            .zip(&last)
+            .zip(&plans)
+            .map(|((s, z), plan)| (s, argmax(z), plan))
+            .collect();
+        last = feed_together(&mut items)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        for (i, z) in last.iter().enumerate() {
+            assert_eq!(z, &alone[i][step], "session {i}, step {step}");
+        }
+    }
+}

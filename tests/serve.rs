@@ -216,9 +216,13 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 
 /// `stancemix generate`'s answer (greedy) at `dial`.
 fn generate(prompt: &str, dial: &str, max_tokens: usize) -> String {
+    generate_blend(prompt, &format!("dial={dial}"), max_tokens)
+}
+
+fn generate_blend(prompt: &str, blend: &str, max_tokens: usize) -> String {
     let out = Command::new(bin())
         .args(["generate", "--prompt", prompt])
-        .arg(format!("--dial={dial}"))
+        .arg(format!("--blend={blend}"))
         .args(["--temperature", "0", "--seed", "7", "--max-tokens"])
         .arg(max_tokens.to_string())
         .arg("--model")
@@ -507,6 +511,45 @@ fn openai_client(server: &Server) {
         }
     }
     assert_eq!(v["unknown_model"]["status"], 404, "{v}");
+}
+
+#[test]
+fn concurrent_requests_with_different_blends_decode_together_and_each_equals_generate() {
+    let server = Server::start(&["--parallel", "4"]);
+    let blends = ["dial=1", "dial=-1", "mix=0.5@logits", "base"];
+    let answers: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = blends
+            .iter()
+            .map(|b| {
+                let server = &server;
+                s.spawn(move || {
+                    let mut body = chat_body("stancemix", false);
+                    body["stancemix"] = json!({ "blend": b });
+                    let r = server.post("/v1/chat/completions", &body);
+                    assert_eq!(r.status, 200, "{b}: {}", r.text());
+                    r.json()["choices"][0]["message"]["content"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (b, got) in blends.iter().zip(&answers) {
+        assert_eq!(got, &generate_blend(PROMPT, b, MAX_TOKENS), "blend {b}");
+    }
+    // The four decoded at the same time: some passes held more than one request's step.
+    let m = server.get("/metrics").text();
+    let (passes, steps) = (
+        metric(&m, "stancemix_decode_batches_total"),
+        metric(&m, "stancemix_batched_steps_total"),
+    );
+    assert!(
+        steps > passes && passes > 0.0,
+        "{passes} passes for {steps} steps"
+    );
+    server.assert_alive();
 }
 
 #[test]

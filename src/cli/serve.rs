@@ -65,7 +65,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             opts.queue,
             if opts.api_key.is_some() { ", API key required" } else { "" },
         );
-        serve::serve(listener, serve::app(engine, opts)).await?;
+        serve::serve(listener, serve::app(engine, opts)?).await?;
         eprintln!("stancemix serve: stopped");
         Ok(())
     })

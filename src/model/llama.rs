@@ -103,6 +103,20 @@ pub struct Pass<'a> {
     pub differentiable: bool,
 }
 
+/// Rows of a batch that share one KV cache (and so one position), for [`Model::decode_groups`].
+#[derive(Debug)]
+pub struct Group<'a> {
+    pub cache: Option<&'a mut KvCache>,
+    pub rows: usize,
+}
+
+impl Group<'_> {
+    /// The position of the group's next token.
+    fn pos(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.len())
+    }
+}
+
 /// One base weight matrix: its matmul, and in format `mixed` a dense f32 copy for wide passes.
 #[derive(Debug)]
 struct Weight {
@@ -421,26 +435,71 @@ impl Model {
     pub fn forward(
         &self,
         tokens: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         pass: &Pass,
     ) -> Result<Tensor> {
+        let b = tokens.dims2()?.0;
+        let mut groups = [Group { cache, rows: b }];
+        self.forward_groups(tokens, &mut groups, pass)
+    }
+
+    /// One decode step for several caches at once, each at its own position: `tokens` `(b, 1)`
+    /// stacks each group's rows in order (`groups[i].rows` rows for `groups[i].cache`). The
+    /// linears (and the hook, row by row) run over all `b` rows together, which is where a
+    /// step's time goes; attention runs per group over its own cache. Row for row the result is
+    /// what [`Model::forward`] gives each group alone.
+    pub fn decode_groups(
+        &self,
+        tokens: &Tensor,
+        groups: &mut [Group],
+        pass: &Pass,
+    ) -> Result<Tensor> {
+        if tokens.dims2()?.1 != 1 {
+            return Err(Error::Invalid(
+                "decode_groups takes one token per row".into(),
+            ));
+        }
+        if groups.iter().any(|g| g.cache.is_none()) {
+            return Err(Error::Invalid(
+                "decode_groups needs a cache per group".into(),
+            ));
+        }
+        self.forward_groups(tokens, groups, pass)
+    }
+
+    fn forward_groups(&self, tokens: &Tensor, groups: &mut [Group], pass: &Pass) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
-        let pos = cache.as_ref().map_or(0, |c| c.len());
-        if pos + t > self.config.context_len {
+        if groups.iter().map(|g| g.rows).sum::<usize>() != b {
             return Err(Error::Invalid(format!(
-                "context full: {} tokens exceed the model's context of {}",
-                pos + t,
-                self.config.context_len
+                "the groups hold {} rows, the batch has {b}",
+                groups.iter().map(|g| g.rows).sum::<usize>()
             )));
         }
-        if let Some(c) = cache.as_ref() {
-            if c.rows() != 0 && c.rows() != b {
+        for g in groups.iter() {
+            let pos = g.pos();
+            if pos + t > self.config.context_len {
                 return Err(Error::Invalid(format!(
-                    "cache holds {} rows, batch has {b}",
-                    c.rows()
+                    "context full: {} tokens exceed the model's context of {}",
+                    pos + t,
+                    self.config.context_len
                 )));
             }
+            if let Some(c) = g.cache.as_ref() {
+                if c.rows() != 0 && c.rows() != g.rows {
+                    return Err(Error::Invalid(format!(
+                        "cache holds {} rows, batch has {}",
+                        c.rows(),
+                        g.rows
+                    )));
+                }
+            }
         }
+        if t > 1 && groups.len() > 1 {
+            return Err(Error::Invalid(
+                "prompt passes run one cache at a time".into(),
+            ));
+        }
+        let pos = groups[0].pos();
         // Additive masks `(t, pos + t)`: causal, and causal within the window for sliding layers.
         let (mask, mask_sliding) = if t > 1 {
             let window = self.config.sliding.map(|s| s.window);
@@ -467,7 +526,7 @@ impl Model {
                 false => mask.as_ref(),
             };
             let h = self.rms_norm(&x, &block.attn_norm, pass)?;
-            let a = self.attention(i, block, &h, cache.as_deref_mut(), pos, mask, pass)?;
+            let a = self.attention(i, block, &h, groups, mask, pass)?;
             let a = match &block.sandwich {
                 Some(n) => self.rms_norm(&a, &n.post_attn, pass)?,
                 None => a,
@@ -568,14 +627,14 @@ impl Model {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Self-attention of block `layer` over `x` `(b, t, hidden)`, each group of rows against
+    /// its own cache at its own position.
     fn attention(
         &self,
         layer: usize,
         blk: &Block,
         x: &Tensor,
-        cache: Option<&mut KvCache>,
-        pos: usize,
+        groups: &mut [Group],
         mask: Option<&Tensor>,
         pass: &Pass,
     ) -> Result<Tensor> {
@@ -597,11 +656,42 @@ impl Model {
         let q = q.transpose(1, 2)?.contiguous()?; // (b, nh, t, hd)
         let k = k.transpose(1, 2)?.contiguous()?; // (b, nkv, t, hd)
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = self.rope(layer, &q, pos, pass)?;
-        let k = self.rope(layer, &k, pos, pass)?;
-        let (k, v) = match cache {
-            Some(cache) => cache.append(layer, &k, &v)?, // (b, nkv, pos + t, hd)
-            None => (k, v),
+        let y = if let [group] = groups {
+            self.attend(layer, &q, &k, &v, group, mask, pass)?
+        } else {
+            let mut ys = Vec::with_capacity(groups.len());
+            let mut row = 0;
+            for g in groups.iter_mut() {
+                let part = |x: &Tensor| x.narrow(0, row, g.rows);
+                ys.push(self.attend(layer, &part(&q)?, &part(&k)?, &part(&v)?, g, mask, pass)?);
+                row += g.rows;
+            }
+            Tensor::cat(&ys, 0)?
+        };
+        self.linear(layer, Target::O, blk, &y, pass)
+    }
+
+    /// One group's attention: RoPE at its position, its cache extended, softmax(q k^T) v.
+    /// `q` `(rows, nh, t, hd)`, `k`, `v` `(rows, nkv, t, hd)`; returns `(rows, t, nh * hd)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        group: &mut Group,
+        mask: Option<&Tensor>,
+        pass: &Pass,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, nh, t, hd) = q.dims4()?;
+        let pos = group.pos();
+        let q = self.rope(layer, q, pos, pass)?;
+        let k = self.rope(layer, k, pos, pass)?;
+        let (k, v) = match group.cache.as_deref_mut() {
+            Some(cache) => cache.append(layer, &k, v)?, // (b, nkv, pos + t, hd)
+            None => (k, v.clone()),
         };
         if t == 1 && !pass.differentiable {
             // A sliding layer's query sees only the last `window` keys.
@@ -613,8 +703,12 @@ impl Model {
                 _ => (k, v),
             };
             // A decode step: one op over the cache in place (see `attention.rs`).
-            let y = super::attention::decode_attention(&q, &k, &v, c.attn_scale)?;
-            return self.linear(layer, Target::O, blk, &y, pass);
+            return Ok(super::attention::decode_attention(
+                &q,
+                &k,
+                &v,
+                c.attn_scale,
+            )?);
         }
         let k = candle_transformers::utils::repeat_kv(k, c.n_rep())?; // (b, nh, kv_len, hd)
         let v = candle_transformers::utils::repeat_kv(v, c.n_rep())?.contiguous()?;
@@ -629,8 +723,7 @@ impl Model {
             candle_nn::ops::softmax_last_dim(&att)?
         };
         let y = att.matmul(&v)?; // (b, nh, t, hd)
-        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        self.linear(layer, Target::O, blk, &y, pass)
+        Ok(y.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }
 
     fn mlp(&self, layer: usize, blk: &Block, x: &Tensor, pass: &Pass) -> Result<Tensor> {

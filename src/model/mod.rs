@@ -38,7 +38,7 @@ mod tokenizer;
 pub use cache::KvCache;
 pub use config::{Activation, Arch, Config, RopeStyle, Sliding, ARCHITECTURES};
 pub use frozen::frozen_linear;
-pub use llama::{LoadOptions, Logits, Model, Pass, WeightFormat, WIDE_ROWS};
+pub use llama::{Group, LoadOptions, Logits, Model, Pass, WeightFormat, WIDE_ROWS};
 pub use tokenizer::{
     chatml_message, chatml_prompt, Message, TokenStream, Tokenizer, CHATML_ASSISTANT,
     DEFAULT_SYSTEM,

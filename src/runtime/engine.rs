@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::{Blend, RowPlan, Session};
 use crate::lora::{Adapter, ExpertPrecision, ExpertSet};
-use crate::model::{KvCache, LoadOptions, Logits, Model, Pass, WeightFormat};
+use crate::model::{Group, KvCache, LoadOptions, Logits, Model, Pass, WeightFormat, WIDE_ROWS};
 use crate::router::{Gate, Policy, Route};
 use crate::{Error, Result};
 
@@ -27,6 +27,15 @@ pub struct Engine {
     pub experts: ExpertSet,
     pub gate: Option<Gate>,
     pub policies: Vec<Policy>,
+}
+
+/// One cache's share of a batched decode step ([`Engine::decode_together`]).
+#[derive(Debug)]
+pub struct DecodeStep<'a> {
+    pub cache: &'a mut KvCache,
+    pub token: u32,
+    /// Gate weights per row of the cache (empty: one base row).
+    pub rows: &'a [Vec<f32>],
 }
 
 /// What [`Engine::load`] loads. `Default` gives the shipped defaults.
@@ -183,6 +192,64 @@ impl Engine {
                 differentiable: false,
             },
         )
+    }
+
+    /// One decode step for several caches together: `steps[i]` feeds `token` to `cache`, whose
+    /// rows use gate weights `rows` (one row for a weights blend, several for logits and
+    /// contrast blends). Returns each step's logits `(rows_i, vocab)`, row for row what
+    /// [`Engine::forward_rows`] gives that cache alone: the batch runs in parts of fewer than
+    /// [`WIDE_ROWS`] rows, so every row takes the narrow (row-by-row) kernels.
+    pub fn decode_together(&self, steps: &mut [DecodeStep]) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(steps.len());
+        let mut start = 0;
+        while start < steps.len() {
+            // The longest run of steps from `start` under WIDE_ROWS rows (at least one step).
+            let mut end = start + 1;
+            let mut n = steps[start].rows.len().max(1);
+            while end < steps.len() && n + steps[end].rows.len().max(1) < WIDE_ROWS {
+                n += steps[end].rows.len().max(1);
+                end += 1;
+            }
+            out.extend(self.decode_part(&mut steps[start..end])?);
+            start = end;
+        }
+        Ok(out)
+    }
+
+    fn decode_part(&self, steps: &mut [DecodeStep]) -> Result<Vec<Tensor>> {
+        let zero = vec![vec![0f32; self.experts.len()]];
+        let mut tokens = Vec::new();
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        for s in steps.iter() {
+            let r: &[Vec<f32>] = if s.rows.is_empty() { &zero } else { s.rows };
+            tokens.extend(std::iter::repeat_n(s.token, r.len()));
+            rows.extend(r.iter().cloned());
+        }
+        let hook = self.experts.hook_with(&rows, self.expert_precision())?;
+        let mut groups: Vec<Group> = steps
+            .iter_mut()
+            .map(|s| Group {
+                rows: s.rows.len().max(1),
+                cache: Some(&mut *s.cache),
+            })
+            .collect();
+        let t = Tensor::new(tokens.as_slice(), self.model.device())?.unsqueeze(1)?; // (b, 1)
+        let z = self.model.decode_groups(
+            &t,
+            &mut groups,
+            &Pass {
+                hook: &hook,
+                logits: Logits::Last,
+                differentiable: false,
+            },
+        )?; // (b, vocab)
+        let mut at = 0;
+        let mut out = Vec::with_capacity(groups.len());
+        for g in &groups {
+            out.push(z.narrow(0, at, g.rows)?);
+            at += g.rows;
+        }
+        Ok(out)
     }
 
     /// The experts' decode arithmetic that matches the base: int8 with a quantized base (Q8_0 is

@@ -4,7 +4,7 @@ use candle_core::IndexOp;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use std::sync::Arc;
 
-use super::{Blend, Engine, RowPlan};
+use super::{Blend, DecodeStep, Engine, RowPlan};
 use crate::model::{KvCache, Logits, Message, TokenStream};
 use crate::router::Route;
 use crate::{Error, Result};
@@ -95,6 +95,66 @@ pub struct Session {
     blend: Blend,
     system: Option<String>,
     last_route: Option<Route>,
+}
+
+/// Feed one token to each of several sessions on one engine, as [`Session::feed`] would one by
+/// one: sessions in steady decoding share one batched forward step
+/// ([`Engine::decode_together`]); the others (a first token, pending tokens, a changed blend, a
+/// full context, another engine) are fed alone, so one's error is its own. Returns each
+/// session's next-token logits, in order.
+pub fn feed_together(items: &mut [(&mut Session, u32, &RowPlan)]) -> Vec<Result<Vec<f32>>> {
+    let Some(engine) = items.first().map(|(s, _, _)| s.engine.clone()) else {
+        return Vec::new();
+    };
+    let batchable = |s: &Session, plan: &RowPlan| {
+        s.steady(plan)
+            && Arc::ptr_eq(&s.engine, &engine)
+            && s.fed.len() < engine.model.config.context_len
+    };
+    let mut out: Vec<Option<Result<Vec<f32>>>> = (0..items.len()).map(|_| None).collect();
+    for (i, (s, token, plan)) in items.iter_mut().enumerate() {
+        if !batchable(s, plan) {
+            out[i] = Some(s.feed(&[*token], plan));
+        }
+    }
+    let together: Vec<usize> = (0..items.len()).filter(|&i| out[i].is_none()).collect();
+    let mut steps: Vec<DecodeStep> = items
+        .iter_mut()
+        .zip(&out)
+        .filter(|(_, done)| done.is_none())
+        .map(|((s, token, plan), _)| DecodeStep {
+            cache: &mut s.cache,
+            token: *token,
+            rows: &plan.rows,
+        })
+        .collect();
+    let logits = engine.decode_together(&mut steps);
+    drop(steps);
+    match logits {
+        Ok(logits) => {
+            for (&i, z) in together.iter().zip(logits) {
+                let (s, token, plan) = &mut items[i];
+                s.fed.push(*token);
+                let rows = (0..plan.rows.len().max(1))
+                    .map(|r| z.i(r)?.to_vec1::<f32>())
+                    .collect::<candle_core::Result<Vec<_>>>();
+                out[i] = Some(rows.map(|r| plan.combine(&r)).map_err(Error::from));
+            }
+        }
+        Err(e) => {
+            // The batched step failed as a whole (the caches may be part-extended): each session
+            // starts over from its tokens at its next feed.
+            for &i in &together {
+                let (s, _, _) = &mut items[i];
+                s.cache.clear();
+                s.rows.clear();
+                out[i] = Some(Err(Error::Candle(candle_core::Error::Msg(format!(
+                    "batched decode step: {e}"
+                )))));
+            }
+        }
+    }
+    out.into_iter().flatten().collect()
 }
 
 impl Session {
@@ -200,6 +260,12 @@ impl Session {
             .map(|r| logits.i(r)?.to_vec1::<f32>())
             .collect::<candle_core::Result<_>>()?;
         Ok(plan.combine(&rows))
+    }
+
+    /// Whether feeding one token under `plan` is a plain decode step (nothing pending, the
+    /// cache's own rows): what [`feed_together`] batches.
+    fn steady(&self, plan: &RowPlan) -> bool {
+        self.pending.is_empty() && !self.fed.is_empty() && plan.rows == self.rows
     }
 
     /// Start an answer to `user`: routes (for automatic blends), feeds the turn, and returns a

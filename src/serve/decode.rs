@@ -1,10 +1,12 @@
 //! One request's generation, on a blocking thread: prefill, then token by token, each step sent
 //! to the HTTP side over a channel. A closed channel (the client went away) stops it.
 //!
-//! The arithmetic is the session's: [`Session::feed`] runs the forward under the blend's row
-//! plan and combines the rows; sampling repeats `Turn::next_token` (repeat penalty over the last
-//! 64 generated tokens, `GenParams::sampling` in candle's `LogitsProcessor`, the tokenizer's stop
-//! ids), so an answer here is token for token `stancemix generate`'s for the same seed.
+//! The arithmetic is the session's: [`Session::feed`] runs the prompt under the blend's row plan
+//! and combines the rows; each decode step goes through the [`Batcher`], which runs the steps of
+//! all decoding requests as one forward pass, row for row what each gets alone. Sampling repeats
+//! `Turn::next_token` (repeat penalty over the last 64 generated tokens, `GenParams::sampling` in
+//! candle's `LogitsProcessor`, the tokenizer's stop ids), so an answer here is token for token
+//! `stancemix generate`'s for the same seed.
 
 use candle_transformers::generation::LogitsProcessor;
 use std::collections::BTreeMap;
@@ -12,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
 
+use super::batch::Batcher;
 use crate::model::TokenStream;
 use crate::router::Route;
 use crate::{Blend, Engine, GenParams};
@@ -93,9 +96,10 @@ pub enum Outcome {
     Failed,
 }
 
-/// Run `job`, sending events on `tx` until done, failed or the receiver is gone.
-pub fn run(engine: &Arc<Engine>, job: Job, tx: &mpsc::Sender<Event>) -> Outcome {
-    match generate(engine, job, tx) {
+/// Run `job`, sending events on `tx` until done, failed or the receiver is gone; decode steps
+/// are batched with the other requests' by `batcher`.
+pub fn run(engine: &Arc<Engine>, batcher: &Batcher, job: Job, tx: &mpsc::Sender<Event>) -> Outcome {
+    match generate(engine, batcher, job, tx) {
         Ok(o) => o,
         Err(e) => {
             let invalid = matches!(e, crate::Error::Invalid(_));
@@ -108,7 +112,12 @@ pub fn run(engine: &Arc<Engine>, job: Job, tx: &mpsc::Sender<Event>) -> Outcome 
     }
 }
 
-fn generate(engine: &Arc<Engine>, job: Job, tx: &mpsc::Sender<Event>) -> crate::Result<Outcome> {
+fn generate(
+    engine: &Arc<Engine>,
+    batcher: &Batcher,
+    job: Job,
+    tx: &mpsc::Sender<Event>,
+) -> crate::Result<Outcome> {
     let (g, plan, route) = engine.plan(&job.blend, &job.route_text)?;
     let mut session = engine.session();
     let mut logits = session.feed(&job.prompt, &plan)?;
@@ -139,6 +148,8 @@ fn generate(engine: &Arc<Engine>, job: Job, tx: &mpsc::Sender<Event>) -> crate::
     let mut decode_secs = 0.0;
     let mut decode_steps = 0;
     let mut by_sequence = false;
+    // From here on the batcher waits for this generation's steps.
+    let _decoding = batcher.enter();
     let finish = loop {
         if generated.len() >= params.max_tokens {
             break Finish::Length;
@@ -186,7 +197,7 @@ fn generate(engine: &Arc<Engine>, job: Job, tx: &mpsc::Sender<Event>) -> crate::
         }
         if generated.len() < params.max_tokens {
             let t0 = Instant::now();
-            logits = session.feed(&[id], &plan)?;
+            (session, logits) = batcher.feed(session, id, &plan)?;
             decode_secs += t0.elapsed().as_secs_f64();
             decode_steps += 1;
         }

@@ -30,6 +30,10 @@ pub struct Gauges {
     pub active: usize,
     pub parallel: usize,
     pub queue_capacity: usize,
+    /// Batched decode passes run, and the requests' steps they held (their ratio is the mean
+    /// batch).
+    pub decode_batches: usize,
+    pub batched_steps: usize,
 }
 
 impl Metrics {
@@ -154,6 +158,22 @@ impl Metrics {
             "Places in the queue (--queue).",
             g.queue_capacity,
         );
+        for (name, help, v) in [
+            (
+                "stancemix_decode_batches_total",
+                "Batched decode passes run (one forward pass for the steps of every decoding request).",
+                g.decode_batches,
+            ),
+            (
+                "stancemix_batched_steps_total",
+                "Requests' decode steps run in those passes (divided by the passes: the mean batch).",
+                g.batched_steps,
+            ),
+        ] {
+            let _ = writeln!(s, "# HELP {name} {help}");
+            let _ = writeln!(s, "# TYPE {name} counter");
+            let _ = writeln!(s, "{name} {v}");
+        }
         s
     }
 }
@@ -174,6 +194,8 @@ mod tests {
             active: 2,
             parallel: 2,
             queue_capacity: 8,
+            decode_batches: 3,
+            batched_steps: 5,
         });
         assert!(text.contains(
             "stancemix_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"} 2"
@@ -181,6 +203,7 @@ mod tests {
         assert!(text.contains("stancemix_generated_tokens_total 5"));
         assert!(text.contains("stancemix_time_per_token_seconds_count 4"));
         assert!(text.contains("stancemix_queue_depth 1"));
+        assert!(text.contains("stancemix_batched_steps_total 5"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
             let family = name.trim_end_matches("_sum").trim_end_matches("_count");

@@ -16,16 +16,17 @@
 //! CPU-bound and blocking, so it runs on tokio's blocking threads and talks to the async side
 //! over a channel: the HTTP side stays responsive (health, metrics, 429s) while slots decode.
 //!
-//! **Concurrency: a pool of `--parallel N` decoding slots, not a batched decode.** Each admitted
-//! request gets its own session (KV cache) over the shared `Arc<Engine>` and decodes on its own
-//! thread, concurrently with the others. Decoding rows of *different* requests in one forward
-//! pass is not possible with today's model: `Model::forward` puts every row of a batch at the
-//! same position with the same tokens (`Engine::forward_rows` batches one token stream under
-//! several blends, which is what `eval` and `sweep` use), so batching requests of different
-//! lengths needs a ragged KV cache with per-row positions in the model. Past the slots, up to
-//! `--queue N` requests wait; past that, `429` with `Retry-After`. A client that goes away stops
-//! its generation at the next token and frees its slot.
+//! **Concurrency: `--parallel N` requests decode at once, their steps batched.** Each admitted
+//! request gets its own session (KV cache) over the shared `Arc<Engine>` and runs its prompt and
+//! its sampling on its own thread; every decode step goes through one batching thread
+//! (`batch.rs`) that runs the steps of all decoding requests as one forward pass: the linears
+//! (where a step's time goes) over all their rows at once, each row with its own blend, then
+//! attention per request over its own cache at its own position. An answer is token for token
+//! what the request gets alone. Past the slots, up to `--queue N` requests wait; past that,
+//! `429` with `Retry-After`. A client that goes away stops its generation at the next token and
+//! frees its slot.
 
+pub mod batch;
 pub mod decode;
 pub mod error;
 pub mod metrics;
@@ -110,10 +111,12 @@ pub struct AppState {
     active: AtomicUsize,
     metrics: Metrics,
     next_id: AtomicU64,
+    /// Runs the decode steps of all decoding requests as one forward pass.
+    batcher: batch::Batcher,
 }
 
-/// The axum application for `engine`.
-pub fn app(engine: Arc<Engine>, opts: ServeOptions) -> Router {
+/// The axum application for `engine` (an error only where its batching thread cannot start).
+pub fn app(engine: Arc<Engine>, opts: ServeOptions) -> crate::Result<Router> {
     let opts = ServeOptions {
         parallel: opts.parallel.max(1),
         ..opts
@@ -127,8 +130,9 @@ pub fn app(engine: Arc<Engine>, opts: ServeOptions) -> Router {
         active: AtomicUsize::new(0),
         metrics: Metrics::default(),
         next_id: AtomicU64::new(1),
+        batcher: batch::Batcher::start()?,
     });
-    Router::new()
+    Ok(Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
@@ -140,7 +144,7 @@ pub fn app(engine: Arc<Engine>, opts: ServeOptions) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn_with_state(state.clone(), count))
-        .with_state(state)
+        .with_state(state))
 }
 
 /// Serve `app` on `listener` until Ctrl-C (or SIGTERM), finishing the requests in flight.
@@ -302,6 +306,8 @@ impl AppState {
             active,
             parallel: self.opts.parallel,
             queue_capacity: self.opts.queue,
+            decode_batches: self.batcher.stats().0,
+            batched_steps: self.batcher.stats().1,
         }
     }
 
@@ -517,7 +523,7 @@ async fn start(st: &Arc<AppState>, job: Job) -> Result<Running, ApiError> {
     let (tx, mut rx) = mpsc::channel(64);
     let state = st.clone();
     st.run_blocking(move |engine| {
-        if decode::run(engine, job, &tx) == decode::Outcome::Cancelled {
+        if decode::run(engine, &state.batcher, job, &tx) == decode::Outcome::Cancelled {
             state.metrics.cancelled();
         }
     })
