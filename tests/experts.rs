@@ -113,7 +113,7 @@ fn unmerged_expert_matches_merged_weights_and_merged_file() {
     let w = model.base_weight(layer, t).unwrap();
     let p = &a.pairs[&(layer, t)];
     let merged_w = (w.clone() + (p.b.matmul(&p.a).unwrap() * a.scale()).unwrap()).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (1, 4, model.config.hidden), &Device::Cpu).unwrap();
+    let x = stancemix::model::tiny::seeded_randn(1, 1.0, &[1, 4, model.config.hidden]).unwrap();
     let y_merged = x.broadcast_matmul(&merged_w.t().unwrap()).unwrap();
     let rows = vec![g.clone()];
     let hook = engine.experts.hook(&rows).unwrap();
@@ -131,7 +131,7 @@ fn unmerged_expert_matches_merged_weights_and_merged_file() {
 fn blend_is_linear_in_gate_weights() {
     let model = real_model(WeightFormat::Q8_0);
     let experts = random_experts(&model, 8);
-    let x = Tensor::randn(0f32, 1.0, (1, 5, model.config.hidden), &Device::Cpu).unwrap();
+    let x = stancemix::model::tiny::seeded_randn(2, 1.0, &[1, 5, model.config.hidden]).unwrap();
     let zero = Tensor::zeros(
         (1, 5, model.config.out_features(Target::Q)),
         candle_core::DType::F32,
@@ -361,9 +361,8 @@ fn blend_changes_between_tokens_without_reload() {
         ..Default::default()
     };
     let r1 = s.chat("Hi", &params, |_| true).unwrap();
-    let t0 = std::time::Instant::now();
+    // (How long a switch takes is a benchmark figure: `stancemix bench`, switch_ms.)
     s.set_blend(Blend::dial(-0.8).unwrap()).unwrap();
-    assert!(t0.elapsed().as_millis() < 50);
     let r2 = s.chat("And now?", &params, |_| true).unwrap();
     assert_eq!(r1.blend, "dial +0.80 | weights");
     assert_eq!(r2.blend, "dial -0.80 | weights");

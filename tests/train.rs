@@ -45,8 +45,8 @@ fn config(method: Method) -> TrainConfig {
 
 /// Fill every B with seeded random values so gradients of A are non-zero too.
 fn randomize_b(trainer: &Trainer) {
-    for p in trainer.lora().pairs.values() {
-        let t = Tensor::randn(0f32, 0.05, p.b.shape().clone(), &Device::Cpu).unwrap();
+    for (i, p) in trainer.lora().pairs.values().enumerate() {
+        let t = stancemix::model::tiny::seeded_randn(i as u64, 0.05, p.b.dims()).unwrap();
         p.b.set(&t).unwrap();
     }
 }

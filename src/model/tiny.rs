@@ -237,6 +237,18 @@ pub fn write_random_gguf(path: &Path, seed: u64, c: &Config) -> Result<()> {
     write_gguf(path, &md, &tensors)
 }
 
+/// A tensor of `shape` drawn from N(0, std^2) by a seeded generator, so tests that need random
+/// inputs give the same inputs on every run (candle's own `randn` on the CPU cannot be seeded).
+pub fn seeded_randn(seed: u64, std: f32, shape: &[usize]) -> Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    Ok(Tensor::from_vec(
+        normal(&mut rng, n, std),
+        shape,
+        &Device::Cpu,
+    )?)
+}
+
 /// Write a GGUF file from metadata and tensors (atomically).
 pub fn write_gguf(path: &Path, md: &[(&str, Value)], tensors: &[(String, QTensor)]) -> Result<()> {
     let mut buf = std::io::Cursor::new(Vec::new());
