@@ -105,6 +105,47 @@ fn prompt_pass(engine: &Engine, ids: &[u32], repeats: usize) -> anyhow::Result<f
     })
 }
 
+/// Four requests with different blends (dial 1, -1, 0.5, base) decoding 64 steps each after
+/// their 8-token prompts: one batched step for the four (as the server runs them) when
+/// `together`, else one after another. Returns the seconds.
+fn decode_four(
+    engine: &std::sync::Arc<Engine>,
+    ids: &[u32],
+    together: bool,
+) -> anyhow::Result<f64> {
+    let plans: Vec<_> = [
+        Blend::dial(1.0)?,
+        Blend::dial(-1.0)?,
+        Blend::dial(0.5)?,
+        Blend::base(),
+    ]
+    .iter()
+    .map(|b| Ok(engine.plan(b, "")?.1))
+    .collect::<anyhow::Result<_>>()?;
+    let mut sessions: Vec<_> = plans.iter().map(|_| engine.session()).collect();
+    for (s, p) in sessions.iter_mut().zip(&plans) {
+        s.feed(&ids[..8], p)?;
+    }
+    let t = Instant::now();
+    for &id in &ids[..N] {
+        if together {
+            let mut items: Vec<_> = sessions
+                .iter_mut()
+                .zip(&plans)
+                .map(|(s, p)| (s, id, p))
+                .collect();
+            for z in stancemix::runtime::feed_together(&mut items) {
+                z?;
+            }
+        } else {
+            for (s, p) in sessions.iter_mut().zip(&plans) {
+                s.feed(&[id], p)?;
+            }
+        }
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 /// 64 decode steps after an 8-token prompt.
 fn decode(engine: &Engine, ids: &[u32], rows: &[Vec<f32>]) -> anyhow::Result<()> {
     let mut cache = KvCache::new(engine.model.config.n_layer);
@@ -224,6 +265,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     let (decode_s, blend2_s) = (median(base_t), median(blend_t));
+    // Four requests decoding at once: batched steps against one by one, alternating.
+    let (mut alone4, mut together4) = (Vec::new(), Vec::new());
+    for i in 0..=r.max(1) {
+        let a = decode_four(&engine, &ids, false)?;
+        let t = decode_four(&engine, &ids, true)?;
+        if i > 0 {
+            alone4.push(a);
+            together4.push(t);
+        }
+    }
+    let (alone4_s, together4_s) = (median(alone4), median(together4));
     let blend2_cost = median(ratio) - 1.0;
     let shipped_cost = (!shipped_ratio.is_empty()).then(|| median(shipped_ratio) - 1.0);
 
@@ -272,6 +324,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "prompt_tok_s": N as f64 / prompt_s,
         "decode_tok_s": N as f64 / decode_s,
         "decode_tok_s_blend2": N as f64 / blend2_s,
+        "decode_tok_s_4_requests_one_by_one": 4.0 * N as f64 / alone4_s,
+        "decode_tok_s_4_requests_batched": 4.0 * N as f64 / together4_s,
         "blend2_cost": blend2_cost,
         "shipped_blend_cost": shipped_cost,
         "switch_ms": switch_s * 1e3,
