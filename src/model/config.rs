@@ -272,7 +272,7 @@ impl Config {
     /// Whether layer `layer` (0-based) attends through a sliding window.
     pub fn is_sliding(&self, layer: usize) -> bool {
         self.sliding
-            .is_some_and(|s| s.pattern == 0 || (layer + 1) % s.pattern != 0)
+            .is_some_and(|s| s.pattern == 0 || !(layer + 1).is_multiple_of(s.pattern))
     }
 
     /// Query heads per KV head (grouped-query attention).
