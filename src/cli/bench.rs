@@ -1,7 +1,6 @@
 //! `stancemix bench`: stancemix's side of the performance table (docs/BENCHMARKS.md), each figure
 //! the median of several repeats, as a table or one JSON object.
 
-use indicatif::ProgressBar;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -309,7 +308,7 @@ fn train_figure(
             ..TrainConfig::default()
         };
         let mut t = Trainer::new(&model, c, &records, &[], &dir)?;
-        let rep = t.run(false, &AtomicBool::new(false), &ProgressBar::hidden())?;
+        let rep = t.run(false, &AtomicBool::new(false), &mut |_| {})?;
         if i > 0 {
             rates.push(rep.tokens_per_second);
         }

@@ -59,7 +59,8 @@ impl GateFeatures {
 }
 
 /// How the prompt is wrapped before the hidden-state pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Template {
     /// The prompt's text as is.
