@@ -230,16 +230,6 @@ pub fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// FNV-1a, stable across platforms and releases (unlike `std`'s hasher).
-pub(crate) fn fnv1a(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in s.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
-}
-
 /// Sparse n-gram feature vector of `text`: (bucket, value) pairs, L2-normalised
 /// (before `ngram_scale`). Empty when `cfg.dim` is 0.
 pub fn features(text: &str, cfg: &FeatureConfig) -> Vec<(usize, f32)> {
@@ -253,7 +243,7 @@ pub fn features(text: &str, cfg: &FeatureConfig) -> Vec<(usize, f32)> {
     }
     let mut counts: std::collections::BTreeMap<usize, f32> = Default::default();
     for g in &grams {
-        let h = fnv1a(g);
+        let h = crate::util::fnv1a(g.as_bytes());
         let sign = if (h >> 63) == 0 { 1.0 } else { -1.0 };
         *counts.entry((h % cfg.dim as u64) as usize).or_default() += sign;
     }

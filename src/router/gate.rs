@@ -141,7 +141,7 @@ impl Gate {
                 self.bias[c] + w.iter().zip(x).map(|(w, v)| w * v).sum::<f32>()
             })
             .collect();
-        crate::runtime::softmax(&z)
+        crate::util::softmax(&z)
     }
 
     /// Route `text` under `policy` with `engine`'s experts.

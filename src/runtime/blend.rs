@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::lora::ExpertSet;
+use crate::util::softmax;
 use crate::{Error, Result};
 
 /// Expert stance names the dial and mix need.
@@ -381,12 +382,4 @@ impl RowPlan {
                 .collect(),
         }
     }
-}
-
-/// Softmax of a logit vector (max-subtracted).
-pub fn softmax(z: &[f32]) -> Vec<f32> {
-    let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = z.iter().map(|x| (x - m).exp()).collect();
-    let s: f32 = e.iter().sum();
-    e.into_iter().map(|x| x / s).collect()
 }
