@@ -1,4 +1,5 @@
-//! Small helpers every layer shares, each in one place: the FNV-1a hash and the softmax family.
+//! Small helpers every layer shares, each in one place: the FNV-1a hash, the softmax family,
+//! the words of a text and the repository's folder.
 //!
 //! The bottom layer with `error`: it imports nothing else from the crate.
 
@@ -12,6 +13,20 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x100000001b3);
     }
     h
+}
+
+/// Lower-cased words (letters, digits, apostrophes inside words): what the gate's n-grams and
+/// the data checks' similarity count.
+pub fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !(c.is_alphanumeric() || c == '\''))
+        .map(|w| w.trim_matches('\'').to_lowercase())
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// Repository root (where the shipped adapters, gate and data live).
+pub fn repo_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// The floats the softmax family works in: `f32` logits, `f64` sums of log-probabilities.

@@ -10,8 +10,8 @@ use stancemix::data::load_stance_dir;
 use stancemix::lora::{Adapter, ExpertSet};
 use stancemix::model::{fetch, KvCache, LoadOptions, Logits, Model, Target, WeightFormat};
 use stancemix::router::{load_policies, policies_dir, shipped_gate_dir, Gate, GATE_FILE};
-use stancemix::runtime::repo_dir;
 use stancemix::train::{Method, TrainConfig, Trainer};
+use stancemix::util::repo_dir;
 use stancemix::{Blend, Engine};
 
 const N: usize = 64;

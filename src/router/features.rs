@@ -222,21 +222,13 @@ pub fn rms_pooled(rows: &[Vec<f32>], eps: f64) -> Vec<f32> {
         .collect()
 }
 
-/// Lower-cased words (letters, digits, apostrophes inside words).
-pub fn words(text: &str) -> Vec<String> {
-    text.split(|c: char| !(c.is_alphanumeric() || c == '\''))
-        .map(|w| w.trim_matches('\'').to_lowercase())
-        .filter(|w| !w.is_empty())
-        .collect()
-}
-
 /// Sparse n-gram feature vector of `text`: (bucket, value) pairs, L2-normalised
 /// (before `ngram_scale`). Empty when `cfg.dim` is 0.
 pub fn features(text: &str, cfg: &FeatureConfig) -> Vec<(usize, f32)> {
     if cfg.dim == 0 {
         return Vec::new();
     }
-    let w = words(text);
+    let w = crate::util::words(text);
     let mut grams: Vec<String> = w.clone();
     if cfg.bigrams {
         grams.extend(w.windows(2).map(|p| format!("{} {}", p[0], p[1])));

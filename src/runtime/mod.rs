@@ -7,5 +7,5 @@ mod session;
 pub mod threads;
 
 pub use blend::{Blend, Combine, Mode, RowPlan, View, CONSERVATIVE, PROGRESSIVE};
-pub use engine::{adapter_fits, repo_dir, shipped_adapters, Engine, EngineOptions};
+pub use engine::{adapter_fits, shipped_adapters, Engine, EngineOptions};
 pub use session::{GenParams, Piece, Reply, Session, StopReason, Turn};

@@ -12,6 +12,7 @@ mod trainer;
 pub use batch::{epoch_batches, pack, row_sums, token_logprobs, tokenize, Example, Packed};
 pub use checkpoint::{Checkpoint, CHECKPOINT_FILE};
 pub use lora::{TrainLora, VarPair};
+pub mod finetune;
 pub use optim::{learning_rate, AdamParams, AdamW};
 pub use trainer::{dpo_loss, peak_rss_mb, Outcome, Progress, TrainReport, Trainer};
 
