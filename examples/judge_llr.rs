@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use candle_nn::ops::log_softmax;
 use stancemix::data::{is_dev, load_stance_dir};
 use stancemix::model::{chatml_prompt, Logits, Message};
-use stancemix::runtime::repo_dir;
+use stancemix::util::repo_dir;
 use stancemix::{Engine, EngineOptions};
 
 fn main() -> anyhow::Result<()> {

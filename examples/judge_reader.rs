@@ -1,5 +1,5 @@
 //! Experiment: the stance judge's reader fine-tuned end to end, as the gate's
-//! (`router::finetune`): a LoRA on the first `LAYER` blocks and a linear head on the mean-pooled,
+//! (`train::finetune`): a LoRA on the first `LAYER` blocks and a linear head on the mean-pooled,
 //! per-token RMS-normalised residual stream after them, trained with cross-entropy on the train
 //! split's answers (opening stripped, as the shipped judge reads them); the head's dev accuracy
 //! after each epoch.
@@ -10,8 +10,8 @@
 use stancemix::data::load_stance_dir;
 use stancemix::eval::judge::{split, strip_opening};
 use stancemix::model::{chatml_message, fetch, LoadOptions, Model, CHATML_ASSISTANT};
-use stancemix::router::finetune::{finetune, FinetuneConfig};
 use stancemix::train::default_base;
+use stancemix::train::finetune::{finetune, FinetuneConfig};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

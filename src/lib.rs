@@ -13,6 +13,7 @@ pub mod router;
 pub mod runtime;
 pub mod serve;
 pub mod train;
+pub mod util;
 
 pub use error::{Error, Result};
 pub use runtime::{Blend, Engine, EngineOptions, GenParams, Mode, Reply, Session};

@@ -6,7 +6,8 @@ use candle_core::{Device, IndexOp, Tensor};
 use common::*;
 use stancemix::lora::{Adapter, ExpertPrecision, ExpertSet};
 use stancemix::model::{KvCache, LinearHook, Logits, Model, NoHook, Pass, Target, WeightFormat};
-use stancemix::runtime::{softmax, RowPlan};
+use stancemix::runtime::RowPlan;
+use stancemix::util::softmax;
 use stancemix::{Blend, Engine, Mode};
 use std::sync::Arc;
 

@@ -153,7 +153,7 @@ fn quantized_block_types_run_on_the_int8_kernels_within_rounding() {
             tensors.push((name.clone(), q));
         }
         let p = dir.path().join("q.gguf");
-        tiny::write_gguf(&p, &md, &tensors).unwrap();
+        stancemix::model::write_gguf(&p, &md, &tensors).unwrap();
         let stored = Model::load(
             &p,
             &LoadOptions {
@@ -582,7 +582,7 @@ fn sentencepiece_tokenizer_merges_by_score_as_llama_cpp() {
     ];
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("spm.gguf");
-    tiny::write_gguf(&p, &md, &[]).unwrap();
+    stancemix::model::write_gguf(&p, &md, &[]).unwrap();
     let content = Content::read(&mut std::fs::File::open(&p).unwrap()).unwrap();
     let tok = stancemix::model::Tokenizer::from_gguf(&content, &p).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);

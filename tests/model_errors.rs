@@ -46,7 +46,7 @@ fn unsupported_architecture_is_a_clear_error_naming_it() {
         GgmlDType::F32,
     )
     .unwrap();
-    stancemix::model::tiny::write_gguf(
+    stancemix::model::write_gguf(
         &p,
         &[("general.architecture", Value::String("gpt2".into()))],
         &[("token_embd.weight".into(), t)],

@@ -560,7 +560,7 @@ fn malformed_hidden_gate_file_is_a_file_line_field_error() {
 /// (independent: `merge_to_gguf` in f32, then the plain hidden-state path).
 #[test]
 fn a_fine_tuned_gate_reads_through_its_adapter() {
-    use stancemix::router::finetune::{finetune, FinetuneConfig};
+    use stancemix::train::finetune::{finetune, FinetuneConfig};
     // The model file must outlive the model: merging reads it again.
     let dir = tempfile::tempdir().unwrap();
     let tiny_path = dir.path().join("tiny.gguf");

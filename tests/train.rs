@@ -4,7 +4,6 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
-use indicatif::ProgressBar;
 use std::sync::atomic::AtomicBool;
 
 use stancemix::data::export::Record;
@@ -230,7 +229,7 @@ fn first_dpo_loss_is_ln2() {
         dir.path(),
     )
     .unwrap();
-    trainer.prepare_reference(&ProgressBar::hidden()).unwrap();
+    trainer.prepare_reference().unwrap();
     let (ex, _) = tokenize(&model.tokenizer, &records(), 64).unwrap();
     let refs: Vec<_> = ex.iter().collect();
     let loss = trainer
@@ -261,7 +260,7 @@ fn sft_overfits_four_examples() {
     };
     let mut trainer = Trainer::new(&model, c, &records(), &records(), dir.path()).unwrap();
     let report = trainer
-        .run(false, &AtomicBool::new(false), &ProgressBar::hidden())
+        .run(false, &AtomicBool::new(false), &mut |_| {})
         .unwrap();
     let dev = report.dev_loss.unwrap();
     assert!(

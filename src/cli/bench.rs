@@ -1,7 +1,6 @@
 //! `stancemix bench`: stancemix's side of the performance table (docs/BENCHMARKS.md), each figure
 //! the median of several repeats, as a table or one JSON object.
 
-use indicatif::ProgressBar;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -11,8 +10,8 @@ use stancemix::data::load_stance_dir;
 use stancemix::lora::{Adapter, ExpertSet};
 use stancemix::model::{fetch, KvCache, LoadOptions, Logits, Model, Target, WeightFormat};
 use stancemix::router::{load_policies, policies_dir, shipped_gate_dir, Gate, GATE_FILE};
-use stancemix::runtime::repo_dir;
 use stancemix::train::{Method, TrainConfig, Trainer};
+use stancemix::util::repo_dir;
 use stancemix::{Blend, Engine};
 
 const N: usize = 64;
@@ -383,7 +382,7 @@ fn train_figure(
             ..TrainConfig::default()
         };
         let mut t = Trainer::new(&model, c, &records, &[], &dir)?;
-        let rep = t.run(false, &AtomicBool::new(false), &ProgressBar::hidden())?;
+        let rep = t.run(false, &AtomicBool::new(false), &mut |_| {})?;
         if i > 0 {
             rates.push(rep.tokens_per_second);
         }

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use stancemix::data::{is_dev, load_router_prompts, topics};
 use stancemix::model::{LoadOptions, Model, WeightFormat};
 use stancemix::router::{
-    argmax, evaluate_with_progress, finetune, FeatureConfig, Gate, GateAdapter, GateFeatures,
-    HiddenFeatures, PooledCache, Report, Template,
+    argmax, evaluate_with_progress, FeatureConfig, Gate, GateAdapter, GateFeatures, HiddenFeatures,
+    PooledCache, Report, Template,
 };
+use stancemix::train::finetune;
 
 use super::common::EngineArgs;
 

@@ -9,7 +9,7 @@ use stancemix::data::export::{export, Split, View};
 use stancemix::data::load_stance_dir;
 use stancemix::data::survey::survey;
 use stancemix::model::{fetch, LoadOptions, Model, WeightFormat};
-use stancemix::train::{Method, Outcome, TrainConfig, Trainer};
+use stancemix::train::{Method, Outcome, Progress, TrainConfig, Trainer};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
@@ -234,7 +234,25 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         )?
         .progress_chars("=> "),
     );
-    let report = trainer.run(args.resume, &stop, &bar)?;
+    let report = trainer.run(args.resume, &stop, &mut |p| match p {
+        Progress::Start { total, step } => {
+            bar.set_length(total as u64);
+            bar.set_position(step as u64);
+            bar.reset_eta();
+        }
+        Progress::Step {
+            step,
+            loss,
+            lr,
+            tokens_per_second,
+        } => {
+            bar.set_position(step as u64);
+            bar.set_message(format!(
+                "loss {loss:.4}  lr {lr:.2e}  {tokens_per_second:.0} tok/s"
+            ));
+        }
+        Progress::Note(line) => bar.println(line),
+    })?;
     bar.finish_and_clear();
     match report.outcome {
         Outcome::Interrupted => eprintln!(

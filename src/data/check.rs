@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
 use super::{topics, word_count, Instrument, StancePair};
-use crate::router::words;
+use crate::util::words;
 
 /// Word-level Jaccard similarity at or above which a training prompt is too close to an
 /// instrument item.

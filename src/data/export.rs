@@ -6,14 +6,16 @@ use crate::model::chat::ChatTemplate;
 use crate::{Error, Result};
 
 /// Which view to export.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum View {
     Sft,
     Dpo,
 }
 
 /// Which split: train (about 90%), dev (about 10%), or all; by hashed id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Split {
     Train,
     Dev,

@@ -47,10 +47,5 @@ pub fn load_router_prompts(path: &Path) -> Result<Vec<RouterPrompt>> {
 
 /// Deterministic split by hashed id: true for the ~10% dev share.
 pub fn is_dev(id: &str) -> bool {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in id.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h.is_multiple_of(10)
+    crate::util::fnv1a(id.as_bytes()).is_multiple_of(10)
 }

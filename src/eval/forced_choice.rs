@@ -20,6 +20,7 @@ use super::templates::{Order, Template, TEMPLATES};
 use crate::data::Instrument;
 use crate::model::{KvCache, Logits};
 use crate::runtime::{Blend, Engine, RowPlan, View};
+use crate::util::{log_softmax, softmax_and_log_sum_exp};
 use crate::{Error, Result};
 
 /// How an instrument is asked.
@@ -419,13 +420,6 @@ impl Batch {
     }
 }
 
-/// `z - logsumexp(z)`.
-pub fn log_softmax(z: &[f32]) -> Vec<f32> {
-    let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let lse = m + z.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
-    z.iter().map(|x| x - lse).collect()
-}
-
 /// `[blend][variant][item][option]` log-probabilities, blends grouped to fit `max_rows`.
 fn option_logprobs(
     engine: &Engine,
@@ -605,11 +599,8 @@ fn score_prompt(
 
 /// Normalised probabilities and the mass outside the options, from option log-probabilities.
 pub fn normalise(lp: &[f64]) -> (Vec<f64>, f64) {
-    let m = lp.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = lp.iter().map(|x| (x - m).exp()).collect();
-    let s: f64 = e.iter().sum();
-    let inside = (m + s.ln()).exp();
-    (e.iter().map(|x| x / s).collect(), (1.0 - inside).max(0.0))
+    let (p, lse) = softmax_and_log_sum_exp(lp);
+    (p, (1.0 - lse.exp()).max(0.0))
 }
 
 /// One-hot sheet of each row's most probable answer (first on ties).

@@ -10,7 +10,7 @@ use candle_core::Device;
 use std::path::Path;
 
 use super::ExpertSet;
-use crate::model::{tiny::write_gguf, Model, Target};
+use crate::model::{write_gguf, Model, Target};
 use crate::{Error, Result};
 
 /// Write the base model with the experts merged at gate weights `g` to `out` (a `.gguf`).

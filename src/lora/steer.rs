@@ -172,7 +172,7 @@ pub fn save(
             Value::String(model.name.clone().unwrap_or_default()),
         ),
     ];
-    crate::model::tiny::write_gguf(path, &md, &tensors)
+    crate::model::write_gguf(path, &md, &tensors)
 }
 
 /// Records the residual stream after every block (one forward pass, one row).

@@ -58,11 +58,9 @@ fn forward_rows(z: &[f32], vocab: usize, targets: &[u32]) -> (Vec<f32>, Vec<f32>
     let mut lse = vec![0f32; n];
     let out = SendPtr(lse.as_mut_ptr());
     each_row(n, |i| {
-        let z = &z[i * vocab..(i + 1) * vocab];
-        let max = z.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-        let sum: f32 = z.iter().map(|&v| (v - max).exp()).sum();
+        let row = crate::util::log_sum_exp(&z[i * vocab..(i + 1) * vocab]);
         // SAFETY: slot i is written by this call only; `lse` outlives the pool call.
-        unsafe { *out.get().add(i) = max + sum.ln() };
+        unsafe { *out.get().add(i) = row };
     });
     let logp = (0..n)
         .map(|i| z[i * vocab + targets[i] as usize] - lse[i])

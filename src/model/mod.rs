@@ -44,7 +44,24 @@ pub use tokenizer::{
     DEFAULT_SYSTEM,
 };
 
+use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::Tensor;
+use std::path::Path;
+
+/// Write a GGUF file from metadata and tensors (atomically): merged bases, steering vectors,
+/// the tiny test models.
+pub fn write_gguf(
+    path: &Path,
+    md: &[(&str, gguf_file::Value)],
+    tensors: &[(String, QTensor)],
+) -> crate::Result<()> {
+    let mut buf = std::io::Cursor::new(Vec::new());
+    let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut buf, &md_refs, &t_refs)
+        .map_err(|e| crate::Error::model(path, format!("writing GGUF: {e}")))?;
+    crate::error::write_atomic(path, &buf.into_inner())
+}
 
 /// The seven linears of a LLaMA block that LoRA experts can adapt, named as in PEFT's
 /// `target_modules`.

@@ -4,14 +4,14 @@
 //! Its tokenizer has one token per byte (no merges) plus the ChatML specials, so text
 //! round-trips; its weights are seeded random normals.
 
-use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::path::Path;
 
-use super::{Arch, Config, Target, ARCHITECTURES};
-use crate::{Error, Result};
+use super::{write_gguf, Arch, Config, Target, ARCHITECTURES};
+use crate::Result;
 
 /// Shape of the tiny model: 2 layers, hidden 64, FFN 128, 4 heads over 2 KV heads.
 pub fn tiny_config() -> Config {
@@ -247,14 +247,4 @@ pub fn seeded_randn(seed: u64, std: f32, shape: &[usize]) -> Result<Tensor> {
         shape,
         &Device::Cpu,
     )?)
-}
-
-/// Write a GGUF file from metadata and tensors (atomically).
-pub fn write_gguf(path: &Path, md: &[(&str, Value)], tensors: &[(String, QTensor)]) -> Result<()> {
-    let mut buf = std::io::Cursor::new(Vec::new());
-    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut buf, &md_refs, &t_refs)
-        .map_err(|e| Error::model(path, format!("writing GGUF: {e}")))?;
-    crate::error::write_atomic(path, &buf.into_inner())
 }

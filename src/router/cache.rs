@@ -8,8 +8,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::features::{fnv1a, HiddenFeatures};
+use super::features::HiddenFeatures;
 use crate::model::Model;
+use crate::util::fnv1a;
 use crate::{Error, Result};
 
 /// Pooled hidden states by text.
@@ -87,7 +88,7 @@ impl PooledCache {
 
     /// The pooled state of `text`, from the cache or computed (and remembered).
     pub fn pooled(&mut self, model: &Model, h: &HiddenFeatures, text: &str) -> Result<Vec<f32>> {
-        let key = fnv1a(&h.wrap(text));
+        let key = fnv1a(h.wrap(text).as_bytes());
         if let Some(v) = self.map.get(&key) {
             return Ok(v.clone());
         }

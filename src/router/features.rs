@@ -59,7 +59,8 @@ impl GateFeatures {
 }
 
 /// How the prompt is wrapped before the hidden-state pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Template {
     /// The prompt's text as is.
@@ -221,38 +222,20 @@ pub fn rms_pooled(rows: &[Vec<f32>], eps: f64) -> Vec<f32> {
         .collect()
 }
 
-/// Lower-cased words (letters, digits, apostrophes inside words).
-pub fn words(text: &str) -> Vec<String> {
-    text.split(|c: char| !(c.is_alphanumeric() || c == '\''))
-        .map(|w| w.trim_matches('\'').to_lowercase())
-        .filter(|w| !w.is_empty())
-        .collect()
-}
-
-/// FNV-1a, stable across platforms and releases (unlike `std`'s hasher).
-pub(crate) fn fnv1a(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in s.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
-}
-
 /// Sparse n-gram feature vector of `text`: (bucket, value) pairs, L2-normalised
 /// (before `ngram_scale`). Empty when `cfg.dim` is 0.
 pub fn features(text: &str, cfg: &FeatureConfig) -> Vec<(usize, f32)> {
     if cfg.dim == 0 {
         return Vec::new();
     }
-    let w = words(text);
+    let w = crate::util::words(text);
     let mut grams: Vec<String> = w.clone();
     if cfg.bigrams {
         grams.extend(w.windows(2).map(|p| format!("{} {}", p[0], p[1])));
     }
     let mut counts: std::collections::BTreeMap<usize, f32> = Default::default();
     for g in &grams {
-        let h = fnv1a(g);
+        let h = crate::util::fnv1a(g.as_bytes());
         let sign = if (h >> 63) == 0 { 1.0 } else { -1.0 };
         *counts.entry((h % cfg.dim as u64) as usize).or_default() += sign;
     }

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use super::features::{assemble, FeatureConfig, GateFeatures, HiddenFeatures};
 use super::Policy;
+use crate::lora::ExpertSet;
 use crate::model::Model;
-use crate::runtime::Engine;
 use crate::{Error, Result};
 
 /// File names of a saved gate.
@@ -141,17 +141,23 @@ impl Gate {
                 self.bias[c] + w.iter().zip(x).map(|(w, v)| w * v).sum::<f32>()
             })
             .collect();
-        crate::runtime::softmax(&z)
+        crate::util::softmax(&z)
     }
 
-    /// Route `text` under `policy` with `engine`'s experts.
-    pub fn route(&self, engine: &Engine, text: &str, policy: &Policy) -> Result<Route> {
-        let p = self.probabilities(Some(&engine.model), text)?;
-        let gates = policy.gates(&self.topics, &p, &engine.experts)?;
+    /// Route `text` under `policy` to `experts`, reading it with `model` (the base the experts
+    /// adapt; the gate's hidden-state features come from it).
+    pub fn route(
+        &self,
+        model: &Model,
+        experts: &ExpertSet,
+        text: &str,
+        policy: &Policy,
+    ) -> Result<Route> {
+        let p = self.probabilities(Some(model), text)?;
+        let gates = policy.gates(&self.topics, &p, experts)?;
         let mut probabilities: Vec<(String, f32)> = self.topics.iter().cloned().zip(p).collect();
         probabilities.sort_by(|a, b| b.1.total_cmp(&a.1));
-        let weights = engine
-            .experts
+        let weights = experts
             .names()
             .iter()
             .cloned()

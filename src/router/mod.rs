@@ -2,15 +2,14 @@
 
 mod cache;
 mod features;
-pub mod finetune;
 mod gate;
 mod policy;
 mod report;
 
 pub use cache::PooledCache;
 pub use features::{
-    assemble, features, rms_pooled, words, FeatureConfig, GateAdapter, GateFeatures,
-    HiddenFeatures, Template,
+    assemble, features, rms_pooled, FeatureConfig, GateAdapter, GateFeatures, HiddenFeatures,
+    Template,
 };
 pub use gate::{Gate, Route, GATE_FILE};
 pub use policy::{load_policies, Policy};
@@ -20,7 +19,7 @@ use std::path::PathBuf;
 
 /// `router-data/` in the repository.
 pub fn shipped_gate_dir() -> PathBuf {
-    crate::runtime::repo_dir().join("router-data")
+    crate::util::repo_dir().join("router-data")
 }
 
 /// `router-data/policies/`.

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::lora::ExpertSet;
+use crate::util::softmax;
 use crate::{Error, Result};
 
 /// Expert stance names the dial and mix need.
@@ -69,11 +70,17 @@ impl fmt::Display for Mode {
 
 /// A blend: gate-weight view plus mode.
 ///
+/// Two text forms, both read by `parse`: the one people type (`--blend`, the [`Blend::spec`]
+/// form: `dial=0.6@logits`) and the one shown with every answer (`Display`:
+/// `dial +0.60 | logits`, more digits only where two would not read back as the same value).
+///
 /// ```
 /// use stancemix::Blend;
 /// let b: Blend = "dial=0.6".parse().unwrap();
 /// assert_eq!(b, Blend::dial(0.6).unwrap());
 /// assert_eq!(b.to_string(), "dial +0.60 | weights");
+/// assert_eq!(b.to_string().parse::<Blend>().unwrap(), b);
+/// assert_eq!(b.spec(), "dial=0.6@weights");
 /// let m: Blend = "mix=0.25@logits".parse().unwrap();
 /// assert_eq!(m.mode, stancemix::Mode::Logits);
 /// assert!("dial=1.5".parse::<Blend>().is_err());
@@ -206,6 +213,24 @@ impl Blend {
         Ok(g)
     }
 
+    /// The blend as `--blend` reads it, every digit kept: `dial=0.6@weights`,
+    /// `progressive=0.7,conservative=0.2@logits`, `auto=libertarian@weights`.
+    pub fn spec(&self) -> String {
+        let body = match &self.view {
+            View::Base => "base".to_string(),
+            View::Dial(d) => format!("dial={d}"),
+            View::Mix(a) => format!("mix={a}"),
+            View::Raw(w) if w.is_empty() => "base".to_string(),
+            View::Raw(w) => w
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+            View::Auto(p) => format!("auto={p}"),
+        };
+        format!("{body}@{}", self.mode)
+    }
+
     /// True when raw weights extrapolate (any weight outside [0, 1] or a sum above 1).
     pub fn extrapolates(&self) -> bool {
         match &self.view {
@@ -218,14 +243,32 @@ impl Blend {
     }
 }
 
+/// `x` to two decimals (signed with `plus`) when that reads back as the same `f32`, else with
+/// every digit it needs: the shown blend is the blend, and parses back to it.
+fn two_places(x: f32, plus: bool) -> String {
+    let short = if plus {
+        format!("{x:+.2}")
+    } else {
+        format!("{x:.2}")
+    };
+    match short.parse::<f32>() {
+        Ok(y) if y == x => short,
+        _ if plus => format!("{x:+}"),
+        _ => format!("{x}"),
+    }
+}
+
 impl fmt::Display for Blend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.view {
             View::Base => write!(f, "base")?,
-            View::Dial(d) => write!(f, "dial {d:+.2}")?,
-            View::Mix(a) => write!(f, "mix {a:.2}")?,
+            View::Dial(d) => write!(f, "dial {}", two_places(*d, true))?,
+            View::Mix(a) => write!(f, "mix {}", two_places(*a, false))?,
             View::Raw(w) => {
-                let parts: Vec<String> = w.iter().map(|(k, v)| format!("{k}={v:.2}")).collect();
+                let parts: Vec<String> = w
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", two_places(*v, false)))
+                    .collect();
                 write!(f, "raw {}", parts.join(","))?
             }
             View::Auto(p) => write!(f, "auto: {p}")?,
@@ -237,11 +280,19 @@ impl fmt::Display for Blend {
 impl std::str::FromStr for Blend {
     type Err = Error;
     /// `base`, `dial=D`, `mix=A`, `expert=NAME`, `auto=POLICY`, or raw `name=w,name=w`;
-    /// optionally `@weights|@logits|@contrast`.
+    /// optionally `@weights|@logits|@contrast`. Also the `Display` form: `base | weights`,
+    /// `dial +0.60 | logits`, `mix 0.30 | weights`, `raw name=w,name=w | weights`,
+    /// `auto: POLICY | contrast`.
     fn from_str(s: &str) -> Result<Self> {
-        let (body, mode) = match s.rsplit_once('@') {
+        let (body, mode) = match s.rsplit_once('@').or_else(|| s.rsplit_once(" | ")) {
             Some((b, m)) => (b.trim(), m.trim().parse::<Mode>()?),
             None => (s.trim(), Mode::Weights),
+        };
+        // The keyword's argument after any of its separators (`dial=0.6`, `dial +0.60`).
+        let arg = |key: &str, seps: &[char]| {
+            body.strip_prefix(key)
+                .and_then(|r| r.strip_prefix(seps))
+                .map(str::trim)
         };
         let num = |v: &str, what: &str| -> Result<f32> {
             v.trim()
@@ -250,17 +301,20 @@ impl std::str::FromStr for Blend {
         };
         let view = if body == "base" {
             Blend::base()
-        } else if let Some(v) = body.strip_prefix("dial=") {
+        } else if let Some(v) = arg("dial", &['=', ' ']) {
             Blend::dial(num(v, "dial")?)?
-        } else if let Some(v) = body.strip_prefix("mix=") {
+        } else if let Some(v) = arg("mix", &['=', ' ']) {
             Blend::mix(num(v, "mix")?)?
-        } else if let Some(v) = body.strip_prefix("expert=") {
-            Blend::expert(v.trim())
-        } else if let Some(v) = body.strip_prefix("auto=") {
-            Blend::auto(v.trim())
+        } else if let Some(v) = arg("expert", &['=']) {
+            Blend::expert(v)
+        } else if let Some(v) = arg("auto", &['=', ':']) {
+            Blend::auto(v)
+        } else if body == "raw" {
+            Blend::raw([])
         } else if body.contains('=') {
+            let list = arg("raw", &[' ']).unwrap_or(body);
             let mut w = BTreeMap::new();
-            for part in body.split(',') {
+            for part in list.split(',') {
                 let (k, v) = part.split_once('=').ok_or_else(|| {
                     Error::Invalid(format!("blend part '{part}' is not name=weight"))
                 })?;
@@ -383,10 +437,65 @@ impl RowPlan {
     }
 }
 
-/// Softmax of a logit vector (max-subtracted).
-pub fn softmax(z: &[f32]) -> Vec<f32> {
-    let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = z.iter().map(|x| (x - m).exp()).collect();
-    let s: f32 = e.iter().sum();
-    e.into_iter().map(|x| x / s).collect()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kind of view, at values two decimals show exactly and at ones they do not.
+    const SPECS: &[&str] = &[
+        "base",
+        "dial=0.6",
+        "dial=-1",
+        "dial=0.605",
+        "dial=-0.0",
+        "mix=0.3",
+        "mix=0.33333334",
+        "expert=conservative",
+        "auto=libertarian",
+        "progressive=0.7,conservative=0.2",
+        "progressive=1.5,conservative=-0.125",
+        "progressive=0.1234567",
+    ];
+
+    #[test]
+    fn display_and_spec_parse_back_to_the_same_blend() {
+        for spec in SPECS {
+            for mode in ["", "@weights", "@logits", "@contrast"] {
+                let b: Blend = format!("{spec}{mode}").parse().unwrap();
+                let shown = b.to_string();
+                assert_eq!(shown.parse::<Blend>().unwrap(), b, "{spec}{mode}: {shown}");
+                assert_eq!(b.spec().parse::<Blend>().unwrap(), b, "{spec}{mode}");
+            }
+        }
+        let empty = Blend::raw([]);
+        assert_eq!(empty.to_string().parse::<Blend>().unwrap(), empty);
+    }
+
+    #[test]
+    fn display_shows_two_decimals_unless_more_are_needed() {
+        let shown = |s: &str| s.parse::<Blend>().unwrap().to_string();
+        assert_eq!(shown("dial=0.6"), "dial +0.60 | weights");
+        assert_eq!(shown("dial=0.605@logits"), "dial +0.605 | logits");
+        assert_eq!(shown("mix=0.25"), "mix 0.25 | weights");
+        assert_eq!(
+            shown("expert=conservative"),
+            "raw conservative=1.00 | weights"
+        );
+        assert_eq!(
+            shown("auto=libertarian@contrast"),
+            "auto: libertarian | contrast"
+        );
+        assert_eq!(shown("a=0.7,b=-0.125"), "raw a=0.70,b=-0.125 | weights");
+    }
+
+    #[test]
+    fn display_form_with_bad_values_is_refused() {
+        for bad in [
+            "dial +1.50 | weights",
+            "mix 0.30 | sideways",
+            "dial x | weights",
+        ] {
+            assert!(bad.parse::<Blend>().is_err(), "{bad}");
+        }
+    }
 }

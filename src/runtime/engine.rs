@@ -61,16 +61,11 @@ impl Default for EngineOptions {
     }
 }
 
-/// Repository root (where the shipped adapters and gate live).
-pub fn repo_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// The shipped adapters that exist: `adapters/progressive`, `adapters/conservative`.
 pub fn shipped_adapters() -> Vec<PathBuf> {
     ["progressive", "conservative"]
         .iter()
-        .map(|s| repo_dir().join("adapters").join(s))
+        .map(|s| crate::util::repo_dir().join("adapters").join(s))
         .filter(|p| p.join(crate::lora::CONFIG_FILE).exists())
         .collect()
 }
@@ -280,7 +275,7 @@ impl Engine {
             Error::Invalid("no gate loaded: train one with `stancemix router train`".into())
         })?;
         let p = self.policy(policy)?;
-        gate.route(self, text, p)
+        gate.route(&self.model, &self.experts, text, p)
     }
 
     /// The loaded policy named `name`.

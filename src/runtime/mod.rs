@@ -6,6 +6,6 @@ mod engine;
 mod session;
 pub mod threads;
 
-pub use blend::{softmax, Blend, Combine, Mode, RowPlan, View, CONSERVATIVE, PROGRESSIVE};
-pub use engine::{adapter_fits, repo_dir, shipped_adapters, DecodeStep, Engine, EngineOptions};
+pub use blend::{Blend, Combine, Mode, RowPlan, View, CONSERVATIVE, PROGRESSIVE};
+pub use engine::{adapter_fits, shipped_adapters, DecodeStep, Engine, EngineOptions};
 pub use session::{feed_together, GenParams, Piece, Reply, Session, StopReason, Turn};

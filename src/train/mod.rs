@@ -12,8 +12,9 @@ mod trainer;
 pub use batch::{epoch_batches, pack, row_sums, token_logprobs, tokenize, Example, Packed};
 pub use checkpoint::{Checkpoint, CHECKPOINT_FILE};
 pub use lora::{TrainLora, VarPair};
+pub mod finetune;
 pub use optim::{learning_rate, AdamParams, AdamW};
-pub use trainer::{dpo_loss, peak_rss_mb, Outcome, TrainReport, Trainer};
+pub use trainer::{dpo_loss, peak_rss_mb, Outcome, Progress, TrainReport, Trainer};
 
 use std::path::{Path, PathBuf};
 
@@ -21,9 +22,8 @@ use crate::model::WeightFormat;
 use crate::{Error, Result};
 
 /// Training objective.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Supervised fine-tuning: next-token loss on the adapter's own answers only.

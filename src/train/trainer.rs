@@ -2,7 +2,6 @@
 //! resume and a clean stop on request.
 
 use candle_core::{Tensor, Var};
-use indicatif::ProgressBar;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -44,6 +43,22 @@ pub enum Outcome {
     Finished,
     /// Stopped on request; a checkpoint is saved and `--resume` continues.
     Interrupted,
+}
+
+/// What a run reports as it goes, to whoever watches it (the CLI draws a progress bar).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// The run begins: `total` optimiser steps, the first being `step` (non-zero on resume).
+    Start { total: usize, step: usize },
+    /// An optimiser step is done: its mean loss, learning rate and the run's tokens a second.
+    Step {
+        step: usize,
+        loss: f64,
+        lr: f64,
+        tokens_per_second: f64,
+    },
+    /// A line worth printing, e.g. the dev loss at an evaluation step.
+    Note(String),
 }
 
 /// What a run measured; also written to `train_summary.json`.
@@ -261,7 +276,7 @@ impl<'a> Trainer<'a> {
     /// DPO: load the cache of the base model's log-probabilities (`reference_logps.json` in the
     /// output folder). Missing entries are computed when a batch first needs them, so a short
     /// run pays only for the examples it uses; the cache is saved with every checkpoint.
-    pub fn prepare_reference(&mut self, _bar: &ProgressBar) -> Result<()> {
+    pub fn prepare_reference(&mut self) -> Result<()> {
         if self.config.method != Method::Dpo {
             return Ok(());
         }
@@ -360,17 +375,18 @@ impl<'a> Trainer<'a> {
     }
 
     /// Run to the end, or until `stop` is set (then a checkpoint is saved). With `resume`, start
-    /// from the checkpoint in the output folder if there is one.
+    /// from the checkpoint in the output folder if there is one. `progress` hears of the start,
+    /// every step and the dev evaluations (`&mut |_| {}` to ignore them).
     pub fn run(
         &mut self,
         resume: bool,
         stop: &AtomicBool,
-        bar: &ProgressBar,
+        progress: &mut dyn FnMut(Progress),
     ) -> Result<TrainReport> {
         let c = self.config.clone();
         std::fs::create_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
         c.save(&self.out.join("train.toml"))?;
-        self.prepare_reference(bar)?;
+        self.prepare_reference()?;
         let vars: Vec<Var> = self
             .lora
             .named_vars()
@@ -388,9 +404,10 @@ impl<'a> Trainer<'a> {
         }
         let total = self.total_steps();
         let per_epoch = self.batches_per_epoch();
-        bar.set_length(total as u64);
-        bar.set_position(state.step as u64);
-        bar.reset_eta();
+        progress(Progress::Start {
+            total,
+            step: state.step,
+        });
         let log_path = self.out.join("train_log.jsonl");
         let mut epoch_cache: Option<(usize, Vec<Vec<usize>>)> = None;
         let mut recent: Vec<f64> = Vec::new();
@@ -459,17 +476,21 @@ impl<'a> Trainer<'a> {
                 recent.remove(0);
             }
             let tps = state.tokens as f64 / state.seconds.max(1e-9);
-            bar.set_position(state.step as u64);
-            bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}  {tps:.0} tok/s"));
+            progress(Progress::Step {
+                step: state.step,
+                loss,
+                lr,
+                tokens_per_second: tps,
+            });
             let mut line = serde_json::json!({"step": state.step, "loss": loss, "lr": lr, "tokens_per_second": tps});
             if c.eval_every > 0 && state.step % c.eval_every == 0 && state.step < total {
                 if let Some((dl, acc)) = self.dev_loss(c.eval_limit)? {
-                    bar.println(format!(
+                    progress(Progress::Note(format!(
                         "step {:>5}: dev loss {dl:.4}{}",
                         state.step,
                         acc.map(|a| format!(", reward accuracy {a:.3}"))
                             .unwrap_or_default()
-                    ));
+                    )));
                     line["dev_loss"] = dl.into();
                 }
             }

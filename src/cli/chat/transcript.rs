@@ -11,7 +11,7 @@ use std::path::Path;
 
 use stancemix::model::Message;
 use stancemix::router::Route;
-use stancemix::runtime::{StopReason, View};
+use stancemix::runtime::StopReason;
 use stancemix::{Blend, Error, GenParams, Reply};
 
 /// The `format` field of a transcript header.
@@ -26,7 +26,7 @@ pub struct TurnRecord {
     pub assistant: String,
     /// The blend as shown to users (`dial +0.60 | weights`).
     pub blend: String,
-    /// The blend as `--blend` reads it (`dial=0.6@weights`).
+    /// The blend as `--blend` reads it (`dial=0.6@weights`, [`Blend::spec`]).
     pub blend_spec: String,
     /// Gate weights by expert name (the routed ones for automatic blends).
     pub weights: BTreeMap<String, f32>,
@@ -43,7 +43,7 @@ impl TurnRecord {
             user: user.to_string(),
             assistant: reply.text.clone(),
             blend: reply.blend.clone(),
-            blend_spec: blend_spec(blend),
+            blend_spec: blend.spec(),
             weights: reply.weights.clone(),
             route: reply.route.clone(),
             stop: reply.stop,
@@ -205,27 +205,9 @@ fn field_of(msg: &str) -> String {
     msg.split('`').nth(1).unwrap_or("line").to_string()
 }
 
-/// `blend` as `--blend` / `/blend` read it: `dial=0.6@weights`, `auto=libertarian@logits`.
-pub fn blend_spec(blend: &Blend) -> String {
-    let body = match &blend.view {
-        View::Base => "base".to_string(),
-        View::Dial(d) => format!("dial={d}"),
-        View::Mix(a) => format!("mix={a}"),
-        View::Raw(w) if w.is_empty() => "base".to_string(),
-        View::Raw(w) => w
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(","),
-        View::Auto(p) => format!("auto={p}"),
-    };
-    format!("{body}@{}", blend.mode)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stancemix::Mode;
 
     fn turn(user: &str, spec: &str) -> TurnRecord {
         let blend: Blend = spec.parse().unwrap();
@@ -233,27 +215,11 @@ mod tests {
             user: user.into(),
             assistant: format!("answer to {user}\nwith a second line"),
             blend: blend.to_string(),
-            blend_spec: blend_spec(&blend),
+            blend_spec: blend.spec(),
             weights: [("progressive".to_string(), 0.5)].into(),
             route: None,
             stop: StopReason::MaxTokens,
             params: GenParams::default(),
-        }
-    }
-
-    #[test]
-    fn blend_spec_reads_back_as_the_same_blend() {
-        for b in [
-            Blend::base(),
-            Blend::dial(0.6).unwrap(),
-            Blend::dial(-1.0).unwrap().with_mode(Mode::Contrast),
-            Blend::mix(0.3).unwrap().with_mode(Mode::Logits),
-            Blend::expert("conservative"),
-            Blend::raw([("progressive".into(), 0.7), ("conservative".into(), 0.2)]),
-            Blend::auto("libertarian"),
-        ] {
-            let spec = blend_spec(&b);
-            assert_eq!(spec.parse::<Blend>().unwrap(), b, "{spec}");
         }
     }
 

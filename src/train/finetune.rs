@@ -6,9 +6,9 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
+use super::{learning_rate, AdamParams, AdamW, TrainLora};
 use crate::lora::{Adapter, AdapterConfig};
 use crate::model::{Logits, Model, Pass, Target};
-use crate::train::{learning_rate, AdamParams, AdamW, TrainLora};
 use crate::{Error, Result};
 
 /// Fine-tuning settings.
