@@ -274,6 +274,72 @@ fn sft_overfits_four_examples() {
 }
 
 #[test]
+fn early_stopping_keeps_the_adapter_of_the_best_dev_loss() {
+    // Train on one side and measure dev on the other: past the first steps (the format) the
+    // dev loss rises, so patience must stop the run and keep the best evaluation's adapter.
+    let model = common::tiny_model(9);
+    let dir = tempfile::tempdir().unwrap();
+    let flipped: Vec<Record> = records()
+        .into_iter()
+        .map(|r| Record {
+            chosen: r.rejected.clone().unwrap(),
+            rejected: Some(r.chosen),
+            ..r
+        })
+        .collect();
+    let c = TrainConfig {
+        lr: 1e-2,
+        rank: 8,
+        alpha: 16.0,
+        epochs: 400,
+        max_steps: 200,
+        min_lr_ratio: 1.0,
+        eval_every: 4,
+        patience: 3,
+        checkpoint_every: 1000,
+        ..config(Method::Sft)
+    };
+    let mut trainer = Trainer::new(&model, c, &records(), &flipped, dir.path()).unwrap();
+    let report = trainer
+        .run(false, &AtomicBool::new(false), &mut |_| {})
+        .unwrap();
+    assert!(report.steps < 200, "no early stop: {} steps", report.steps);
+    let logged: Vec<(usize, f64)> = std::fs::read_to_string(dir.path().join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Some((v["step"].as_u64()? as usize, v["dev_loss"].as_f64()?))
+        })
+        .collect();
+    let (best_step, best) = logged
+        .iter()
+        .cloned()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    assert_eq!(report.steps, best_step + 3 * 4, "{logged:?}");
+    assert_eq!(report.best_step, Some(best_step));
+    // The adapter saved is the best one: its dev loss is the best logged.
+    assert!(
+        (report.dev_loss.unwrap() - best).abs() < 1e-9,
+        "{report:?} vs {best}"
+    );
+    let saved = stancemix::lora::Adapter::load(dir.path(), &model.config).unwrap();
+    let kept = stancemix::lora::Adapter::load(dir.path().join("best"), &model.config).unwrap();
+    for (k, p) in &saved.pairs {
+        assert_eq!(
+            p.b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            kept.pairs[k]
+                .b
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+    }
+}
+
+#[test]
 fn bad_train_config_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("t.toml");

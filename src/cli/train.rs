@@ -86,6 +86,10 @@ pub struct Args {
     pub eval_limit: Option<usize>,
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
+    /// Stop once the dev loss (every --eval-every steps) has not improved for N evaluations,
+    /// keeping the adapter of the best one ("until dev loss stops falling"; 0: off).
+    #[arg(long)]
+    pub patience: Option<usize>,
     /// Add N survey-format examples (statement -> one Likert option) per proposition pair.
     #[arg(long)]
     pub survey: Option<usize>,
@@ -142,7 +146,14 @@ impl Args {
             seed,
             beta
         );
-        set!(eval_every, eval_limit, checkpoint_every, survey, long_form);
+        set!(
+            eval_every,
+            eval_limit,
+            checkpoint_every,
+            patience,
+            survey,
+            long_form
+        );
         if let Some(f) = self.base_format {
             c.base = f;
         }

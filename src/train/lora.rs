@@ -103,6 +103,24 @@ impl TrainLora {
         *self.rng.borrow_mut() = seed.map(StdRng::seed_from_u64);
     }
 
+    /// Set every parameter to `adapter`'s (same linears and ranks: e.g. the best checkpoint of
+    /// this run, written by [`TrainLora::to_adapter`]).
+    pub fn load_adapter(&self, adapter: &Adapter) -> Result<()> {
+        for (key, p) in &self.pairs {
+            let q = adapter.pairs.get(key).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: the adapter has no pair for layer {} {}",
+                    adapter.dir.display(),
+                    key.0,
+                    key.1.peft_name()
+                ))
+            })?;
+            p.a.set(&q.a)?;
+            p.b.set(&q.b)?;
+        }
+        Ok(())
+    }
+
     /// A snapshot of the current parameters as an [`Adapter`].
     pub fn to_adapter(&self) -> Result<Adapter> {
         let mut pairs = BTreeMap::new();

@@ -84,6 +84,11 @@ pub struct TrainConfig {
     /// Files written before this setting existed trained in `f32`.
     #[serde(default = "f32_base")]
     pub base: WeightFormat,
+    /// Early stopping: stop once the dev loss (measured every `eval_every` steps) has not
+    /// improved for this many evaluations, and keep the adapter of the best one (0: train every
+    /// step and keep the last).
+    #[serde(default)]
+    pub patience: usize,
 }
 
 fn yes() -> bool {
@@ -132,6 +137,7 @@ impl Default for TrainConfig {
             eval_every: 50,
             eval_limit: 48,
             checkpoint_every: 20,
+            patience: 0,
             survey: 0,
             long_form: true,
             base: default_base(),

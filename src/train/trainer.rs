@@ -17,6 +17,27 @@ use crate::{Error, Result};
 
 /// The DPO reference cache's file name inside the output folder.
 pub const REFERENCE_FILE: &str = "reference_logps.json";
+/// Folder of the best adapter so far under early stopping (`patience`), and its record.
+pub const BEST_DIR: &str = "best";
+const BEST_FILE: &str = "best.json";
+
+/// The best periodic dev loss of a run with early stopping.
+struct Best {
+    step: usize,
+    dev_loss: f64,
+}
+
+impl Best {
+    /// The record in `dir`, if a run saved one (a resumed run continues from it).
+    fn load(dir: &Path) -> Option<Best> {
+        let text = std::fs::read_to_string(dir.join(BEST_FILE)).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        Some(Best {
+            step: v["step"].as_u64()? as usize,
+            dev_loss: v["dev_loss"].as_f64()?,
+        })
+    }
+}
 
 /// Cache key of an example's reference log-probabilities: its id and token lengths, so a change
 /// of data or `max_seq_len` never reuses a stale entry, and the base format unless f32 (the
@@ -82,6 +103,12 @@ pub struct TrainReport {
     pub dev_loss: Option<f64>,
     /// DPO only: share of dev pairs whose implicit reward prefers the adapter's own side.
     pub dev_reward_accuracy: Option<f64>,
+    /// With `patience`: the step whose adapter was kept (the lowest periodic dev loss), and
+    /// that loss. `dev_loss` above is then the kept adapter's.
+    #[serde(default)]
+    pub best_step: Option<usize>,
+    #[serde(default)]
+    pub best_dev_loss: Option<f64>,
     pub peak_rss_mb: Option<f64>,
     pub threads: usize,
 }
@@ -413,6 +440,9 @@ impl<'a> Trainer<'a> {
         let mut recent: Vec<f64> = Vec::new();
         let mut outcome = Outcome::Finished;
         let (start_tokens, start_seconds) = (state.tokens, state.seconds);
+        // Early stopping: the best periodic dev loss so far (kept across --resume in best/).
+        let best_dir = self.out.join(BEST_DIR);
+        let mut best: Option<Best> = (c.patience > 0).then(|| Best::load(&best_dir)).flatten();
         while state.step < total {
             if stop.load(Ordering::SeqCst) {
                 outcome = Outcome::Interrupted;
@@ -492,6 +522,30 @@ impl<'a> Trainer<'a> {
                             .unwrap_or_default()
                     )));
                     line["dev_loss"] = dl.into();
+                    if let Some(a) = acc {
+                        line["dev_reward_accuracy"] = a.into();
+                    }
+                    if c.patience > 0 {
+                        if best.as_ref().is_none_or(|b| dl < b.dev_loss) {
+                            best = Some(Best {
+                                step: state.step,
+                                dev_loss: dl,
+                            });
+                            self.save_best(&best_dir, state.step, dl)?;
+                        }
+                        let since = best
+                            .as_ref()
+                            .map_or(0, |b| (state.step - b.step) / c.eval_every);
+                        if since >= c.patience {
+                            progress(Progress::Note(format!(
+                                "step {:>5}: no better dev loss in {since} evaluations; keeping step {}",
+                                state.step,
+                                best.as_ref().map_or(0, |b| b.step)
+                            )));
+                            append_line(&log_path, &line)?;
+                            break;
+                        }
+                    }
                 }
             }
             append_line(&log_path, &line)?;
@@ -521,6 +575,8 @@ impl<'a> Trainer<'a> {
                 .then(|| recent.iter().sum::<f64>() / recent.len() as f64),
             dev_loss: None,
             dev_reward_accuracy: None,
+            best_step: None,
+            best_dev_loss: None,
             peak_rss_mb: peak_rss_mb(),
             threads: candle_core::utils::get_num_threads(),
         };
@@ -529,9 +585,20 @@ impl<'a> Trainer<'a> {
             state.save(&ckpt_path, &self.lora, &opt)?;
             return Ok(report);
         }
+        // With early stopping, the last weights compete with the best periodic ones.
         if let Some((dl, acc)) = self.dev_loss(c.eval_limit)? {
             report.dev_loss = Some(dl);
             report.dev_reward_accuracy = acc;
+        }
+        if let Some(b) = best.filter(|b| report.dev_loss.is_none_or(|dl| b.dev_loss < dl)) {
+            let kept = crate::lora::Adapter::load(&best_dir, &self.model.config)?;
+            self.lora.load_adapter(&kept)?;
+            if let Some((dl, acc)) = self.dev_loss(c.eval_limit)? {
+                report.dev_loss = Some(dl);
+                report.dev_reward_accuracy = acc;
+            }
+            report.best_step = Some(b.step);
+            report.best_dev_loss = Some(b.dev_loss);
         }
         self.save_adapter(&report)?;
         let json =
@@ -539,6 +606,13 @@ impl<'a> Trainer<'a> {
         crate::error::write_atomic(&self.out.join("train_summary.json"), json.as_bytes())?;
         let _ = std::fs::remove_file(&ckpt_path);
         Ok(report)
+    }
+
+    /// Save the current adapter as the best so far (`best/`, with its step and dev loss).
+    fn save_best(&self, dir: &Path, step: usize, dev_loss: f64) -> Result<()> {
+        self.lora.to_adapter()?.save(dir, &self.model.config)?;
+        let json = serde_json::json!({"step": step, "dev_loss": dev_loss});
+        crate::error::write_atomic(&dir.join(BEST_FILE), json.to_string().as_bytes())
     }
 
     fn save_adapter(&self, report: &TrainReport) -> Result<()> {
