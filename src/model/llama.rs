@@ -499,7 +499,9 @@ impl Model {
                 "prompt passes run one cache at a time".into(),
             ));
         }
-        let pos = groups[0].pos();
+        // Each group's position before this pass (its cache grows block by block below).
+        let positions: Vec<usize> = groups.iter().map(Group::pos).collect();
+        let pos = positions[0];
         // Additive masks `(t, pos + t)`: causal, and causal within the window for sliding layers.
         let (mask, mask_sliding) = if t > 1 {
             let window = self.config.sliding.map(|s| s.window);
@@ -526,7 +528,7 @@ impl Model {
                 false => mask.as_ref(),
             };
             let h = self.rms_norm(&x, &block.attn_norm, pass)?;
-            let a = self.attention(i, block, &h, groups, mask, pass)?;
+            let a = self.attention(i, block, &h, groups, &positions, mask, pass)?;
             let a = match &block.sandwich {
                 Some(n) => self.rms_norm(&a, &n.post_attn, pass)?,
                 None => a,
@@ -628,13 +630,15 @@ impl Model {
     }
 
     /// Self-attention of block `layer` over `x` `(b, t, hidden)`, each group of rows against
-    /// its own cache at its own position.
+    /// its own cache, its tokens starting at `positions[group]`.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: usize,
         blk: &Block,
         x: &Tensor,
         groups: &mut [Group],
+        positions: &[usize],
         mask: Option<&Tensor>,
         pass: &Pass,
     ) -> Result<Tensor> {
@@ -657,13 +661,22 @@ impl Model {
         let k = k.transpose(1, 2)?.contiguous()?; // (b, nkv, t, hd)
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let y = if let [group] = groups {
-            self.attend(layer, &q, &k, &v, group, mask, pass)?
+            self.attend(layer, &q, &k, &v, group, positions[0], mask, pass)?
         } else {
             let mut ys = Vec::with_capacity(groups.len());
             let mut row = 0;
-            for g in groups.iter_mut() {
+            for (g, &pos) in groups.iter_mut().zip(positions) {
                 let part = |x: &Tensor| x.narrow(0, row, g.rows);
-                ys.push(self.attend(layer, &part(&q)?, &part(&k)?, &part(&v)?, g, mask, pass)?);
+                ys.push(self.attend(
+                    layer,
+                    &part(&q)?,
+                    &part(&k)?,
+                    &part(&v)?,
+                    g,
+                    pos,
+                    mask,
+                    pass,
+                )?);
                 row += g.rows;
             }
             Tensor::cat(&ys, 0)?
@@ -671,7 +684,8 @@ impl Model {
         self.linear(layer, Target::O, blk, &y, pass)
     }
 
-    /// One group's attention: RoPE at its position, its cache extended, softmax(q k^T) v.
+    /// One group's attention: RoPE from `pos` (its first token's position, read before the
+    /// pass: the cache grows block by block), its cache extended, softmax(q k^T) v.
     /// `q` `(rows, nh, t, hd)`, `k`, `v` `(rows, nkv, t, hd)`; returns `(rows, t, nh * hd)`.
     #[allow(clippy::too_many_arguments)]
     fn attend(
@@ -681,12 +695,12 @@ impl Model {
         k: &Tensor,
         v: &Tensor,
         group: &mut Group,
+        pos: usize,
         mask: Option<&Tensor>,
         pass: &Pass,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, nh, t, hd) = q.dims4()?;
-        let pos = group.pos();
         let q = self.rope(layer, q, pos, pass)?;
         let k = self.rope(layer, k, pos, pass)?;
         let (k, v) = match group.cache.as_deref_mut() {
