@@ -277,6 +277,22 @@ impl fmt::Display for Blend {
     }
 }
 
+/// Serialised as its `Display` form (`"dial +0.60 | weights"`), the text every answer shows,
+/// so a serialised [`crate::Reply`] reads as before `Reply.blend` was typed.
+impl serde::Serialize for Blend {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Read from either text form (`parse`).
+impl<'de> serde::Deserialize<'de> for Blend {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl std::str::FromStr for Blend {
     type Err = Error;
     /// `base`, `dial=D`, `mix=A`, `expert=NAME`, `auto=POLICY`, or raw `name=w,name=w`;
@@ -486,6 +502,17 @@ mod tests {
             "auto: libertarian | contrast"
         );
         assert_eq!(shown("a=0.7,b=-0.125"), "raw a=0.70,b=-0.125 | weights");
+    }
+
+    #[test]
+    fn serialises_as_the_display_form_and_reads_back() {
+        for spec in SPECS {
+            let b: Blend = format!("{spec}@logits").parse().unwrap();
+            let json = serde_json::to_string(&b).unwrap();
+            assert_eq!(json, serde_json::to_string(&b.to_string()).unwrap());
+            assert_eq!(serde_json::from_str::<Blend>(&json).unwrap(), b, "{spec}");
+        }
+        assert!(serde_json::from_str::<Blend>("\"dial 7\"").is_err());
     }
 
     #[test]

@@ -579,7 +579,7 @@ fn label(reply: &Reply) -> String {
             r.topic,
             weights(&reply.weights)
         ),
-        None => reply.blend.clone(),
+        None => reply.blend.to_string(),
     }
 }
 
