@@ -1,10 +1,12 @@
 //! Embedding stancemix: load the engine, answer one prompt under three blends.
 //! Run: cargo run --release --example embed (builds with `--no-default-features` too).
-use stancemix::{Blend, Engine, EngineOptions, GenParams};
+use stancemix::{util::Paths, Blend, Engine, EngineOptions, GenParams};
 
 fn main() -> stancemix::Result<()> {
-    // Default options: the fetched base model plus the shipped adapters and gate.
-    let engine = Engine::load(&EngineOptions::default())?;
+    // The default base model plus the adapters and gate shipped in this repository (an
+    // embedder names its own folder); the model is fetched into its models/ if missing.
+    let paths = Paths::at(env!("CARGO_MANIFEST_DIR"));
+    let engine = Engine::load(&EngineOptions::shipped(paths))?;
     let params = GenParams {
         max_tokens: 80,
         ..GenParams::default()

@@ -59,6 +59,7 @@ impl EvalEngineArgs {
 
     fn load_as(&self, format: WeightFormat) -> anyhow::Result<Arc<Engine>> {
         Ok(Engine::load(&EngineOptions {
+            paths: super::paths(),
             model: self.model.clone(),
             adapters: if self.no_adapters {
                 Some(Vec::new())

@@ -165,7 +165,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let dir = a
         .gate
         .clone()
-        .unwrap_or_else(stancemix::router::shipped_gate_dir);
+        .unwrap_or_else(|| stancemix::router::shipped_gate_dir(&crate::cli::paths()));
     let gate = Gate::load(&dir)?;
     let mut prompts = load_router_prompts(&a.data)?;
     if a.dev {
@@ -177,7 +177,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let model = if gate.needs_model() {
         let path = match &a.model {
             Some(p) => p.clone(),
-            None => stancemix::model::fetch::ensure_default_model()?,
+            None => stancemix::model::fetch::ensure_default_model(&crate::cli::paths())?,
         };
         Some(Model::load(&path, &LoadOptions { format: a.format })?)
     } else {
@@ -217,6 +217,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         extra: a.extra.clone(),
         out: a.out.clone(),
         model: a.model.clone(),
+        paths: crate::cli::paths(),
         dim: a.dim,
         ngram_scale: a.ngram_scale,
         layer: a.layer,

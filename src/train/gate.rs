@@ -12,6 +12,7 @@ use crate::router::{
     Template,
 };
 use crate::train::finetune;
+use crate::util::Paths;
 use crate::{Error, Result};
 
 /// The folder of a fine-tuned gate's adapter, beside gate.json.
@@ -26,8 +27,10 @@ pub struct GateTrainConfig {
     pub extra: PathBuf,
     /// Where a fine-tuned reader is written (`OUT/gate-lora`), beside the gate's own file.
     pub out: PathBuf,
-    /// Base model GGUF (`None`: the fetched default).
+    /// Base model GGUF (`None`: the default, fetched into `paths.models` if missing).
     pub model: Option<PathBuf>,
+    /// Where fetched models are kept.
+    pub paths: Paths,
     /// Hash buckets for word 1-2-grams (0: no n-gram features).
     pub dim: usize,
     /// Factor on the unit-length n-gram vector (the hidden part is standardised).
@@ -188,7 +191,7 @@ fn hidden_states(
 ) -> Result<(HiddenFeatures, Pooled, Pooled)> {
     let path = match &cfg.model {
         Some(p) => p.clone(),
-        None => crate::model::fetch::ensure_default_model()?,
+        None => crate::model::fetch::ensure_default_model(&cfg.paths)?,
     };
     let model = Model::load(&path, &LoadOptions { format: cfg.format })?;
     if cfg.layer > model.config.n_layer {
