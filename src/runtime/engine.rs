@@ -289,16 +289,9 @@ impl Engine {
         self.policies
             .iter()
             .find(|p| p.name == name)
-            .ok_or_else(|| {
-                let names: Vec<&str> = self.policies.iter().map(|p| p.name.as_str()).collect();
-                Error::Invalid(format!(
-                    "no policy named '{name}' (loaded: {})",
-                    if names.is_empty() {
-                        "none".into()
-                    } else {
-                        names.join(", ")
-                    }
-                ))
+            .ok_or_else(|| Error::UnknownPolicy {
+                name: name.to_string(),
+                loaded: self.policies.iter().map(|p| p.name.clone()).collect(),
             })
     }
 
