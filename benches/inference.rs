@@ -37,7 +37,8 @@ fn decode(engine: &Engine, ids: &[u32], rows: &[Vec<f32>]) {
 }
 
 fn benches(c: &mut Criterion) {
-    let path = fetch::ensure_default_model().unwrap();
+    let path = fetch::ensure_default_model(&stancemix::util::Paths::at(env!("CARGO_MANIFEST_DIR")))
+        .unwrap();
     let threads = candle_core::utils::get_num_threads();
     eprintln!("candle threads: {threads}");
     let mut g = c.benchmark_group("inference");

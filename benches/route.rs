@@ -16,7 +16,8 @@ use stancemix::{Blend, Engine, GenParams};
 const PROMPT: &str = "Should the estate tax be raised so that large inheritances pay more?";
 
 fn benches(c: &mut Criterion) {
-    let path = stancemix::model::fetch::ensure_default_model().unwrap();
+    let paths = stancemix::util::Paths::at(env!("CARGO_MANIFEST_DIR"));
+    let path = stancemix::model::fetch::ensure_default_model(&paths).unwrap();
     let model = Model::load(
         &path,
         &LoadOptions {
@@ -28,8 +29,8 @@ fn benches(c: &mut Criterion) {
         Adapter::random(&model.config, name, 8, 8.0, &Target::ALL, seed, 0.02).unwrap()
     };
     let experts = ExpertSet::new(vec![make("progressive", 1), make("conservative", 2)]).unwrap();
-    let gate = Gate::load(&shipped_gate_dir()).unwrap();
-    let policies = load_policies(&policies_dir()).unwrap();
+    let gate = Gate::load(&shipped_gate_dir(&paths)).unwrap();
+    let policies = load_policies(&policies_dir(&paths)).unwrap();
     let engine = Engine::with_gate(model.clone(), experts, gate, policies);
     // Greedy, no stop before 64 tokens: the answer's length is fixed.
     let params = GenParams {

@@ -13,7 +13,9 @@ use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
     stancemix::runtime::threads::pin_default();
-    let path = stancemix::model::fetch::default_model_path();
+    let path = stancemix::model::fetch::default_model_path(&stancemix::util::Paths::at(env!(
+        "CARGO_MANIFEST_DIR"
+    )));
     let model = Model::load(
         &path,
         &LoadOptions {

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
     stancemix::runtime::threads::pin_default();
-    let path = stancemix::model::fetch::default_model_path();
+    let path = stancemix::model::fetch::default_model_path(&stancemix::util::Paths::at(env!(
+        "CARGO_MANIFEST_DIR"
+    )));
     let ids: Vec<u32> = (0..512u32).map(|i| 200 + (i * 37) % 20000).collect();
     for format in [
         WeightFormat::Stored,

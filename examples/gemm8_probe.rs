@@ -1,7 +1,7 @@
 //! Int8 training GEMM (`model::gemm8`) against candle's f32 matmul, forward and backward, on
 //! the base model's shapes: `cargo run --release --example gemm8_probe [ROWS]`.
 use candle_core::{Device, Tensor};
-use stancemix::model::gemm8::{has_vnni, FrozenInt8};
+use stancemix::model::kernels::{has_vnni, FrozenInt8};
 use std::time::Instant;
 
 fn time<F: FnMut()>(mut f: F) -> f64 {
@@ -48,9 +48,9 @@ fn main() -> candle_core::Result<()> {
             f.backward(&dyv, m);
         });
         let t_q = time(|| {
-            stancemix::model::gemm8::quantize_rows(&xv, m, k, None);
+            stancemix::model::kernels::quantize_rows(&xv, m, k, None);
         });
-        let rows = stancemix::model::gemm8::quantize_rows(&xv, m, k, None);
+        let rows = stancemix::model::kernels::quantize_rows(&xv, m, k, None);
         let (n_, k_) = (n, k);
         let _ = (n_, k_);
         let t_g = time(|| {

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use candle_nn::ops::log_softmax;
 use stancemix::data::{is_dev, load_stance_dir};
 use stancemix::model::{chatml_prompt, Logits, Message};
-use stancemix::util::repo_dir;
+use stancemix::util::Paths;
 use stancemix::{Engine, EngineOptions};
 
 fn main() -> anyhow::Result<()> {
@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
     let max_answer: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(128);
     let engine = Engine::load(&EngineOptions {
         adapters: Some(adapters),
-        ..EngineOptions::default()
+        ..EngineOptions::shipped(Paths::at(repo_dir()))
     })?;
     // Rows: progressive only, conservative only.
     let rows = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
@@ -93,4 +93,9 @@ fn main() -> anyhow::Result<()> {
         pair_llr as f64 / pairs.len() as f64
     );
     Ok(())
+}
+
+/// The repository this example was built in (its shipped adapters and data).
+fn repo_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("context '{other}': answer or chat"),
     };
     let model = Model::load(
-        &fetch::ensure_default_model()?,
+        &fetch::ensure_default_model(&stancemix::util::Paths::at(env!("CARGO_MANIFEST_DIR")))?,
         &LoadOptions {
             format: default_base(),
         },

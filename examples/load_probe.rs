@@ -2,7 +2,8 @@
 use stancemix::model::{fetch, LoadOptions, Model, WeightFormat};
 
 fn main() -> anyhow::Result<()> {
-    let path = fetch::ensure_default_model()?;
+    let path =
+        fetch::ensure_default_model(&stancemix::util::Paths::at(env!("CARGO_MANIFEST_DIR")))?;
     let formats: Vec<String> = std::env::args().skip(1).collect();
     let formats = if formats.is_empty() {
         vec!["int8".to_string(), "f32".into(), "mixed".into()]

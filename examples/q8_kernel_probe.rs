@@ -26,15 +26,21 @@ fn main() {
     // Ours: rows as int8 with per-block f32 scales.
     let mut wq = vec![0i8; rows * k];
     let mut dw = vec![0f32; rows * nb];
-    stancemix::model::int8::quantize_blocks(&w, &mut wq, &mut dw);
+    stancemix::model::kernels::quantize_blocks(&w, &mut wq, &mut dw);
     let mut xq = vec![0i8; k];
     let mut dx = vec![0f32; nb];
-    stancemix::model::int8::quantize_blocks(&x, &mut xq, &mut dx);
-    let (wq, dw) = stancemix::model::int8::interleave_row_quads(&wq, &dw, k);
+    stancemix::model::kernels::quantize_blocks(&x, &mut xq, &mut dx);
+    let (wq, dw) = stancemix::model::kernels::interleave_row_quads(&wq, &dw, k);
     let mut out2 = vec![0f32; rows];
     let t = Instant::now();
     for _ in 0..reps {
-        stancemix::model::int8::matvec_quads(&wq, &dw, std::hint::black_box(&xq), &dx, &mut out2);
+        stancemix::model::kernels::matvec_quads(
+            &wq,
+            &dw,
+            std::hint::black_box(&xq),
+            &dx,
+            &mut out2,
+        );
     }
     let ours_us = t.elapsed().as_secs_f64() * 1e6 / reps as f64;
     // Q4_1 as stored in GGUF files, our quad layout.
@@ -43,14 +49,14 @@ fn main() {
     BlockQ4_1::from_float(&w, &mut w4);
     let raw: &[u8] = unsafe { std::slice::from_raw_parts(w4.as_ptr() as *const u8, w4.len() * 20) };
     let mut out4 = vec![0f32; rows];
-    let q4 = stancemix::model::int8::q4_1_quads(raw, rows, k);
+    let q4 = stancemix::model::kernels::q4_1_quads(raw, rows, k);
     let xsum: Vec<i32> = xq
         .chunks(32)
         .map(|c| c.iter().map(|&v| v as i32).sum())
         .collect();
     let t = Instant::now();
     for _ in 0..reps {
-        stancemix::model::int8::matvec_q4(
+        stancemix::model::kernels::matvec_q4(
             q4.rows(0, rows, nb),
             std::hint::black_box(&xq),
             &dx,

@@ -10,7 +10,7 @@ use std::time::Instant;
 fn main() -> stancemix::Result<()> {
     let engine = Engine::load(&EngineOptions {
         format: WeightFormat::F32,
-        ..EngineOptions::default()
+        ..EngineOptions::shipped(stancemix::util::Paths::at(env!("CARGO_MANIFEST_DIR")))
     })?;
     let text = "The government should do more to reduce inequality between rich and poor people. ";
     let ids = engine.model.tokenizer.encode(&text.repeat(8))?;

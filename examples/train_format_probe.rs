@@ -13,7 +13,8 @@ fn main() -> anyhow::Result<()> {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(2);
-    let path = fetch::ensure_default_model()?;
+    let path =
+        fetch::ensure_default_model(&stancemix::util::Paths::at(env!("CARGO_MANIFEST_DIR")))?;
     let pairs = load_stance_dir(std::path::Path::new("adapters/data/stance"))?;
     let records = export(
         &pairs,

@@ -79,7 +79,9 @@ fn main() -> anyhow::Result<()> {
     }
     let path = match &a.model {
         Some(p) => p.clone(),
-        None => stancemix::model::fetch::ensure_default_model()?,
+        None => stancemix::model::fetch::ensure_default_model(&stancemix::util::Paths::at(env!(
+            "CARGO_MANIFEST_DIR"
+        )))?,
     };
     let model = Model::load(&path, &LoadOptions { format: a.format })?;
     let pairs = stancemix::data::load_stance_dir(&a.stance_data)?;

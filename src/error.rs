@@ -30,6 +30,23 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// A blend that cannot be read, or not used with the loaded experts (a dial outside
+    /// [-1, 1], an unknown mode, a stance no expert has): the message says which.
+    #[error("{0}")]
+    BadBlend(String),
+
+    /// A blend names an expert that is not loaded.
+    #[error("no expert named '{name}' (loaded: {})", .loaded.join(", "))]
+    UnknownExpert { name: String, loaded: Vec<String> },
+
+    /// A blend or a route names a policy that is not loaded.
+    #[error("no policy named '{name}' (loaded: {})", or_none(.loaded))]
+    UnknownPolicy { name: String, loaded: Vec<String> },
+
+    /// Feeding would take the cache past the model's context.
+    #[error("context full: {needed} tokens exceed the model's context of {context}")]
+    ContextFull { needed: usize, context: usize },
+
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
@@ -57,7 +74,29 @@ pub enum Error {
 /// Library result type.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// `names` joined by commas, or `none`.
+fn or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
 impl Error {
+    /// Whether the caller's input is at fault (a bad argument, blend, name, or a full context)
+    /// rather than the files or the machine: the server answers these with 400.
+    pub fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            Error::Invalid(_)
+                | Error::BadBlend(_)
+                | Error::UnknownExpert { .. }
+                | Error::UnknownPolicy { .. }
+                | Error::ContextFull { .. }
+        )
+    }
+
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

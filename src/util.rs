@@ -1,5 +1,5 @@
 //! Small helpers every layer shares, each in one place: the FNV-1a hash, the softmax family,
-//! the words of a text and the repository's folder.
+//! the words of a text and where the shipped files live ([`Paths`]).
 //!
 //! The bottom layer with `error`: it imports nothing else from the crate.
 
@@ -24,9 +24,27 @@ pub fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Repository root (where the shipped adapters, gate and data live).
-pub fn repo_dir() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+/// Where the shipped files live (the adapters, the gate and its policies, under `root`) and where
+/// fetched models are kept. The library has no such place of its own: the caller says (the
+/// binary and the tests pass the repository they were built in).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    /// The repository root: `adapters/`, `router-data/`.
+    pub root: std::path::PathBuf,
+    /// The models cache: `$STANCEMIX_MODELS` when set, else `ROOT/models`.
+    pub models: std::path::PathBuf,
+}
+
+impl Paths {
+    /// The layout of a repository at `root`, the models cache overridden by `$STANCEMIX_MODELS`.
+    pub fn at(root: impl Into<std::path::PathBuf>) -> Paths {
+        let root = root.into();
+        let models = match std::env::var_os("STANCEMIX_MODELS") {
+            Some(dir) if !dir.is_empty() => std::path::PathBuf::from(dir),
+            _ => root.join("models"),
+        };
+        Paths { root, models }
+    }
 }
 
 /// The floats the softmax family works in: `f32` logits, `f64` sums of log-probabilities.

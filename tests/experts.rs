@@ -365,8 +365,8 @@ fn blend_changes_between_tokens_without_reload() {
     // (How long a switch takes is a benchmark figure: `stancemix bench`, switch_ms.)
     s.set_blend(Blend::dial(-0.8).unwrap()).unwrap();
     let r2 = s.chat("And now?", &params, |_| true).unwrap();
-    assert_eq!(r1.blend, "dial +0.80 | weights");
-    assert_eq!(r2.blend, "dial -0.80 | weights");
+    assert_eq!(r1.blend.to_string(), "dial +0.80 | weights");
+    assert_eq!(r2.blend.to_string(), "dial -0.80 | weights");
 }
 
 #[test]

@@ -149,7 +149,9 @@ fn every_fetched_base_matches_llama_cpp_tokens_greedy_decoding_and_logprobs() {
         {
             continue;
         }
-        if stancemix::model::Arch::from_name(base.arch).is_none() || !base.is_fetched() {
+        if stancemix::model::Arch::from_name(base.arch).is_none()
+            || !base.is_fetched(&common::paths())
+        {
             eprintln!(
                 "skipped {}: not fetched or architecture not supported yet",
                 base.id
@@ -157,7 +159,7 @@ fn every_fetched_base_matches_llama_cpp_tokens_greedy_decoding_and_logprobs() {
             continue;
         }
         let m = Model::load(
-            base.path(),
+            base.path(&common::paths()),
             &LoadOptions {
                 format: WeightFormat::F32,
             },
@@ -176,7 +178,7 @@ fn every_fetched_base_matches_llama_cpp_tokens_greedy_decoding_and_logprobs() {
         std::fs::write(&req, request.to_string()).unwrap();
         let out = std::process::Command::new(&py)
             .arg(root.join("scripts/peers/llamacpp_reference.py"))
-            .arg(base.path())
+            .arg(base.path(&common::paths()))
             .arg(&req)
             .output()
             .unwrap();
@@ -260,7 +262,7 @@ fn every_fetched_base_matches_llama_cpp_tokens_greedy_decoding_and_logprobs() {
         // In the format we serve (the file's blocks, activations rounded to int8 blocks before
         // each matmul, as llama.cpp rounds them to Q8 blocks) and in exact f32 (printed).
         let stored = Model::load(
-            base.path(),
+            base.path(&common::paths()),
             &LoadOptions {
                 format: WeightFormat::Stored,
             },

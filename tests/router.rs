@@ -22,11 +22,11 @@ fn random_experts(model: &Model) -> ExpertSet {
 }
 
 fn shipped_gate() -> Gate {
-    Gate::load(&shipped_gate_dir()).expect("the shipped gate loads")
+    Gate::load(&shipped_gate_dir(&common::paths())).expect("the shipped gate loads")
 }
 
 fn shipped_policies() -> Vec<Policy> {
-    let p = load_policies(&policies_dir()).unwrap();
+    let p = load_policies(&policies_dir(&common::paths())).unwrap();
     let names: Vec<&str> = p.iter().map(|p| p.name.as_str()).collect();
     for want in ["toggle", "libertarian", "communitarian"] {
         assert!(names.contains(&want), "missing shipped policy {want}");
@@ -41,7 +41,8 @@ fn shipped_gate_dev_report() -> &'static stancemix::router::Report {
     R.get_or_init(|| {
         let gate = shipped_gate();
         let model = real_model(WeightFormat::Q8_0);
-        let prompts = load_router_prompts(&shipped_gate_dir().join("prompts.jsonl")).unwrap();
+        let prompts =
+            load_router_prompts(&shipped_gate_dir(&common::paths()).join("prompts.jsonl")).unwrap();
         let dev: Vec<_> = prompts.iter().filter(|p| is_dev(&p.id)).collect();
         assert!(dev.len() >= 100, "dev split too small: {}", dev.len());
         evaluate(

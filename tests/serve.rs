@@ -340,7 +340,7 @@ fn answers_equal_generate_for_the_same_blend_and_seed_as_json_sse_and_via_the_op
         );
         // The plain completion endpoint on the chat template's text gives the same tokens.
         let chatml = {
-            let path = stancemix::model::fetch::ensure_default_model().unwrap();
+            let path = stancemix::model::fetch::ensure_default_model(&common::paths()).unwrap();
             let mut f = std::fs::File::open(&path).unwrap();
             let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
             let tok = stancemix::model::Tokenizer::from_gguf(&content, &path).unwrap();
@@ -567,7 +567,7 @@ fn a_multi_turn_chat_answers_as_a_session_restored_from_the_same_history() {
     let want = {
         let engine = stancemix::Engine::load(&stancemix::EngineOptions {
             model: Some(real_model_path()),
-            ..Default::default()
+            ..stancemix::EngineOptions::shipped(common::paths())
         })
         .unwrap();
         let mut s = engine.session();

@@ -66,7 +66,7 @@ pub fn parse_targets(s: &str) -> anyhow::Result<Vec<Target>> {
 fn load_model(p: Option<PathBuf>) -> anyhow::Result<std::sync::Arc<Model>> {
     let p = match p {
         Some(p) => p,
-        None => fetch::ensure_default_model()?,
+        None => fetch::ensure_default_model(&crate::cli::paths())?,
     };
     Ok(Model::load(p, &LoadOptions::default())?)
 }

@@ -11,7 +11,6 @@ use stancemix::lora::{Adapter, ExpertSet};
 use stancemix::model::{fetch, KvCache, LoadOptions, Logits, Model, Target, WeightFormat};
 use stancemix::router::{load_policies, policies_dir, shipped_gate_dir, Gate, GATE_FILE};
 use stancemix::train::{Method, TrainConfig, Trainer};
-use stancemix::util::repo_dir;
 use stancemix::{Blend, Engine};
 
 const N: usize = 64;
@@ -169,7 +168,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
             Some(g.clone())
         }
-        (None, None) => Some(shipped_gate_dir()).filter(|g| g.join(GATE_FILE).exists()),
+        (None, None) => {
+            Some(shipped_gate_dir(&crate::cli::paths())).filter(|g| g.join(GATE_FILE).exists())
+        }
         (None, Some(_)) => None,
     };
     if let Some(t) = a.threads {
@@ -179,7 +180,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let path = match &a.model {
         Some(p) => p.clone(),
-        None => fetch::ensure_default_model()?,
+        None => fetch::ensure_default_model(&crate::cli::paths())?,
     };
     let r = a.repeats;
     let say = |s: &str| {
@@ -217,13 +218,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             model.clone(),
             experts,
             Gate::load(gate_dir)?,
-            load_policies(&policies_dir())?,
+            load_policies(&policies_dir(&crate::cli::paths()))?,
         )
     } else {
         Engine::new(model.clone(), experts)
     };
     // The shipped experts (rank 8), blended the same way, when both are there.
-    let shipped_paths: Vec<PathBuf> = stancemix::runtime::shipped_adapters()
+    let shipped_paths: Vec<PathBuf> = stancemix::runtime::shipped_adapters(&crate::cli::paths())
         .into_iter()
         .filter(|p| stancemix::runtime::adapter_fits(p, &model.config))
         .collect();
@@ -355,7 +356,7 @@ fn train_figure(
     steps: usize,
 ) -> anyhow::Result<(f64, Option<f64>)> {
     let model = Model::load(path, &LoadOptions { format })?;
-    let pairs = load_stance_dir(&repo_dir().join("adapters/data/stance"))?;
+    let pairs = load_stance_dir(&crate::cli::paths().root.join("adapters/data/stance"))?;
     let records = export(
         &pairs,
         View::Sft,

@@ -36,6 +36,7 @@ impl EngineArgs {
             self.adapters.clone()
         };
         Ok(Engine::load(&EngineOptions {
+            paths: super::paths(),
             model: self.model.clone(),
             adapters,
             gate: self.gate.clone(),

@@ -4,15 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use stancemix::data::load_stance_dir;
 use stancemix::data::Instrument;
 use stancemix::eval::judge::{self, Judge};
-use stancemix::eval::open_ended::{instrument_prompts, open_ended, stance_dev_prompts};
 use stancemix::eval::report::{OpenEndedSection, SideEffects};
-use stancemix::eval::side_effects::{load_adversarial, load_neutral, perplexity, safety};
+use stancemix::eval::sections::SectionConfig;
 use stancemix::eval::templates::templates_by_name;
 use stancemix::eval::{score_instrument, FcOptions, Order, Report, TEMPLATES};
-use stancemix::{Blend, GenParams};
+use stancemix::Blend;
 
 use stancemix::model::WeightFormat;
 use stancemix::{Engine, EngineOptions};
@@ -61,6 +59,7 @@ impl EvalEngineArgs {
 
     fn load_as(&self, format: WeightFormat) -> anyhow::Result<Arc<Engine>> {
         Ok(Engine::load(&EngineOptions {
+            paths: super::paths(),
             model: self.model.clone(),
             adapters: if self.no_adapters {
                 Some(Vec::new())
@@ -133,19 +132,18 @@ pub struct ExtraArgs {
     pub max_tokens: usize,
 }
 
-/// `n` elements spread evenly over `v` (all when `n` is 0 or too large).
-pub fn spread<T: Clone>(v: &[T], n: usize) -> Vec<T> {
-    if n == 0 || n >= v.len() {
-        return v.to_vec();
-    }
-    (0..n).map(|k| v[k * v.len() / n].clone()).collect()
-}
-
 impl ExtraArgs {
-    fn params(&self) -> GenParams {
-        GenParams {
+    /// As library settings.
+    pub fn config(&self) -> SectionConfig {
+        SectionConfig {
+            stance_data: self.stance_data.clone(),
+            open_items: self.open_items,
+            dev_prompts: self.dev_prompts,
+            neutral: self.neutral.clone(),
+            neutral_limit: self.neutral_limit,
+            adversarial: self.adversarial.clone(),
+            adversarial_limit: self.adversarial_limit,
             max_tokens: self.max_tokens,
-            ..GenParams::default()
         }
     }
 
@@ -156,32 +154,9 @@ impl ExtraArgs {
         gen: &Arc<Engine>,
         blends: &[Blend],
     ) -> anyhow::Result<SideEffects> {
-        let texts: Vec<String> = spread(&load_neutral(&self.neutral)?, self.neutral_limit)
-            .into_iter()
-            .map(|t| t.text)
-            .collect();
-        let ppl = perplexity(scoring, blends, &texts, &mut progress_bar("perplexity"))?;
-        let prompts = spread(
-            &load_adversarial(&self.adversarial)?,
-            self.adversarial_limit,
-        );
-        let safety = blends
-            .iter()
-            .map(|b| {
-                safety(
-                    gen,
-                    b,
-                    &prompts,
-                    &self.params(),
-                    &mut progress_bar(&format!("adversarial {b}")),
-                )
-            })
-            .collect::<stancemix::Result<_>>()?;
-        Ok(SideEffects {
-            neutral_texts: texts.len(),
-            perplexity: blends.iter().map(|b| b.to_string()).zip(ppl).collect(),
-            safety,
-        })
+        Ok(self
+            .config()
+            .side_effects(scoring, gen, blends, &mut progress_bars())?)
     }
 
     /// The `--judge` file, loaded before any long work so a bad path fails at once.
@@ -197,28 +172,9 @@ impl ExtraArgs {
         instrument: &Instrument,
         blends: &[Blend],
     ) -> anyhow::Result<OpenEndedSection> {
-        let pairs = load_stance_dir(&self.stance_data)?;
-        let report = judge.report.clone();
-        let mut prompts = spread(&instrument_prompts(instrument), self.open_items);
-        prompts.extend(spread(&stance_dev_prompts(&pairs), self.dev_prompts));
-        let blends = blends
-            .iter()
-            .map(|b| {
-                open_ended(
-                    gen,
-                    judge,
-                    b,
-                    &prompts,
-                    &self.params(),
-                    &mut progress_bar(&format!("open-ended {b}")),
-                )
-            })
-            .collect::<stancemix::Result<_>>()?;
-        Ok(OpenEndedSection {
-            judge: report,
-            prompts: prompts.len(),
-            blends,
-        })
+        Ok(self
+            .config()
+            .open_ended(judge, gen, instrument, blends, &mut progress_bars())?)
     }
 }
 
@@ -310,6 +266,26 @@ pub fn progress_bar(what: &str) -> impl FnMut(usize, usize) {
         b.set_position(done as u64);
         if done >= total {
             b.finish_and_clear();
+        }
+    }
+}
+
+/// Progress bars for a run of stages, driven by `(stage, done, total)` calls: a new bar when
+/// the stage changes or the last one finished.
+pub fn progress_bars() -> impl FnMut(&str, usize, usize) {
+    type Bar = Box<dyn FnMut(usize, usize)>;
+    let mut current: Option<(String, usize, Bar)> = None;
+    move |stage, done, total| {
+        let fresh = match &current {
+            Some((s, last, _)) => s != stage || done <= *last,
+            None => true,
+        };
+        if fresh {
+            current = Some((stage.to_string(), 0, Box::new(progress_bar(stage))));
+        }
+        if let Some((_, last, bar)) = current.as_mut() {
+            *last = done;
+            bar(done, total);
         }
     }
 }

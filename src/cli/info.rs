@@ -17,7 +17,7 @@ pub struct Args {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = match a.model {
         Some(p) => p,
-        None => fetch::ensure_default_model()?,
+        None => fetch::ensure_default_model(&crate::cli::paths())?,
     };
     let model = Model::load(&path, &LoadOptions::default())?;
     let c = &model.config;

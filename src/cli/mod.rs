@@ -19,6 +19,13 @@ pub mod train;
 
 use clap::{Parser, Subcommand};
 
+/// Where the binary finds the shipped adapters, gate and fetched models: the repository it was
+/// built in (the library has no such place of its own), the models cache overridable with
+/// `$STANCEMIX_MODELS`.
+pub fn paths() -> stancemix::util::Paths {
+    stancemix::util::Paths::at(env!("CARGO_MANIFEST_DIR"))
+}
+
 /// Build, serve and measure stance-steered language models.
 #[derive(Parser, Debug)]
 #[command(name = "stancemix", version, about)]

@@ -15,7 +15,7 @@ pub fn fetch(a: FetchArgs) -> anyhow::Result<()> {
         Some(id) => fetch::base(id)?,
         None => fetch::default_base(),
     };
-    let p = fetch::ensure(base, &mut |step| eprintln!("{step}"))?;
+    let p = fetch::ensure(base, &crate::cli::paths(), &mut |step| eprintln!("{step}"))?;
     println!("{}", p.display());
     Ok(())
 }
@@ -34,7 +34,11 @@ pub fn list() -> anyhow::Result<()> {
             b.arch,
             b.bytes / 1_000_000,
             b.licence,
-            if b.is_fetched() { "yes" } else { "no" },
+            if b.is_fetched(&crate::cli::paths()) {
+                "yes"
+            } else {
+                "no"
+            },
             b.title,
             if supported {
                 ""
@@ -45,7 +49,7 @@ pub fn list() -> anyhow::Result<()> {
     }
     println!(
         "cache: {} (set $STANCEMIX_MODELS to move it)",
-        fetch::models_dir().display()
+        crate::cli::paths().models.display()
     );
     Ok(())
 }

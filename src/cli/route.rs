@@ -3,13 +3,10 @@
 use std::io::BufRead;
 use std::path::PathBuf;
 
-use stancemix::data::{is_dev, load_router_prompts, topics};
+use stancemix::data::{is_dev, load_router_prompts};
 use stancemix::model::{LoadOptions, Model, WeightFormat};
-use stancemix::router::{
-    argmax, evaluate_with_progress, FeatureConfig, Gate, GateAdapter, GateFeatures, HiddenFeatures,
-    PooledCache, Report, Template,
-};
-use stancemix::train::finetune;
+use stancemix::router::{evaluate_with_progress, Gate, Template};
+use stancemix::train::gate::{train_gate, GateTrainConfig, GateTrainEvent, GateTraining};
 
 use super::common::EngineArgs;
 
@@ -157,9 +154,6 @@ pub struct TrainArgs {
     non_political_weight: u32,
 }
 
-/// The folder of a fine-tuned gate's adapter, beside gate.json.
-const GATE_ADAPTER: &str = "gate-lora";
-
 pub fn run_router(c: RouterCommand) -> anyhow::Result<()> {
     match c {
         RouterCommand::Train(a) => train(a),
@@ -171,7 +165,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let dir = a
         .gate
         .clone()
-        .unwrap_or_else(stancemix::router::shipped_gate_dir);
+        .unwrap_or_else(|| stancemix::router::shipped_gate_dir(&crate::cli::paths()));
     let gate = Gate::load(&dir)?;
     let mut prompts = load_router_prompts(&a.data)?;
     if a.dev {
@@ -183,7 +177,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let model = if gate.needs_model() {
         let path = match &a.model {
             Some(p) => p.clone(),
-            None => stancemix::model::fetch::ensure_default_model()?,
+            None => stancemix::model::fetch::ensure_default_model(&crate::cli::paths())?,
         };
         Some(Model::load(&path, &LoadOptions { format: a.format })?)
     } else {
@@ -218,215 +212,35 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn train(a: TrainArgs) -> anyhow::Result<()> {
-    let prompts = load_router_prompts(&a.data)?;
-    let all = topics::all_topics();
-    let (dev, train): (Vec<_>, Vec<_>) = prompts.iter().partition(|p| is_dev(&p.id));
-    let mut ex: Vec<(String, String)> = train
-        .iter()
-        .map(|p| (p.text.clone(), p.topic.clone()))
-        .collect();
-    let n_extra = add_stance_prompts(&a.extra, &mut ex)?;
-    // Index of the original of each added copy: the copies reuse its hidden states.
-    let repeat_of: Vec<usize> = (0..ex.len())
-        .filter(|&i| ex[i].1 == topics::NON_POLITICAL)
-        .flat_map(|i| std::iter::repeat_n(i, a.non_political_weight as usize - 1))
-        .collect();
-    let distinct = ex.len();
-    let copies: Vec<_> = repeat_of.iter().map(|&i| ex[i].clone()).collect();
-    ex.extend(copies);
-    let dev_ex: Vec<(String, String)> = dev
-        .iter()
-        .map(|p| (p.text.clone(), p.topic.clone()))
-        .collect();
-
-    // Hidden states of every training and dev prompt (cached), if the gate reads them.
-    let mut cfg = GateFeatures {
-        ngrams: FeatureConfig {
-            dim: a.dim,
-            bigrams: true,
-        },
+    let cfg = GateTrainConfig {
+        data: a.data.clone(),
+        extra: a.extra.clone(),
+        out: a.out.clone(),
+        model: a.model.clone(),
+        paths: crate::cli::paths(),
+        dim: a.dim,
         ngram_scale: a.ngram_scale,
-        hidden: None,
+        layer: a.layer,
+        template: a.template,
+        max_tokens: a.max_tokens,
+        format: a.format,
+        cache_dir: (!a.cache_dir.as_os_str().is_empty()).then(|| a.cache_dir.clone()),
+        alpha: a.alpha,
+        max_iter: a.max_iter,
+        restarts: a.restarts,
+        finetune_epochs: a.finetune_epochs,
+        finetune_lr: a.finetune_lr,
+        non_political_weight: a.non_political_weight,
     };
-    let (pooled_train, pooled_dev) = if a.layer > 0 {
-        let path = match &a.model {
-            Some(p) => p.clone(),
-            None => stancemix::model::fetch::ensure_default_model()?,
-        };
-        let model = Model::load(&path, &LoadOptions { format: a.format })?;
-        if a.layer > model.config.n_layer {
-            anyhow::bail!(
-                "--layer {}: the model has {} layers",
-                a.layer,
-                model.config.n_layer
-            );
-        }
-        let mut h = HiddenFeatures {
-            layer: a.layer,
-            template: a.template,
-            size: model.config.hidden,
-            mean: Vec::new(),
-            std: Vec::new(),
-            max_tokens: (a.max_tokens > 0).then_some(a.max_tokens),
-            adapter: None,
-            reader: Default::default(),
-        };
-        if a.finetune_epochs > 0 {
-            // Training needs weights gradients flow through; the states are then read in --format.
-            let trainable = Model::load(
-                &path,
-                &LoadOptions {
-                    format: stancemix::train::default_base(),
-                },
-            )?;
-            let labelled = ex
-                .iter()
-                .map(|(text, topic)| {
-                    let c = all
-                        .iter()
-                        .position(|t| t == topic)
-                        .ok_or_else(|| anyhow::anyhow!("unknown topic '{topic}'"))?;
-                    Ok((h.read_text(&trainable.tokenizer, text)?, c))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let defaults = finetune::FinetuneConfig::default();
-            let fc = finetune::FinetuneConfig {
-                epochs: a.finetune_epochs,
-                lr: a.finetune_lr,
-                // The texts are already cut as the gate reads them (`read_text`).
-                max_tokens: if h.max_tokens.is_some() {
-                    usize::MAX
-                } else {
-                    defaults.max_tokens
-                },
-                ..defaults
-            };
-            eprintln!(
-                "fine-tuning blocks 1-{} on {} prompts, {} epochs ({} base)...",
-                a.layer,
-                labelled.len(),
-                fc.epochs,
-                trainable.format.name()
-            );
-            let t0 = std::time::Instant::now();
-            let adapter = finetune::finetune(
-                &trainable,
-                a.layer,
-                &labelled,
-                &[],
-                all.len(),
-                &fc,
-                &mut |r| {
-                    eprintln!(
-                        "  epoch {}: train loss {:.4} ({:.0} s)",
-                        r.epoch,
-                        r.train_loss,
-                        t0.elapsed().as_secs_f64()
-                    )
-                },
-            )?;
-            let dir = a.out.join(GATE_ADAPTER);
-            adapter.save(&dir, &trainable.config)?;
-            h.adapter = Some(GATE_ADAPTER.into());
-            h.reader = GateAdapter::at(dir);
-        }
-        let mut cache = if a.cache_dir.as_os_str().is_empty() || h.adapter.is_some() {
-            None
-        } else {
-            Some(PooledCache::open(&a.cache_dir, &model, &h)?)
-        };
-        eprintln!(
-            "hidden states after block {} of {} ({:?} template) for {} prompts{}...",
-            a.layer,
-            model.config.n_layer,
-            a.template,
-            distinct + dev_ex.len(),
-            cache
-                .as_ref()
-                .map(|c| format!(" ({} cached)", c.len()))
-                .unwrap_or_default()
-        );
-        let t0 = std::time::Instant::now();
-        let mut get = |set: &[(String, String)], what: &str| -> anyhow::Result<Vec<Vec<f32>>> {
-            let mut bar = super::eval::progress_bar(what);
-            let mut out = Vec::with_capacity(set.len());
-            for (i, (text, _)) in set.iter().enumerate() {
-                out.push(match cache.as_mut() {
-                    Some(c) => c.pooled(&model, &h, text)?,
-                    None => h.pooled(&model, text)?,
-                });
-                bar(i + 1, set.len());
-                if (i + 1) % 250 == 0 {
-                    // Keep what was computed if the run is interrupted.
-                    if let Some(c) = cache.as_mut() {
-                        c.save()?;
-                    }
-                }
-            }
-            Ok(out)
-        };
-        let mut pt = get(&ex[..distinct], "hidden states, train")?;
-        let copies: Vec<_> = repeat_of.iter().map(|&i| pt[i].clone()).collect();
-        pt.extend(copies);
-        let pd = get(&dev_ex, "hidden states, dev")?;
-        if let Some(c) = cache.as_mut() {
-            c.save()?;
-        }
-        eprintln!("hidden states done in {:.0}s", t0.elapsed().as_secs_f64());
-        cfg.hidden = Some(h);
-        (Some(pt), Some(pd))
-    } else {
-        (None, None)
-    };
-
-    eprintln!(
-        "training on {distinct} prompts ({} from {}; non-political ones counted {} times; {} held \
-         out for dev)...",
-        n_extra,
-        a.extra.display(),
-        a.non_political_weight,
-        dev.len()
-    );
-    let t0 = std::time::Instant::now();
-    let mut gate = Gate::train(
-        &ex,
-        pooled_train.as_deref(),
-        &all,
-        &cfg,
-        a.alpha,
-        a.max_iter,
-        a.restarts,
-    )?;
-    eprintln!(
-        "trained in {:.1}s (loss after each solver run: {})",
-        t0.elapsed().as_secs_f64(),
-        gate.notes.get("train_loss").cloned().unwrap_or_default()
-    );
-    let mut pairs = Vec::with_capacity(dev_ex.len());
-    for (i, (text, topic)) in dev_ex.iter().enumerate() {
-        let pooled = pooled_dev.as_ref().map(|p| p[i].as_slice());
-        let p = gate.probabilities_pooled(text, pooled)?;
-        let t = gate
-            .topics
-            .iter()
-            .position(|x| x == topic)
-            .ok_or_else(|| anyhow::anyhow!("unknown topic '{topic}'"))?;
-        pairs.push((t, argmax(&p)));
-    }
-    let report = Report::from_predictions(&gate.topics, pairs);
-    print!("{}", report.render("dev"));
-    gate.notes
-        .insert("dev_accuracy".into(), serde_json::json!(report.accuracy));
-    gate.notes.insert(
-        "non_political_recall".into(),
-        serde_json::json!(report.recall(topics::NON_POLITICAL)),
-    );
-    gate.notes
-        .insert("train_examples".into(), serde_json::json!(distinct));
-    gate.notes
-        .insert("extra_train_examples".into(), serde_json::json!(n_extra));
-    gate.notes
-        .insert("dev_examples".into(), serde_json::json!(dev.len()));
+    let mut bars = super::eval::progress_bars();
+    let GateTraining {
+        mut gate,
+        dev_report,
+    } = train_gate(&cfg, &mut |e| match e {
+        GateTrainEvent::Note(line) => eprintln!("{line}"),
+        GateTrainEvent::Progress { what, done, total } => bars(what, done, total),
+    })?;
+    print!("{}", dev_report.render("dev"));
     let template = format!("{:?}", a.template).to_lowercase();
     gate.notes.insert(
         "command".into(),
@@ -453,29 +267,4 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         a.out.join(stancemix::router::GATE_FILE).display()
     );
     Ok(())
-}
-
-/// Append the `prompt`/`topic` of every stance pair under `dir` (training only); returns how many.
-fn add_stance_prompts(
-    dir: &std::path::Path,
-    ex: &mut Vec<(String, String)>,
-) -> anyhow::Result<usize> {
-    if dir.as_os_str().is_empty() {
-        return Ok(0);
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-        .collect();
-    files.sort();
-    let before = ex.len();
-    for f in files {
-        for (_, p) in stancemix::data::load_stance_pairs(&f)? {
-            if topics::is_political(&p.topic) {
-                ex.push((p.prompt, p.topic));
-            }
-        }
-    }
-    Ok(ex.len() - before)
 }

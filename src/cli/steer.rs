@@ -76,7 +76,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let path = match &a.model {
         Some(p) => p.clone(),
-        None => fetch::ensure_default_model()?,
+        None => fetch::ensure_default_model(&crate::cli::paths())?,
     };
     let model = Model::load(
         &path,

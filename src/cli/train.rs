@@ -175,7 +175,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     let config = args.settings(method)?;
     let model_path = match &args.model {
         Some(p) => p.clone(),
-        None => fetch::ensure_default_model()?,
+        None => fetch::ensure_default_model(&crate::cli::paths())?,
     };
     let model = Model::load(
         &model_path,

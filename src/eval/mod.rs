@@ -8,6 +8,7 @@ pub mod judge;
 pub mod open_ended;
 pub mod plot;
 pub mod report;
+pub mod sections;
 pub mod side_effects;
 pub mod stats;
 pub mod sweep;

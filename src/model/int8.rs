@@ -104,7 +104,8 @@ pub fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32]) {
     quantize_blocks_plain(x, q, d)
 }
 
-/// [`quantize_blocks`] in plain Rust.
+/// [`quantize_blocks`] in plain Rust: the fallback without AVX2, and the tests' reference.
+#[cfg_attr(target_feature = "avx2", allow(dead_code))]
 pub fn quantize_blocks_plain(x: &[f32], q: &mut [i8], d: &mut [f32]) {
     for ((xb, qb), db) in x.chunks(BLOCK).zip(q.chunks_mut(BLOCK)).zip(d.iter_mut()) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -182,7 +183,8 @@ pub fn matvec_quads_rows(w: &[i8], dw: &[f32], x: &[i8], dx: &[f32], out: &mut [
     }
 }
 
-/// [`matvec_quads`] in plain Rust.
+/// [`matvec_quads`] in plain Rust: the fallback without AVX2, and the tests' reference.
+#[cfg_attr(target_feature = "avx2", allow(dead_code))]
 pub fn matvec_quads_plain(w: &[i8], dw: &[f32], x: &[i8], dx: &[f32], out: &mut [f32]) {
     let nb = dx.len();
     out.fill(0.0);
@@ -292,7 +294,8 @@ pub fn matvec_q4(w: Q4Slice, x: &[i8], dx: &[f32], xsum: &[i32], out: &mut [f32]
     matvec_q4_plain(w, x, dx, xsum, out)
 }
 
-/// [`matvec_q4`] in plain Rust.
+/// [`matvec_q4`] in plain Rust: the fallback without AVX2, and the tests' reference.
+#[cfg_attr(target_feature = "avx2", allow(dead_code))]
 pub fn matvec_q4_plain(w: Q4Slice, x: &[i8], dx: &[f32], xsum: &[i32], out: &mut [f32]) {
     let nb = dx.len();
     out.fill(0.0);
@@ -381,7 +384,8 @@ pub fn quad_matvec(m: &[i8], u: &[i8], acc: &mut [i32]) {
     quad_matvec_plain(m, u, acc)
 }
 
-/// [`quad_matvec`] in plain Rust.
+/// [`quad_matvec`] in plain Rust: the fallback without AVX2, and the tests' reference.
+#[cfg_attr(target_feature = "avx2", allow(dead_code))]
 pub fn quad_matvec_plain(m: &[i8], u: &[i8], acc: &mut [i32]) {
     let groups = u.len() / 4;
     for (col, a) in acc.iter_mut().enumerate() {

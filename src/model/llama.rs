@@ -478,11 +478,10 @@ impl Model {
         for g in groups.iter() {
             let pos = g.pos();
             if pos + t > self.config.context_len {
-                return Err(Error::Invalid(format!(
-                    "context full: {} tokens exceed the model's context of {}",
-                    pos + t,
-                    self.config.context_len
-                )));
+                return Err(Error::ContextFull {
+                    needed: pos + t,
+                    context: self.config.context_len,
+                });
             }
             if let Some(c) = g.cache.as_ref() {
                 if c.rows() != 0 && c.rows() != g.rows {

@@ -26,8 +26,8 @@ mod config;
 pub mod features;
 pub mod fetch;
 mod frozen;
-pub mod gemm8;
-pub mod int8;
+pub(crate) mod gemm8;
+pub(crate) mod int8;
 mod llama;
 mod logprob;
 mod packed;
@@ -37,12 +37,21 @@ mod tokenizer;
 
 pub use cache::KvCache;
 pub use config::{Activation, Arch, Config, RopeStyle, Sliding, ARCHITECTURES};
-pub use frozen::frozen_linear;
 pub use llama::{Group, LoadOptions, Logits, Model, Pass, WeightFormat, WIDE_ROWS};
 pub use tokenizer::{
     chatml_message, chatml_prompt, Message, TokenStream, Tokenizer, CHATML_ASSISTANT,
     DEFAULT_SYSTEM,
 };
+
+/// The int8 kernels themselves, for the kernel probes in `examples/` (`q8_kernel_probe`,
+/// `gemm8_probe`) only: not part of the library's API, free to change with the kernels.
+#[doc(hidden)]
+pub mod kernels {
+    pub use super::gemm8::{has_vnni, quantize_rows, FrozenInt8};
+    pub use super::int8::{
+        interleave_row_quads, matvec_q4, matvec_quads, q4_1_quads, quantize_blocks,
+    };
+}
 
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::Tensor;

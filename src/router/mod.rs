@@ -17,12 +17,14 @@ pub use report::{argmax, evaluate, evaluate_with_progress, Report};
 
 use std::path::PathBuf;
 
-/// `router-data/` in the repository.
-pub fn shipped_gate_dir() -> PathBuf {
-    crate::util::repo_dir().join("router-data")
+use crate::util::Paths;
+
+/// `router-data/` in the repository at `paths.root`.
+pub fn shipped_gate_dir(paths: &Paths) -> PathBuf {
+    paths.root.join("router-data")
 }
 
 /// `router-data/policies/`.
-pub fn policies_dir() -> PathBuf {
-    shipped_gate_dir().join("policies")
+pub fn policies_dir(paths: &Paths) -> PathBuf {
+    shipped_gate_dir(paths).join("policies")
 }

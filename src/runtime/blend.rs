@@ -51,7 +51,7 @@ impl std::str::FromStr for Mode {
             "weights" => Ok(Mode::Weights),
             "logits" => Ok(Mode::Logits),
             "contrast" => Ok(Mode::Contrast),
-            _ => Err(Error::Invalid(format!(
+            _ => Err(Error::BadBlend(format!(
                 "unknown blend mode '{s}' (expected weights, logits or contrast)"
             ))),
         }
@@ -109,7 +109,7 @@ impl Blend {
     /// The dial `d` in [-1, 1].
     pub fn dial(d: f32) -> Result<Self> {
         if !(-1.0..=1.0).contains(&d) || d.is_nan() {
-            return Err(Error::Invalid(format!("dial {d} is outside [-1, 1]")));
+            return Err(Error::BadBlend(format!("dial {d} is outside [-1, 1]")));
         }
         Ok(Blend {
             view: View::Dial(d),
@@ -120,7 +120,7 @@ impl Blend {
     /// The mix `a` in [0, 1].
     pub fn mix(a: f32) -> Result<Self> {
         if !(0.0..=1.0).contains(&a) || a.is_nan() {
-            return Err(Error::Invalid(format!("mix {a} is outside [0, 1]")));
+            return Err(Error::BadBlend(format!("mix {a} is outside [0, 1]")));
         }
         Ok(Blend {
             view: View::Mix(a),
@@ -163,7 +163,7 @@ impl Blend {
         let mut g = vec![0f32; experts.len()];
         let stance = |s: &str| {
             experts.by_stance(s).ok_or_else(|| {
-                Error::Invalid(format!(
+                Error::BadBlend(format!(
                     "this blend needs an expert whose adapter_config.json says \"stance\": \"{s}\" (loaded: {})",
                     if experts.is_empty() { "none".to_string() } else { experts.names().join(", ") }
                 ))
@@ -186,14 +186,12 @@ impl Blend {
                     let i = experts
                         .index(name)
                         .or_else(|| experts.by_stance(name))
-                        .ok_or_else(|| {
-                            Error::Invalid(format!(
-                                "no expert named '{name}' (loaded: {})",
-                                experts.names().join(", ")
-                            ))
+                        .ok_or_else(|| Error::UnknownExpert {
+                            name: name.clone(),
+                            loaded: experts.names().to_vec(),
                         })?;
                     if !x.is_finite() {
-                        return Err(Error::Invalid(format!(
+                        return Err(Error::BadBlend(format!(
                             "weight of '{name}' is not a finite number"
                         )));
                     }
@@ -201,7 +199,7 @@ impl Blend {
                 }
             }
             View::Auto(p) => {
-                return Err(Error::Invalid(format!(
+                return Err(Error::BadBlend(format!(
                     "blend auto:{p} needs a routed prompt: use Session, which asks the gate"
                 )))
             }
@@ -277,6 +275,22 @@ impl fmt::Display for Blend {
     }
 }
 
+/// Serialised as its `Display` form (`"dial +0.60 | weights"`), the text every answer shows,
+/// so a serialised [`crate::Reply`] reads as before `Reply.blend` was typed.
+impl serde::Serialize for Blend {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Read from either text form (`parse`).
+impl<'de> serde::Deserialize<'de> for Blend {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl std::str::FromStr for Blend {
     type Err = Error;
     /// `base`, `dial=D`, `mix=A`, `expert=NAME`, `auto=POLICY`, or raw `name=w,name=w`;
@@ -297,7 +311,7 @@ impl std::str::FromStr for Blend {
         let num = |v: &str, what: &str| -> Result<f32> {
             v.trim()
                 .parse::<f32>()
-                .map_err(|_| Error::Invalid(format!("{what} value '{v}' is not a number")))
+                .map_err(|_| Error::BadBlend(format!("{what} value '{v}' is not a number")))
         };
         let view = if body == "base" {
             Blend::base()
@@ -316,7 +330,7 @@ impl std::str::FromStr for Blend {
             let mut w = BTreeMap::new();
             for part in list.split(',') {
                 let (k, v) = part.split_once('=').ok_or_else(|| {
-                    Error::Invalid(format!("blend part '{part}' is not name=weight"))
+                    Error::BadBlend(format!("blend part '{part}' is not name=weight"))
                 })?;
                 w.insert(k.trim().to_string(), num(v, k.trim())?);
             }
@@ -325,7 +339,7 @@ impl std::str::FromStr for Blend {
                 mode: Mode::Weights,
             }
         } else {
-            return Err(Error::Invalid(format!(
+            return Err(Error::BadBlend(format!(
                 "cannot read blend '{s}': expected base, dial=D, mix=A, expert=NAME, auto=POLICY or name=w,... (optionally @logits / @contrast)"
             )));
         };
@@ -368,7 +382,7 @@ impl RowPlan {
             },
             Mode::Logits => {
                 if g.iter().any(|&x| x < 0.0) {
-                    return Err(Error::Invalid(
+                    return Err(Error::BadBlend(
                         "logits mode mixes probabilities: negative weights are not allowed".into(),
                     ));
                 }
@@ -401,10 +415,10 @@ impl RowPlan {
             }
             Mode::Contrast => {
                 let p = experts.by_stance(PROGRESSIVE).ok_or_else(|| {
-                    Error::Invalid("contrast mode needs a progressive expert".into())
+                    Error::BadBlend("contrast mode needs a progressive expert".into())
                 })?;
                 let c = experts.by_stance(CONSERVATIVE).ok_or_else(|| {
-                    Error::Invalid("contrast mode needs a conservative expert".into())
+                    Error::BadBlend("contrast mode needs a conservative expert".into())
                 })?;
                 RowPlan {
                     rows: vec![vec![0f32; n], one_hot(p), one_hot(c)],
@@ -486,6 +500,32 @@ mod tests {
             "auto: libertarian | contrast"
         );
         assert_eq!(shown("a=0.7,b=-0.125"), "raw a=0.70,b=-0.125 | weights");
+    }
+
+    #[test]
+    fn serialises_as_the_display_form_and_reads_back() {
+        for spec in SPECS {
+            let b: Blend = format!("{spec}@logits").parse().unwrap();
+            let json = serde_json::to_string(&b).unwrap();
+            assert_eq!(json, serde_json::to_string(&b.to_string()).unwrap());
+            assert_eq!(serde_json::from_str::<Blend>(&json).unwrap(), b, "{spec}");
+        }
+        assert!(serde_json::from_str::<Blend>("\"dial 7\"").is_err());
+    }
+
+    #[test]
+    fn bad_blends_and_unknown_experts_have_their_own_errors() {
+        assert!(matches!(Blend::dial(1.5), Err(Error::BadBlend(_))));
+        assert!(matches!(
+            "mix=0.3@sideways".parse::<Blend>(),
+            Err(Error::BadBlend(_))
+        ));
+        let e = Blend::expert("libertarian")
+            .gates(&ExpertSet::new(Vec::new()).unwrap())
+            .unwrap_err();
+        assert!(matches!(&e, Error::UnknownExpert { name, .. } if name == "libertarian"));
+        assert_eq!(e.to_string(), "no expert named 'libertarian' (loaded: )");
+        assert!(e.is_client_error());
     }
 
     #[test]

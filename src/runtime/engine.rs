@@ -8,13 +8,14 @@ use super::{Blend, RowPlan, Session};
 use crate::lora::{Adapter, ExpertPrecision, ExpertSet};
 use crate::model::{Group, KvCache, LoadOptions, Logits, Model, Pass, WeightFormat, WIDE_ROWS};
 use crate::router::{Gate, Policy, Route};
+use crate::util::Paths;
 use crate::{Error, Result};
 
 /// Model, experts and (optionally) the gate with its policies; shared by every session.
 ///
 /// ```no_run
-/// use stancemix::{Blend, Engine, EngineOptions, GenParams};
-/// let engine = Engine::load(&EngineOptions::default())?;
+/// use stancemix::{util::Paths, Blend, Engine, EngineOptions, GenParams};
+/// let engine = Engine::load(&EngineOptions::shipped(Paths::at("path/to/stancemix")))?;
 /// let mut session = engine.session();
 /// session.set_blend(Blend::dial(0.5)?)?;
 /// let reply = session.chat("Should cities build more housing?", &GenParams::default(), |_| true)?;
@@ -38,9 +39,11 @@ pub struct DecodeStep<'a> {
     pub rows: &'a [Vec<f32>],
 }
 
-/// What [`Engine::load`] loads. `Default` gives the shipped defaults.
+/// What [`Engine::load`] loads. [`EngineOptions::shipped`] gives the shipped defaults.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
+    /// Where the shipped adapters, gate and fetched models are.
+    pub paths: Paths,
     /// The base GGUF; `None` fetches the default model if needed.
     pub model: Option<PathBuf>,
     /// Adapter directories; `None` means the shipped ones (those that exist).
@@ -50,9 +53,11 @@ pub struct EngineOptions {
     pub format: WeightFormat,
 }
 
-impl Default for EngineOptions {
-    fn default() -> Self {
+impl EngineOptions {
+    /// The default base model, the shipped experts and gate under `paths`, format `mixed`.
+    pub fn shipped(paths: Paths) -> Self {
         EngineOptions {
+            paths,
             model: None,
             adapters: None,
             gate: None,
@@ -61,11 +66,12 @@ impl Default for EngineOptions {
     }
 }
 
-/// The shipped adapters that exist: `adapters/progressive`, `adapters/conservative`.
-pub fn shipped_adapters() -> Vec<PathBuf> {
+/// The shipped adapters that exist: `adapters/progressive`, `adapters/conservative` under
+/// `paths.root`.
+pub fn shipped_adapters(paths: &Paths) -> Vec<PathBuf> {
     ["progressive", "conservative"]
         .iter()
-        .map(|s| crate::util::repo_dir().join("adapters").join(s))
+        .map(|s| paths.root.join("adapters").join(s))
         .filter(|p| p.join(crate::lora::CONFIG_FILE).exists())
         .collect()
 }
@@ -90,7 +96,7 @@ impl Engine {
     pub fn load(opts: &EngineOptions) -> Result<Arc<Engine>> {
         let path = match &opts.model {
             Some(p) => p.clone(),
-            None => crate::model::fetch::ensure_default_model()?,
+            None => crate::model::fetch::ensure_default_model(&opts.paths)?,
         };
         let model = Model::load(
             &path,
@@ -100,7 +106,7 @@ impl Engine {
         )?;
         // By default, the shipped experts that were trained on this base.
         let dirs = opts.adapters.clone().unwrap_or_else(|| {
-            shipped_adapters()
+            shipped_adapters(&opts.paths)
                 .into_iter()
                 .filter(|d| adapter_fits(d, &model.config))
                 .collect()
@@ -111,13 +117,13 @@ impl Engine {
             .collect::<Result<Vec<_>>>()?;
         let experts = ExpertSet::new(adapters)?;
         let gate_dir = opts.gate.clone().or_else(|| {
-            let d = crate::router::shipped_gate_dir();
+            let d = crate::router::shipped_gate_dir(&opts.paths);
             d.join(crate::router::GATE_FILE).exists().then_some(d)
         });
         let (gate, policies) = match gate_dir {
             Some(d) => (
                 Some(Gate::load(&d)?),
-                crate::router::load_policies(&crate::router::policies_dir())?,
+                crate::router::load_policies(&crate::router::policies_dir(&opts.paths))?,
             ),
             None => (None, Vec::new()),
         };
@@ -283,16 +289,9 @@ impl Engine {
         self.policies
             .iter()
             .find(|p| p.name == name)
-            .ok_or_else(|| {
-                let names: Vec<&str> = self.policies.iter().map(|p| p.name.as_str()).collect();
-                Error::Invalid(format!(
-                    "no policy named '{name}' (loaded: {})",
-                    if names.is_empty() {
-                        "none".into()
-                    } else {
-                        names.join(", ")
-                    }
-                ))
+            .ok_or_else(|| Error::UnknownPolicy {
+                name: name.to_string(),
+                loaded: self.policies.iter().map(|p| p.name.clone()).collect(),
             })
     }
 

@@ -70,8 +70,9 @@ pub enum StopReason {
 pub struct Reply {
     pub text: String,
     pub tokens: Vec<u32>,
-    /// The blend, as shown to users (`dial +0.60 | weights`).
-    pub blend: String,
+    /// The blend that produced it; shown (and serialised) in its `Display` form
+    /// (`dial +0.60 | weights`).
+    pub blend: Blend,
     /// Gate weights by expert name.
     pub weights: std::collections::BTreeMap<String, f32>,
     pub route: Option<Route>,
@@ -322,7 +323,7 @@ impl Session {
             generated: Vec::new(),
             stream: TokenStream::default(),
             done: None,
-            blend: self.blend.to_string(),
+            blend: self.blend.clone(),
             weights,
             route,
             session: self,
@@ -365,7 +366,7 @@ pub struct Turn<'a> {
     generated: Vec<u32>,
     stream: TokenStream,
     done: Option<StopReason>,
-    blend: String,
+    blend: Blend,
     weights: std::collections::BTreeMap<String, f32>,
     route: Option<Route>,
 }

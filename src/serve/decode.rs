@@ -102,7 +102,7 @@ pub fn run(engine: &Arc<Engine>, batcher: &Batcher, job: Job, tx: &mpsc::Sender<
     match generate(engine, batcher, job, tx) {
         Ok(o) => o,
         Err(e) => {
-            let invalid = matches!(e, crate::Error::Invalid(_));
+            let invalid = e.is_client_error();
             let _ = tx.blocking_send(Event::Failed {
                 message: e.to_string(),
                 invalid,

@@ -1,7 +1,8 @@
 //! LoRA training of the stance experts: SFT on the adapter's own answers, and DPO with the
 //! other side's answer as the rejected one (the counterfactual pairs give preference pairs for
 //! free). Candle autograd over a frozen base held in f32 or, faster, as int8 copies
-//! (`TrainConfig::base`, `model::gemm8`); checkpoints and exact resume.
+//! (`TrainConfig::base`, `model::gemm8`); checkpoints and exact resume. Also the gate's whole
+//! training run ([`gate::train_gate`]), which fine-tunes its reader here.
 
 mod batch;
 mod checkpoint;
@@ -13,6 +14,7 @@ pub use batch::{epoch_batches, pack, row_sums, token_logprobs, tokenize, Example
 pub use checkpoint::{Checkpoint, CHECKPOINT_FILE};
 pub use lora::{TrainLora, VarPair};
 pub mod finetune;
+pub mod gate;
 pub use optim::{learning_rate, AdamParams, AdamW};
 pub use trainer::{dpo_loss, peak_rss_mb, Outcome, Progress, TrainReport, Trainer};
 

@@ -6,11 +6,17 @@ use std::sync::{Arc, OnceLock};
 
 use stancemix::model::{fetch, tiny, LoadOptions, Model, WeightFormat};
 
+/// The repository's shipped files and models cache, as the binary finds them.
+pub fn paths() -> stancemix::util::Paths {
+    stancemix::util::Paths::at(env!("CARGO_MANIFEST_DIR"))
+}
+
 /// The real base model's path, fetched on first use.
 pub fn real_model_path() -> PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
-        fetch::ensure_default_model().expect("fetching the base model (needs python3 -m pip)")
+        fetch::ensure_default_model(&paths())
+            .expect("fetching the base model (needs python3 -m pip)")
     })
     .clone()
 }

@@ -82,7 +82,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let engine = a.engine.load()?;
     if a.engine.adapters.is_none() && !a.engine.no_adapters && engine.expert_names().is_empty() {
-        let other = shipped_adapters()
+        let other = shipped_adapters(&crate::cli::paths())
             .iter()
             .any(|d| !stancemix::runtime::adapter_fits(d, &engine.model.config));
         if other {
@@ -579,7 +579,7 @@ fn label(reply: &Reply) -> String {
             r.topic,
             weights(&reply.weights)
         ),
-        None => reply.blend.clone(),
+        None => reply.blend.to_string(),
     }
 }
 
@@ -634,7 +634,7 @@ fn note_missing_shipped_adapters(engine: &EngineArgs) {
     if engine.no_adapters || engine.adapters.is_some() {
         return;
     }
-    let found = shipped_adapters();
+    let found = shipped_adapters(&crate::cli::paths());
     let missing: Vec<String> = ["progressive", "conservative"]
         .iter()
         .filter(|s| !found.iter().any(|p| p.ends_with(s)))

@@ -42,7 +42,7 @@ impl TurnRecord {
         TurnRecord {
             user: user.to_string(),
             assistant: reply.text.clone(),
-            blend: reply.blend.clone(),
+            blend: reply.blend.to_string(),
             blend_spec: blend.spec(),
             weights: reply.weights.clone(),
             route: reply.route.clone(),
