@@ -147,34 +147,9 @@ impl ExtraArgs {
         }
     }
 
-    /// Perplexity (batched on `scoring`) and the adversarial check (generated on `gen`).
-    pub fn side_effects(
-        &self,
-        scoring: &Arc<Engine>,
-        gen: &Arc<Engine>,
-        blends: &[Blend],
-    ) -> anyhow::Result<SideEffects> {
-        Ok(self
-            .config()
-            .side_effects(scoring, gen, blends, &mut progress_bars())?)
-    }
-
     /// The `--judge` file, loaded before any long work so a bad path fails at once.
     pub fn load_judge(&self) -> anyhow::Result<Judge> {
         Ok(Judge::load(&self.judge)?)
-    }
-
-    /// Answer the prompts under each blend and judge the answers.
-    pub fn open_ended(
-        &self,
-        judge: &Judge,
-        gen: &Arc<Engine>,
-        instrument: &Instrument,
-        blends: &[Blend],
-    ) -> anyhow::Result<OpenEndedSection> {
-        Ok(self
-            .config()
-            .open_ended(judge, gen, instrument, blends, &mut progress_bars())?)
     }
 }
 
@@ -463,11 +438,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.side_effects || a.open_ended {
         let gen = a.engine.load_generator(&engine)?;
         if a.side_effects {
-            let se = a.extra.side_effects(&engine, &gen, &a.blends)?;
+            let se =
+                a.extra
+                    .config()
+                    .side_effects(&engine, &gen, &a.blends, &mut progress_bars())?;
             value["side_effects"] = serde_json::to_value(&se)?;
         }
         if let Some(judge) = &judge {
-            let oe = a.extra.open_ended(judge, &gen, &instrument, &a.blends)?;
+            let oe = (a.extra.config()).open_ended(
+                judge,
+                &gen,
+                &instrument,
+                &a.blends,
+                &mut progress_bars(),
+            )?;
             value["open_ended"] = serde_json::to_value(&oe)?;
         }
     }

@@ -10,7 +10,9 @@ use stancemix::eval::{parse_path, sweep};
 use stancemix::runtime::{CONSERVATIVE, PROGRESSIVE};
 use stancemix::Blend;
 
-use super::eval::{progress_bar, EvalEngineArgs, ExtraArgs, FcArgs, DEFAULT_INSTRUMENT};
+use super::eval::{
+    progress_bar, progress_bars, EvalEngineArgs, ExtraArgs, FcArgs, DEFAULT_INSTRUMENT,
+};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -75,10 +77,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let side_effects = if a.no_side_effects {
         None
     } else {
-        Some(a.extra.side_effects(&engine, &gen, &refs)?)
+        Some(
+            a.extra
+                .config()
+                .side_effects(&engine, &gen, &refs, &mut progress_bars())?,
+        )
     };
     let open_ended = match &judge {
-        Some(judge) => Some(a.extra.open_ended(judge, &gen, &instrument, &refs)?),
+        Some(judge) => Some(a.extra.config().open_ended(
+            judge,
+            &gen,
+            &instrument,
+            &refs,
+            &mut progress_bars(),
+        )?),
         None => None,
     };
     let fc = r.forced_choice.as_ref();
