@@ -137,13 +137,16 @@ impl ChatTemplate {
     /// shipped experts were trained) or, where the close is only blank (the plain template's
     /// `\n\n`), the close itself, so the model learns where an answer ends.
     pub fn completion(&self, answer: &str) -> String {
-        let close = self.frame.close.trim_end();
-        let close = if close.is_empty() {
-            self.frame.close.as_str()
-        } else {
-            close
-        };
-        format!("{}{answer}{close}", self.frame.lead)
+        format!("{}{answer}{}", self.frame.lead, self.target_close())
+    }
+
+    /// The close a training target ends with: the template's close up to its last non-blank
+    /// character, or the whole close where it is only blank.
+    fn target_close(&self) -> &str {
+        match self.frame.close.trim_end() {
+            "" => &self.frame.close,
+            close => close,
+        }
     }
 
     /// The answer inside a [`ChatTemplate::completion`] (the text itself when it is not one).
@@ -151,13 +154,7 @@ impl ChatTemplate {
         let inner = completion
             .strip_prefix(self.frame.lead.as_str())
             .unwrap_or(completion);
-        let close = self.frame.close.trim_end();
-        let close = if close.is_empty() {
-            self.frame.close.as_str()
-        } else {
-            close
-        };
-        inner.strip_suffix(close).unwrap_or(inner)
+        inner.strip_suffix(self.target_close()).unwrap_or(inner)
     }
 
     /// ChatML without a system message (exports made without a model).

@@ -301,13 +301,14 @@ impl AppState {
     fn gauges(&self) -> Gauges {
         let admitted = self.admitted.load(Ordering::SeqCst);
         let active = self.active.load(Ordering::SeqCst);
+        let (decode_batches, batched_steps) = self.batcher.stats();
         Gauges {
             queued: admitted.saturating_sub(active),
             active,
             parallel: self.opts.parallel,
             queue_capacity: self.opts.queue,
-            decode_batches: self.batcher.stats().0,
-            batched_steps: self.batcher.stats().1,
+            decode_batches,
+            batched_steps,
         }
     }
 
