@@ -46,6 +46,20 @@ fn llama_cpp_python() -> Option<PathBuf> {
     ok.then_some(py)
 }
 
+/// A JSON array of token ids.
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    numbers(v).into_iter().map(|x| x as u32).collect()
+}
+
+/// A JSON array of numbers.
+fn numbers(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
 /// Top-two logit gap under which a different choice is a near-tie, not a disagreement.
 const NEAR_TIE: f64 = 0.5;
 
@@ -188,13 +202,6 @@ fn every_fetched_base_matches_llama_cpp_tokens_greedy_decoding_and_logprobs() {
             String::from_utf8_lossy(&out.stderr)
         );
         let want: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let ids = |v: &serde_json::Value| -> Vec<u32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        };
         // 1. Token ids, line by line.
         let mut bad = Vec::new();
         for (i, line) in lines.iter().enumerate() {
@@ -219,12 +226,7 @@ fn every_fetched_base_matches_llama_cpp_tokens_greedy_decoding_and_logprobs() {
         for (i, p) in prompts.iter().enumerate() {
             let prompt = m.tokenizer.encode(p).unwrap();
             let theirs = ids(&want["greedy"][i]);
-            let margins: Vec<f64> = want["margins"][i]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect();
+            let margins = numbers(&want["margins"][i]);
             let ours = forced_choices(&m, &prompt, &theirs);
             for (step, (&o, &t)) in ours.iter().zip(theirs.iter()).enumerate() {
                 assert!(
@@ -268,13 +270,10 @@ fn every_fetched_base_matches_llama_cpp_tokens_greedy_decoding_and_logprobs() {
             },
         )
         .unwrap();
-        let theirs: Vec<f64> = want["logprobs"].as_array().unwrap()[..63]
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
+        let theirs = &numbers(&want["logprobs"])[..63];
         let mad_of = |ours: Vec<f64>| {
             ours.iter()
-                .zip(&theirs)
+                .zip(theirs)
                 .map(|(a, b)| (a - b).abs())
                 .sum::<f64>()
                 / 63.0
@@ -297,4 +296,176 @@ fn every_fetched_base_matches_llama_cpp_tokens_greedy_decoding_and_logprobs() {
         checked += 1;
     }
     eprintln!("{checked} bases checked against llama.cpp");
+}
+
+/// Teacher-forced greedy comparison under a blend: at each step of `theirs` (the peer's greedy
+/// continuation of `prompt`), stancemix's argmax under `plan` must be the peer's token, except
+/// at the peer's near-ties (`margins`). Returns whether stancemix's free run equals theirs.
+fn blend_agrees(
+    engine: &std::sync::Arc<stancemix::Engine>,
+    plan: &stancemix::runtime::RowPlan,
+    prompt: &[u32],
+    theirs: &[u32],
+    margins: &[f64],
+    what: &str,
+) -> bool {
+    let argmax = |z: &[f32]| {
+        z.iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+            .0 as u32
+    };
+    let mut s = engine.session();
+    let mut z = s.feed(prompt, plan).unwrap();
+    let mut free_equal = true;
+    for (step, &t) in theirs.iter().enumerate() {
+        let o = argmax(&z);
+        assert!(
+            o == t || margins[step] < NEAR_TIE,
+            "{what}, step {step}: stancemix picks {o}, the peer {t} by a margin of {:.3}",
+            margins[step]
+        );
+        free_equal &= o == t;
+        z = s.feed(&[t], plan).unwrap();
+    }
+    free_equal
+}
+
+/// Issue #22, acceptance 4: the blend `stancemix adapter export-blend --blend dial=0.6` writes is
+/// one standard PEFT LoRA adapter. Loaded by PEFT onto the base (transformers, fp32), and
+/// converted by llama.cpp's `convert_lora_to_gguf.py` and applied by llama.cpp to the same GGUF,
+/// it decodes 5 chat prompts for 32 greedy tokens as stancemix does at `dial=0.6` (weights mode),
+/// step by step (near-ties of the peer allowed, as above). Needs `scripts/bench-peers install`
+/// (.peers/py with torch, transformers and PEFT; .peers/hf; llama.cpp's source) and
+/// `scripts/llamacpp-install`; skips, saying so, where they are missing.
+#[test]
+fn exported_blend_decodes_in_peft_and_llama_cpp_as_stancemix_does() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let torch_py = root.join(".peers/py/bin/python");
+    let hf = root.join(".peers/hf");
+    let convert =
+        root.join(".peers/src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_lora_to_gguf.py");
+    let peft_ok = std::process::Command::new(&torch_py)
+        .args(["-c", "import torch, transformers, peft, gguf"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !peft_ok || !hf.join("model.safetensors").exists() || !convert.exists() {
+        eprintln!("skipped: PEFT / llama.cpp's converter are not installed here; run scripts/bench-peers install");
+        return;
+    }
+    let Some(lcpp) = llama_cpp_python() else {
+        eprintln!("skipped: llama.cpp (llama-cpp-python) is not built here; run scripts/llamacpp-install");
+        return;
+    };
+    let model = common::real_model_path();
+    let dir = tempfile::tempdir().unwrap();
+    let blend_dir = dir.path().join("dial0.6");
+    let run = |c: &mut std::process::Command, what: &str| {
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    run(
+        std::process::Command::new(common::bin())
+            .args(["adapter", "export-blend", "--blend", "dial=0.6", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&blend_dir),
+        "export-blend",
+    );
+    let lora_gguf = dir.path().join("dial0.6.gguf");
+    run(
+        std::process::Command::new(&torch_py)
+            .arg(&convert)
+            .arg("--base")
+            .arg(&hf)
+            .args(["--outtype", "f32", "--outfile"])
+            .arg(&lora_gguf)
+            .arg(&blend_dir),
+        "convert_lora_to_gguf.py",
+    );
+    // Each peer beside stancemix in its own arithmetic: llama.cpp multiplies the file's blocks
+    // by activations rounded to 8-bit blocks (our `stored` format), PEFT runs the weights
+    // dequantized to f32 (our `f32`).
+    let engine = |format| {
+        stancemix::Engine::load(&stancemix::EngineOptions {
+            model: Some(model.clone()),
+            format,
+            ..stancemix::EngineOptions::shipped(common::paths())
+        })
+        .unwrap()
+    };
+    let (stored, f32) = (engine(WeightFormat::Stored), engine(WeightFormat::F32));
+    let (_, plan, _) = f32
+        .plan(&stancemix::Blend::dial(0.6).unwrap(), "")
+        .unwrap();
+    let tok = &f32.model.tokenizer;
+    let prompts: Vec<String> = PROMPTS
+        .iter()
+        .map(|p| tok.chat.user_prompt(p).unwrap())
+        .collect();
+    let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p).unwrap()).collect();
+    let req = dir.path().join("request.json");
+    let llama_cpp = |lora: Option<&Path>, what: &str| -> serde_json::Value {
+        let mut request = serde_json::json!({"lines": [], "prompts": prompts, "greedy": 32,
+            "text": TEXT, "stop": tok.stop_ids()});
+        if let Some(l) = lora {
+            request["lora"] = serde_json::json!(l);
+        }
+        std::fs::write(&req, request.to_string()).unwrap();
+        serde_json::from_slice(&run(
+            std::process::Command::new(&lcpp)
+                .arg(root.join("scripts/peers/llamacpp_reference.py"))
+                .arg(&model)
+                .arg(&req),
+            what,
+        ))
+        .unwrap()
+    };
+    // llama.cpp: the same rendered prompts, the converted adapter at scale 1.
+    let lc = llama_cpp(Some(&lora_gguf), "llama.cpp with the converted blend");
+    // PEFT: the same token ids, the exported folder as PEFT loads any adapter.
+    let peft_req = dir.path().join("peft-request.json");
+    std::fs::write(
+        &peft_req,
+        serde_json::json!({"prompts": prompt_ids, "greedy": 32, "stop": tok.stop_ids()})
+            .to_string(),
+    )
+    .unwrap();
+    let pf: serde_json::Value = serde_json::from_slice(&run(
+        std::process::Command::new(&torch_py)
+            .arg(root.join("scripts/peers/peft_reference.py"))
+            .arg(&hf)
+            .arg(&blend_dir)
+            .arg(&peft_req),
+        "PEFT with the exported blend",
+    ))
+    .unwrap();
+    let (mut lc_equal, mut pf_equal) = (0, 0);
+    for (i, p) in prompt_ids.iter().enumerate() {
+        for (peer, ours, answer, equal) in [
+            ("llama.cpp", &stored, &lc, &mut lc_equal),
+            ("PEFT", &f32, &pf, &mut pf_equal),
+        ] {
+            let theirs = ids(&answer["greedy"][i]);
+            assert!(!theirs.is_empty(), "{peer}: no tokens for {:?}", PROMPTS[i]);
+            let what = format!("{peer}, dial=0.6, {:?}", PROMPTS[i]);
+            if blend_agrees(ours, &plan, p, &theirs, &numbers(&answer["margins"][i]), &what) {
+                *equal += 1;
+            }
+        }
+    }
+    // The adapter took effect in llama.cpp: without it, some answer is different.
+    let plain = llama_cpp(None, "llama.cpp without the adapter");
+    assert!(
+        (0..PROMPTS.len()).any(|i| ids(&plain["greedy"][i]) != ids(&lc["greedy"][i])),
+        "llama.cpp answered every prompt alike with and without the converted blend"
+    );
+    eprintln!(
+        "exported dial=0.6: every greedy step agrees with llama.cpp and PEFT or is their near-tie; free runs equal: llama.cpp {lc_equal} of 5, PEFT {pf_equal} of 5"
+    );
 }

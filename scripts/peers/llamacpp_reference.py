@@ -3,10 +3,11 @@
 
 Usage: llamacpp_reference.py MODEL.gguf REQUEST.json > ANSWER.json
 
-REQUEST: {"lines": [str], "prompts": [str], "greedy": int, "text": str}
+REQUEST: {"lines": [str], "prompts": [str], "greedy": int, "text": str, "lora": str (optional)}
   lines   texts to tokenize (no BOS, special tokens not parsed: plain text)
   prompts rendered chat prompts (special tokens parsed); each is decoded greedily for `greedy`
           tokens (stopping early at end of generation)
+  lora    a llama.cpp LoRA GGUF (convert_lora_to_gguf.py) applied at scale 1
   text    a text whose next-token log-probabilities are returned (tokenized with BOS when the
           model adds one, as stancemix does not: the ids are returned so both sides use the same)
 ANSWER: {"ids": [[int]], "greedy": [[int]], "margins": [[float]], "text_ids": [int],
@@ -27,7 +28,7 @@ from llama_cpp import Llama
 def main():
     model, request = sys.argv[1], json.load(open(sys.argv[2], encoding="utf-8"))
     llm = Llama(model_path=model, n_ctx=1024, n_threads=2, logits_all=True, verbose=False,
-                n_batch=512)
+                n_batch=512, lora_path=request.get("lora"))
     ids = [llm.tokenize(line.encode("utf-8"), add_bos=False, special=False)
            for line in request["lines"]]
     greedy, margins = [], []

@@ -6,9 +6,27 @@ use std::sync::Arc;
 use stancemix::model::WeightFormat;
 use stancemix::{Blend, Engine, EngineOptions, GenParams, Mode};
 
-/// Which model, experts and gate to load.
+/// What answering a prompt needs (chat and generate): the engine, the blend, sampling, a system
+/// prompt, and whether to show the routing.
+#[derive(clap::Args, Debug)]
+pub struct TurnArgs {
+    /// System prompt (default: none).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Print the routing decision and gate weights after every answer.
+    #[arg(long)]
+    pub explain: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub blend: BlendArgs,
+    #[command(flatten)]
+    pub gen: GenArgs,
+}
+
+/// Which base model and experts (every command that loads an engine).
 #[derive(clap::Args, Debug, Clone)]
-pub struct EngineArgs {
+pub struct ModelArgs {
     /// Base model GGUF (default: the fetched SmolLM2-135M-Instruct).
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -18,6 +36,35 @@ pub struct EngineArgs {
     /// Load no experts at all.
     #[arg(long, conflicts_with = "adapters")]
     pub no_adapters: bool,
+}
+
+impl ModelArgs {
+    /// Whether the shipped experts are asked for (neither --adapters nor --no-adapters).
+    pub fn shipped_experts(&self) -> bool {
+        self.adapters.is_none() && !self.no_adapters
+    }
+
+    /// The engine options these flags give, in weight format `format`, with gate `gate`.
+    pub fn options(&self, format: WeightFormat, gate: Option<PathBuf>) -> EngineOptions {
+        EngineOptions {
+            paths: super::paths(),
+            model: self.model.clone(),
+            adapters: if self.no_adapters {
+                Some(Vec::new())
+            } else {
+                self.adapters.clone()
+            },
+            gate,
+            format,
+        }
+    }
+}
+
+/// Which model, experts and gate to load.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EngineArgs {
+    #[command(flatten)]
+    pub base: ModelArgs,
     /// Gate directory (default: router-data/ if it holds a gate).
     #[arg(long)]
     pub gate: Option<PathBuf>,
@@ -30,18 +77,9 @@ pub struct EngineArgs {
 impl EngineArgs {
     /// Load the engine these flags describe.
     pub fn load(&self) -> anyhow::Result<Arc<Engine>> {
-        let adapters = if self.no_adapters {
-            Some(Vec::new())
-        } else {
-            self.adapters.clone()
-        };
-        Ok(Engine::load(&EngineOptions {
-            paths: super::paths(),
-            model: self.model.clone(),
-            adapters,
-            gate: self.gate.clone(),
-            format: self.format,
-        })?)
+        Ok(Engine::load(
+            &self.base.options(self.format, self.gate.clone()),
+        )?)
     }
 }
 

@@ -13,7 +13,7 @@ use stancemix::eval::{score_instrument, FcOptions, Order, Report, TEMPLATES};
 use stancemix::Blend;
 
 use stancemix::model::WeightFormat;
-use stancemix::{Engine, EngineOptions};
+use stancemix::Engine;
 use std::sync::Arc;
 
 /// The held-out instrument shipped with the project.
@@ -22,15 +22,8 @@ pub const DEFAULT_INSTRUMENT: &str = "adapters/instruments/stance-compass.json";
 /// Which model and experts to evaluate.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EvalEngineArgs {
-    /// Base model GGUF (default: the fetched SmolLM2-135M-Instruct).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Expert adapter directories (default: the shipped ones).
-    #[arg(long, num_args = 1..)]
-    pub adapters: Option<Vec<PathBuf>>,
-    /// Load no experts at all.
-    #[arg(long, conflicts_with = "adapters")]
-    pub no_adapters: bool,
+    #[command(flatten)]
+    pub base: super::common::ModelArgs,
     /// Base weights in memory. f32 (the default here) is the fastest for scoring prompts and
     /// gives the same numbers whatever the batch shape; candle's q8_0 kernels change with the
     /// number of rows, which moves logits between batch shapes.
@@ -58,17 +51,7 @@ impl EvalEngineArgs {
     }
 
     fn load_as(&self, format: WeightFormat) -> anyhow::Result<Arc<Engine>> {
-        Ok(Engine::load(&EngineOptions {
-            paths: super::paths(),
-            model: self.model.clone(),
-            adapters: if self.no_adapters {
-                Some(Vec::new())
-            } else {
-                self.adapters.clone()
-            },
-            gate: None,
-            format,
-        })?)
+        Ok(Engine::load(&self.base.options(format, None))?)
     }
 }
 

@@ -2,33 +2,23 @@
 
 use std::io::Write;
 
-use super::common::{BlendArgs, EngineArgs, GenArgs};
+use super::common::TurnArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The user prompt.
     #[arg(long)]
     pub prompt: String,
-    /// System prompt (default: none).
-    #[arg(long)]
-    pub system: Option<String>,
-    /// Print the routing decision and gate weights.
-    #[arg(long)]
-    pub explain: bool,
     #[command(flatten)]
-    pub engine: EngineArgs,
-    #[command(flatten)]
-    pub blend: BlendArgs,
-    #[command(flatten)]
-    pub gen: GenArgs,
+    pub turn: TurnArgs,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let params = a.gen.params()?;
-    let blend = a.blend.blend()?;
-    let engine = a.engine.load()?;
+    let params = a.turn.gen.params()?;
+    let blend = a.turn.blend.blend()?;
+    let engine = a.turn.engine.load()?;
     let mut s = engine.session();
-    if let Some(sys) = a.system {
+    if let Some(sys) = a.turn.system {
         s.set_system(Some(sys));
     }
     if blend.extrapolates() {
@@ -54,7 +44,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         meta.push_str(&format!(" gate: {}", w.join(", ")));
     }
     eprintln!("{meta}");
-    if a.explain {
+    if a.turn.explain {
         match &reply.route {
             Some(r) => eprintln!("route: {}", r.explain()),
             None => eprintln!("route: none (fixed blend {})", reply.blend),

@@ -10,24 +10,16 @@ use stancemix::eval::{parse_path, sweep};
 use stancemix::runtime::{CONSERVATIVE, PROGRESSIVE};
 use stancemix::Blend;
 
-use super::eval::{
-    progress_bar, progress_bars, EvalEngineArgs, ExtraArgs, FcArgs, DEFAULT_INSTRUMENT,
-};
+use super::eval::{progress_bar, progress_bars, ExtraArgs};
+use super::sweep::SweepArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Directory for README.md, report.json and the sweep's CSV, JSON and SVG.
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value = DEFAULT_INSTRUMENT)]
-    pub instrument: PathBuf,
-    /// The sweep's path (it also yields the base and both experts).
-    #[arg(long, default_value = "dial:-1:1:11", allow_hyphen_values = true)]
-    pub path: String,
     #[command(flatten)]
-    pub engine: EvalEngineArgs,
-    #[command(flatten)]
-    pub fc: FcArgs,
+    pub sweep: SweepArgs,
     /// Skip perplexity and the adversarial check.
     #[arg(long)]
     pub no_side_effects: bool,
@@ -39,16 +31,16 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let workers = a.fc.setup_threads()?; // first: candle reads its thread settings once
+    let workers = a.sweep.fc.setup_threads()?; // first: candle reads its thread settings once
     let start = Instant::now();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let path = parse_path(&a.path)?;
-    let instrument = Instrument::load(&a.instrument)?;
-    let opts = a.fc.options(workers)?;
+    let path = parse_path(&a.sweep.path)?;
+    let instrument = Instrument::load(&a.sweep.instrument)?;
+    let opts = a.sweep.fc.options(workers)?;
     let judge = (!a.no_open_ended)
         .then(|| a.extra.load_judge())
         .transpose()?;
-    let engine = a.engine.load()?;
+    let engine = a.sweep.engine.load()?;
     for stance in [PROGRESSIVE, CONSERVATIVE] {
         if engine.experts.by_stance(stance).is_none() {
             anyhow::bail!(
@@ -61,7 +53,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         &instrument,
         &path,
         &opts,
-        &mut progress_bar(&format!("sweep {}", a.path)),
+        &mut progress_bar(&format!("sweep {}", a.sweep.path)),
     )?;
     let mut files = r.write_files(&a.out)?;
     let refs = [
@@ -72,7 +64,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let gen = if a.no_side_effects && a.no_open_ended {
         engine.clone()
     } else {
-        a.engine.load_generator(&engine)?
+        a.sweep.engine.load_generator(&engine)?
     };
     let side_effects = if a.no_side_effects {
         None

@@ -8,18 +8,26 @@ use stancemix::eval::{parse_path, sweep, SweepReport};
 
 use super::eval::{progress_bar, EvalEngineArgs, FcArgs, DEFAULT_INSTRUMENT};
 
+/// What a sweep scores, with what (sweep and report).
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub struct SweepArgs {
     /// Instrument JSON (see DESIGN.md "Data formats").
     #[arg(long, default_value = DEFAULT_INSTRUMENT)]
     pub instrument: PathBuf,
-    /// dial:FROM:TO:N, mix:FROM:TO:N or raw:name=w,..:name=w,..:N [@logits|@contrast].
+    /// The path: dial:FROM:TO:N, mix:FROM:TO:N or raw:name=w,..:name=w,..:N [@logits|@contrast]
+    /// (the base and both experts are scored beside it).
     #[arg(long, default_value = "dial:-1:1:11", allow_hyphen_values = true)]
     pub path: String,
     #[command(flatten)]
     pub engine: EvalEngineArgs,
     #[command(flatten)]
     pub fc: FcArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub sweep: SweepArgs,
     /// Directory for sweep.csv, sweep.json and sweep.svg.
     #[arg(long, default_value = "target/sweep")]
     pub out: PathBuf,
@@ -78,17 +86,17 @@ pub fn print_sweep(r: &SweepReport) {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let workers = a.fc.setup_threads()?; // first: candle reads its thread settings once
-    let path = parse_path(&a.path)?;
-    let instrument = Instrument::load(&a.instrument)?;
-    let opts = a.fc.options(workers)?;
-    let engine = a.engine.load()?;
+    let workers = a.sweep.fc.setup_threads()?; // first: candle reads its thread settings once
+    let path = parse_path(&a.sweep.path)?;
+    let instrument = Instrument::load(&a.sweep.instrument)?;
+    let opts = a.sweep.fc.options(workers)?;
+    let engine = a.sweep.engine.load()?;
     let report = sweep(
         &engine,
         &instrument,
         &path,
         &opts,
-        &mut progress_bar(&format!("sweep {}", a.path)),
+        &mut progress_bar(&format!("sweep {}", a.sweep.path)),
     )?;
     let files = report.write_files(&a.out)?;
     if a.json {

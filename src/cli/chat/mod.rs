@@ -20,7 +20,7 @@ use rustyline::error::ReadlineError;
 use stancemix::runtime::{shipped_adapters, StopReason, View};
 use stancemix::{Blend, Engine, GenParams, Reply, Session};
 
-use super::common::{BlendArgs, EngineArgs, GenArgs};
+use super::common::{EngineArgs, TurnArgs};
 use command::{Command, Input, HELP};
 use transcript::{Transcript, TurnRecord};
 
@@ -30,18 +30,8 @@ pub struct Args {
     /// unless --blend, --dial or --policy say otherwise.
     #[arg(long, value_name = "FILE")]
     pub load: Option<PathBuf>,
-    /// System prompt (default: none).
-    #[arg(long)]
-    pub system: Option<String>,
-    /// Print the routing decision and gate weights after every answer.
-    #[arg(long)]
-    pub explain: bool,
     #[command(flatten)]
-    pub engine: EngineArgs,
-    #[command(flatten)]
-    pub blend: BlendArgs,
-    #[command(flatten)]
-    pub gen: GenArgs,
+    pub turn: TurnArgs,
 }
 
 /// Set by Ctrl-C while an answer is being generated: stop it.
@@ -69,19 +59,19 @@ struct Chat {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let params = a.gen.params()?;
-    let flag_blend = a.blend.blend()?;
+    let params = a.turn.gen.params()?;
+    let flag_blend = a.turn.blend.blend()?;
     let interactive = std::io::stdin().is_terminal();
     let loaded = match &a.load {
         Some(p) => Some(Transcript::load(p)?),
         None => None,
     };
-    note_missing_shipped_adapters(&a.engine);
+    note_missing_shipped_adapters(&a.turn.engine);
     if interactive {
         eprintln!("loading the model...");
     }
-    let engine = a.engine.load()?;
-    if a.engine.adapters.is_none() && !a.engine.no_adapters && engine.expert_names().is_empty() {
+    let engine = a.turn.engine.load()?;
+    if a.turn.engine.base.shipped_experts() && engine.expert_names().is_empty() {
         let other = shipped_adapters(&crate::cli::paths())
             .iter()
             .any(|d| !stancemix::runtime::adapter_fits(d, &engine.model.config));
@@ -94,13 +84,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let mut session = engine.session();
     let mut transcript = Transcript {
-        system: a.system.clone(),
+        system: a.turn.system.clone(),
         model: file_name(&engine.model.path),
         experts: engine.expert_names().to_vec(),
         turns: Vec::new(),
     };
     if let Some(t) = loaded {
-        if a.system.is_some() && a.system != t.system {
+        if a.turn.system.is_some() && a.turn.system != t.system {
             eprintln!("note: the transcript's system prompt is kept; --system is ignored");
         }
         session.restore(t.messages())?;
@@ -110,11 +100,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     session.set_system(transcript.system.clone());
 
     // Starting blend: the flags, else the loaded transcript's last blend.
-    let given = a.blend.blend.is_some() || a.blend.dial.is_some() || a.blend.policy.is_some();
+    let given = a.turn.blend.blend.is_some() || a.turn.blend.dial.is_some() || a.turn.blend.policy.is_some();
     let start = match transcript.turns.last() {
         Some(t) if !given => {
             let b: Blend = t.blend_spec.parse()?;
-            match a.blend.mode {
+            match a.turn.blend.mode {
                 Some(m) => b.with_mode(m),
                 None => b,
             }
@@ -128,7 +118,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         params,
         transcript,
         interactive,
-        explain: a.explain,
+        explain: a.turn.explain,
     };
     if let Err(e) = chat.set_blend(start.clone()) {
         eprintln!(
@@ -631,7 +621,7 @@ fn history_path_from(env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> 
 
 /// When the shipped adapters are the default but missing, say so: chat runs on what exists.
 fn note_missing_shipped_adapters(engine: &EngineArgs) {
-    if engine.no_adapters || engine.adapters.is_some() {
+    if !engine.base.shipped_experts() {
         return;
     }
     let found = shipped_adapters(&crate::cli::paths());
