@@ -354,7 +354,9 @@ fn exported_blend_decodes_in_peft_and_llama_cpp_as_stancemix_does() {
         return;
     }
     let Some(lcpp) = llama_cpp_python() else {
-        eprintln!("skipped: llama.cpp (llama-cpp-python) is not built here; run scripts/llamacpp-install");
+        eprintln!(
+            "skipped: llama.cpp (llama-cpp-python) is not built here; run scripts/llamacpp-install"
+        );
         return;
     };
     let model = common::real_model_path();
@@ -400,9 +402,7 @@ fn exported_blend_decodes_in_peft_and_llama_cpp_as_stancemix_does() {
         .unwrap()
     };
     let (stored, f32) = (engine(WeightFormat::Stored), engine(WeightFormat::F32));
-    let (_, plan, _) = f32
-        .plan(&stancemix::Blend::dial(0.6).unwrap(), "")
-        .unwrap();
+    let (_, plan, _) = f32.plan(&stancemix::Blend::dial(0.6).unwrap(), "").unwrap();
     let tok = &f32.model.tokenizer;
     let prompts: Vec<String> = PROMPTS
         .iter()
@@ -454,7 +454,14 @@ fn exported_blend_decodes_in_peft_and_llama_cpp_as_stancemix_does() {
             let theirs = ids(&answer["greedy"][i]);
             assert!(!theirs.is_empty(), "{peer}: no tokens for {:?}", PROMPTS[i]);
             let what = format!("{peer}, dial=0.6, {:?}", PROMPTS[i]);
-            if blend_agrees(ours, &plan, p, &theirs, &numbers(&answer["margins"][i]), &what) {
+            if blend_agrees(
+                ours,
+                &plan,
+                p,
+                &theirs,
+                &numbers(&answer["margins"][i]),
+                &what,
+            ) {
                 *equal += 1;
             }
         }

@@ -100,7 +100,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     session.set_system(transcript.system.clone());
 
     // Starting blend: the flags, else the loaded transcript's last blend.
-    let given = a.turn.blend.blend.is_some() || a.turn.blend.dial.is_some() || a.turn.blend.policy.is_some();
+    let given = a.turn.blend.blend.is_some()
+        || a.turn.blend.dial.is_some()
+        || a.turn.blend.policy.is_some();
     let start = match transcript.turns.last() {
         Some(t) if !given => {
             let b: Blend = t.blend_spec.parse()?;
