@@ -4,13 +4,11 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use stancemix::data::Instrument;
 use stancemix::eval::report::{markdown, Page};
-use stancemix::eval::{parse_path, sweep};
 use stancemix::runtime::{CONSERVATIVE, PROGRESSIVE};
 use stancemix::Blend;
 
-use super::eval::{progress_bar, progress_bars, ExtraArgs};
+use super::eval::{progress_bars, ExtraArgs};
 use super::sweep::SweepArgs;
 
 #[derive(clap::Args, Debug)]
@@ -31,12 +29,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let workers = a.sweep.fc.setup_threads()?; // first: candle reads its thread settings once
+    let job = a.sweep.job()?;
     let start = Instant::now();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let path = parse_path(&a.sweep.path)?;
-    let instrument = Instrument::load(&a.sweep.instrument)?;
-    let opts = a.sweep.fc.options(workers)?;
     let judge = (!a.no_open_ended)
         .then(|| a.extra.load_judge())
         .transpose()?;
@@ -48,13 +43,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             );
         }
     }
-    let r = sweep(
-        &engine,
-        &instrument,
-        &path,
-        &opts,
-        &mut progress_bar(&format!("sweep {}", a.sweep.path)),
-    )?;
+    let r = job.run(&engine)?;
     let mut files = r.write_files(&a.out)?;
     let refs = [
         Blend::base(),
@@ -79,7 +68,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some(judge) => Some(a.extra.config().open_ended(
             judge,
             &gen,
-            &instrument,
+            job.instrument(),
             &refs,
             &mut progress_bars(),
         )?),

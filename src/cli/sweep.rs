@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use stancemix::data::Instrument;
-use stancemix::eval::{parse_path, sweep, SweepReport};
+use stancemix::eval::{parse_path, sweep, FcOptions, SweepPath, SweepReport};
+use stancemix::Engine;
 
 use super::eval::{progress_bar, EvalEngineArgs, FcArgs, DEFAULT_INSTRUMENT};
 
@@ -22,6 +23,47 @@ pub struct SweepArgs {
     pub engine: EvalEngineArgs,
     #[command(flatten)]
     pub fc: FcArgs,
+}
+
+/// A sweep with its flags checked (path parsed, instrument read), ready to score on an engine.
+pub struct SweepJob {
+    path: SweepPath,
+    instrument: Instrument,
+    opts: FcOptions,
+    label: String,
+}
+
+impl SweepArgs {
+    /// Check the flags before the (slow) engine load: set up the scoring threads, parse the
+    /// path, read the instrument.
+    pub fn job(&self) -> anyhow::Result<SweepJob> {
+        let workers = self.fc.setup_threads()?; // first: candle reads its thread settings once
+        Ok(SweepJob {
+            path: parse_path(&self.path)?,
+            instrument: Instrument::load(&self.instrument)?,
+            opts: self.fc.options(workers)?,
+            label: format!("sweep {}", self.path),
+        })
+    }
+}
+
+impl SweepJob {
+    /// The instrument read from `--instrument`.
+    pub fn instrument(&self) -> &Instrument {
+        &self.instrument
+    }
+
+    /// Score every point (and the references) on `engine`, with a progress bar.
+    pub fn run(&self, engine: &Engine) -> anyhow::Result<SweepReport> {
+        let mut bar = progress_bar(&self.label);
+        Ok(sweep(
+            engine,
+            &self.instrument,
+            &self.path,
+            &self.opts,
+            &mut bar,
+        )?)
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -86,18 +128,9 @@ pub fn print_sweep(r: &SweepReport) {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let workers = a.sweep.fc.setup_threads()?; // first: candle reads its thread settings once
-    let path = parse_path(&a.sweep.path)?;
-    let instrument = Instrument::load(&a.sweep.instrument)?;
-    let opts = a.sweep.fc.options(workers)?;
+    let job = a.sweep.job()?;
     let engine = a.sweep.engine.load()?;
-    let report = sweep(
-        &engine,
-        &instrument,
-        &path,
-        &opts,
-        &mut progress_bar(&format!("sweep {}", a.sweep.path)),
-    )?;
+    let report = job.run(&engine)?;
     let files = report.write_files(&a.out)?;
     if a.json {
         println!("{}", serde_json::to_string(&report.summary())?);

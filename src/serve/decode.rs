@@ -63,15 +63,19 @@ pub enum Event {
     /// New answer text (complete UTF-8, never part of a stop sequence).
     Text(String),
     /// The answer is over.
-    Done {
-        finish: Finish,
-        completion_tokens: usize,
-        /// Decode steps run (one token fed each) and the seconds they took.
-        decode_steps: usize,
-        decode_secs: f64,
-    },
+    Done(Done),
     /// It failed; `invalid` when the request was at fault.
     Failed { message: String, invalid: bool },
+}
+
+/// How an answer ended, and what it cost.
+#[derive(Debug, Clone, Copy)]
+pub struct Done {
+    pub finish: Finish,
+    pub completion_tokens: usize,
+    /// Decode steps run (one token fed each) and the seconds they took.
+    pub decode_steps: usize,
+    pub decode_secs: f64,
 }
 
 /// Text held back from the client: the longest tail of `text` that could begin a stop sequence.
@@ -210,12 +214,12 @@ fn generate(
             let _ = tx.blocking_send(Event::Text(rest[sent..].into()));
         }
     }
-    let done = Event::Done {
+    let done = Event::Done(Done {
         finish,
         completion_tokens: generated.len(),
         decode_steps,
         decode_secs,
-    };
+    });
     Ok(if tx.blocking_send(done).is_ok() {
         Outcome::Finished
     } else {

@@ -5,6 +5,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use super::decode::Done;
+
 /// The server's counters. Cheap to update from any thread.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -45,14 +47,15 @@ impl Metrics {
     }
 
     /// Count a finished generation.
-    pub fn generation(&self, prompt: usize, completion: usize, steps: usize, decode_secs: f64) {
+    pub fn generation(&self, prompt: usize, done: &Done) {
         self.prompt_tokens
             .fetch_add(prompt as u64, Ordering::Relaxed);
         self.completion_tokens
-            .fetch_add(completion as u64, Ordering::Relaxed);
-        self.decode_steps.fetch_add(steps as u64, Ordering::Relaxed);
+            .fetch_add(done.completion_tokens as u64, Ordering::Relaxed);
+        self.decode_steps
+            .fetch_add(done.decode_steps as u64, Ordering::Relaxed);
         self.decode_micros
-            .fetch_add((decode_secs * 1e6) as u64, Ordering::Relaxed);
+            .fetch_add((done.decode_secs * 1e6) as u64, Ordering::Relaxed);
     }
 
     /// Count the time from a request's arrival to its first token.
@@ -180,6 +183,7 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
+    use super::super::decode::Finish;
     use super::*;
 
     #[test]
@@ -188,7 +192,13 @@ mod tests {
         m.request("/v1/chat/completions", 200);
         m.request("/v1/chat/completions", 200);
         m.request("/v1/models", 401);
-        m.generation(10, 5, 4, 0.2);
+        let done = Done {
+            finish: Finish::Length,
+            completion_tokens: 5,
+            decode_steps: 4,
+            decode_secs: 0.2,
+        };
+        m.generation(10, &done);
         let text = m.render(Gauges {
             queued: 1,
             active: 2,

@@ -497,15 +497,10 @@ async fn answer(st: Arc<AppState>, p: Prepared, arrived: Instant) -> Response {
     loop {
         match rx.recv().await {
             Some(Event::Text(t)) => text.push_str(&t),
-            Some(Event::Done {
-                finish,
-                completion_tokens,
-                decode_steps,
-                decode_secs,
-            }) => {
-                st.metrics
-                    .generation(prompt_tokens, completion_tokens, decode_steps, decode_secs);
-                let mut body = shape.full(&text, finish, usage(prompt_tokens, completion_tokens));
+            Some(Event::Done(done)) => {
+                st.metrics.generation(prompt_tokens, &done);
+                let usage = usage(prompt_tokens, done.completion_tokens);
+                let mut body = shape.full(&text, done.finish, usage);
                 body["stancemix"] = ext;
                 return (headers, Json(body)).into_response();
             }
@@ -685,21 +680,11 @@ fn sse_stream(
                     let c = shape.chunk(Some(&t), false, None);
                     Some((data(c), (st, shape, run, ext, Phase::Body)))
                 }
-                Some(Event::Done {
-                    finish,
-                    completion_tokens,
-                    decode_steps,
-                    decode_secs,
-                }) => {
-                    st.metrics.generation(
-                        run.prompt_tokens,
-                        completion_tokens,
-                        decode_steps,
-                        decode_secs,
-                    );
-                    let c = shape.chunk(None, false, Some(finish));
+                Some(Event::Done(done)) => {
+                    st.metrics.generation(run.prompt_tokens, &done);
+                    let c = shape.chunk(None, false, Some(done.finish));
                     let next = if include_usage {
-                        Phase::Usage(usage(run.prompt_tokens, completion_tokens))
+                        Phase::Usage(usage(run.prompt_tokens, done.completion_tokens))
                     } else {
                         Phase::Done
                     };
