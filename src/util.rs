@@ -110,6 +110,20 @@ pub fn softmax_and_log_sum_exp<T: Float>(z: &[T]) -> (Vec<T>, T) {
     (e.into_iter().map(|x| x / s).collect(), m + s.ln())
 }
 
+/// The files in `dir` whose extension is `ext` (no dot), sorted by path.
+pub fn files_with_extension(
+    dir: &std::path::Path,
+    ext: &str,
+) -> crate::Result<Vec<std::path::PathBuf>> {
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| crate::Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

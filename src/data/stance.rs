@@ -152,16 +152,11 @@ pub fn load_stance_pairs(path: &Path) -> Result<Vec<(usize, StancePair)>> {
 
 /// Load every stance pair under `dir` (or one file), failing on the first schema problem.
 pub fn load_stance_dir(dir: &Path) -> Result<Vec<StancePair>> {
-    let mut files: Vec<_> = if dir.is_dir() {
-        std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-            .collect()
+    let files = if dir.is_dir() {
+        crate::util::files_with_extension(dir, "jsonl")?
     } else {
         vec![dir.to_path_buf()]
     };
-    files.sort();
     let mut out = Vec::new();
     for f in files {
         for (line, pair) in load_stance_pairs(&f)? {

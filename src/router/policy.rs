@@ -203,11 +203,8 @@ pub fn load_policies(dir: &Path) -> Result<Vec<Policy>> {
     if !dir.exists() {
         return Ok(Vec::new());
     }
-    let mut paths: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    paths.sort();
-    paths.iter().map(|p| Policy::load(p)).collect()
+    crate::util::files_with_extension(dir, "toml")?
+        .iter()
+        .map(|p| Policy::load(p))
+        .collect()
 }

@@ -346,12 +346,7 @@ fn add_stance_prompts(dir: &Path, ex: &mut Vec<(String, String)>) -> Result<usiz
     if dir.as_os_str().is_empty() {
         return Ok(0);
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-        .collect();
-    files.sort();
+    let files = crate::util::files_with_extension(dir, "jsonl")?;
     let before = ex.len();
     for f in files {
         for (_, p) in crate::data::load_stance_pairs(&f)? {
