@@ -105,6 +105,119 @@ fn answer_logprobs_match_a_full_forward() {
     );
 }
 
+/// `layers_from`: an adapter on the upper blocks trains from kept residuals of the lower ones.
+/// Loss and gradients equal a full pass of the same adapter from the tokens up (computed here
+/// without the trainer's store), and a second batch reuses the store instead of growing it.
+#[test]
+fn upper_block_training_from_kept_residuals_matches_the_full_pass() {
+    let model = common::tiny_model(7);
+    let dir = tempfile::tempdir().unwrap();
+    let c = TrainConfig {
+        layers_from: 1,
+        ..config(Method::Sft)
+    };
+    let trainer = Trainer::new(&model, c, &records(), &[], dir.path()).unwrap();
+    randomize_b(&trainer);
+    assert!(
+        trainer.lora().pairs.keys().all(|k| k.0 == 1),
+        "block 0 adapted"
+    );
+    assert_eq!(trainer.lora().first_layer(), 1);
+    let (ex, _) = tokenize(&model.tokenizer, &records(), 64).unwrap();
+    let refs: Vec<_> = ex.iter().collect();
+    let grads_of = |loss: &Tensor| -> Vec<f32> {
+        let grads = loss.backward().unwrap();
+        let mut g = Vec::new();
+        for (_, v) in trainer.lora().named_vars() {
+            g.extend(
+                grads
+                    .get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+        }
+        g
+    };
+    let (kept, _) = trainer.batch_loss(&refs, true).unwrap();
+    assert_eq!(trainer.residuals_stored().unwrap().0, 4);
+    let g_kept = grads_of(&kept);
+    // Independent: the same adapter over the whole model from the tokens.
+    let seqs: Vec<_> = ex.iter().map(|e| (&e.prompt[..], &e.chosen[..])).collect();
+    let pad = *model.tokenizer.stop_ids().first().unwrap();
+    let packed = pack(&seqs, pad).unwrap();
+    let pass = Pass {
+        hook: trainer.lora(),
+        logits: Logits::Hidden,
+        differentiable: true,
+    };
+    let full = token_logprobs(&model, &packed, &pass)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .neg()
+        .unwrap();
+    let g_full = grads_of(&full);
+    let (lk, lf) = (
+        kept.to_scalar::<f32>().unwrap(),
+        full.to_scalar::<f32>().unwrap(),
+    );
+    assert!(
+        (lk - lf).abs() < 1e-5 * lf.abs(),
+        "loss {lk} from kept residuals, {lf} in full"
+    );
+    let scale = g_full.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = common::max_abs_diff(&g_kept, &g_full);
+    assert!(
+        scale > 0.0 && diff < 1e-4 * scale,
+        "gradients differ by {diff} (largest {scale})"
+    );
+    // The same sequences again, half of them: answered from the store.
+    trainer.batch_loss(&refs[..2], false).unwrap();
+    assert_eq!(trainer.residuals_stored().unwrap().0, 4);
+}
+
+/// SFT's dev figures: the loss over the own answers' tokens, and the side accuracy (own answer
+/// likelier than the other side's), against each sequence scored alone.
+#[test]
+fn sft_dev_side_accuracy_counts_own_answers_found_likelier() {
+    let model = common::tiny_model(11);
+    let dir = tempfile::tempdir().unwrap();
+    let c = TrainConfig {
+        batch_size: 3,
+        ..config(Method::Sft)
+    };
+    let trainer = Trainer::new(&model, c, &records(), &records(), dir.path()).unwrap();
+    randomize_b(&trainer);
+    let (loss, acc) = trainer.dev_loss(0).unwrap().unwrap();
+    let (ex, _) = tokenize(&model.tokenizer, &records(), 64).unwrap();
+    let pass = Pass {
+        hook: trainer.lora(),
+        logits: Logits::Hidden,
+        differentiable: false,
+    };
+    let sum = |p: &[u32], a: &[u32]| -> f64 {
+        let packed = pack(&[(p, a)], 2).unwrap();
+        let lp = token_logprobs(&model, &packed, &pass).unwrap();
+        lp.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64
+    };
+    let (mut nll, mut tokens, mut wins) = (0.0, 0, 0);
+    for e in &ex {
+        let own = sum(&e.prompt, &e.chosen);
+        nll -= own;
+        tokens += e.chosen.len();
+        wins += usize::from(own > sum(&e.prompt, &e.rejected));
+    }
+    let want = nll / tokens as f64;
+    assert!(
+        (loss - want).abs() < 1e-4 * want,
+        "dev loss {loss}, alone {want}"
+    );
+    assert_eq!(acc, Some(wins as f64 / ex.len() as f64));
+}
+
 /// The int8 base (`--base-format int8`, `model::gemm8`) against the f32 one: the same loss
 /// within its rounding, and LoRA gradients pointing the same way.
 #[test]
@@ -446,6 +559,35 @@ fn resume_after_kill_matches_an_uninterrupted_run() {
         String::from_utf8_lossy(&st.stderr)
     );
     let full = dev_loss(&dir.path().join("full"));
+    // `--dev-only --init full` scores that adapter as the run's own final evaluation did (dev
+    // loss, and the side accuracy SFT dev records allow), writing nothing.
+    let st = cli_train(dir.path(), "scored", false)
+        .arg("--dev-only")
+        .arg("--init")
+        .arg(dir.path().join("full"))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let scored: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("full/train_summary.json")).unwrap(),
+    )
+    .unwrap();
+    let d = scored["dev_loss"].as_f64().unwrap();
+    assert!(
+        (d - full).abs() < 1e-5 * full,
+        "--dev-only {d}, the run's own {full}"
+    );
+    assert!(summary["dev_side_accuracy"].as_f64().is_some(), "{summary}");
+    assert_eq!(scored["dev_accuracy"], summary["dev_side_accuracy"]);
+    assert!(
+        !dir.path().join("scored").exists(),
+        "--dev-only wrote its --out"
+    );
 
     let mut child = cli_train(dir.path(), "killed", false)
         .stdout(std::process::Stdio::null())

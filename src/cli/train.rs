@@ -28,6 +28,11 @@ pub struct Args {
     /// Continue from OUT/checkpoint.safetensors with the settings in OUT/train.toml.
     #[arg(long)]
     pub resume: bool,
+    /// Train nothing: score the adapter given by --init (the base model without one) on the dev
+    /// split the other settings describe, print its dev loss and side accuracy as JSON, and
+    /// exit. Nothing is written to --out.
+    #[arg(long)]
+    pub dev_only: bool,
     /// TOML file with any of the settings below (flags win).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -90,6 +95,10 @@ pub struct Args {
     /// keeping the adapter of the best one ("until dev loss stops falling"; 0: off).
     #[arg(long)]
     pub patience: Option<usize>,
+    /// Adapt only blocks N.. (0: all). The blocks below stay the base's, so their output is
+    /// computed once per sequence and kept in memory: later epochs run only the adapted blocks.
+    #[arg(long, value_name = "N")]
+    pub layers_from: Option<usize>,
     /// Add N survey-format examples (statement -> one Likert option) per proposition pair.
     #[arg(long)]
     pub survey: Option<usize>,
@@ -151,6 +160,7 @@ impl Args {
             eval_limit,
             checkpoint_every,
             patience,
+            layers_from,
             survey,
             long_form
         );
@@ -190,10 +200,12 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Method::Sft => View::Sft,
         Method::Dpo => View::Dpo,
     };
+    // Dev records carry the other side's answer whatever the method: SFT's dev figures include a
+    // side accuracy (own answer likelier than the other side's).
     let (mut train, mut dev) = if config.long_form {
         (
             export(&pairs, view, &config.stance, Split::Train, chat)?,
-            export(&pairs, view, &config.stance, Split::Dev, chat)?,
+            export(&pairs, View::Dpo, &config.stance, Split::Dev, chat)?,
         )
     } else {
         (Vec::new(), Vec::new())
@@ -210,7 +222,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         // Alternate long-form and survey dev records, so a limited dev loss sees both kinds.
         let extra = survey(
             &pairs,
-            view,
+            View::Dpo,
             &config.stance,
             Split::Dev,
             config.survey,
@@ -225,6 +237,20 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
             }
         }
     }
+    if args.dev_only {
+        let limit = config.eval_limit;
+        let trainer = Trainer::new(&model, config, &train, &dev, &args.out)?;
+        let (loss, acc) = trainer
+            .dev_loss(limit)?
+            .ok_or_else(|| anyhow::anyhow!("the dev split has no records"))?;
+        let figures = serde_json::json!({
+            "adapter": args.init, "dev_examples": trainer.sizes().1, "eval_limit": limit,
+            "dev_loss": loss, "dev_accuracy": acc,
+            "accuracy": match method { Method::Sft => "side", Method::Dpo => "reward" },
+        });
+        println!("{figures}");
+        return Ok(());
+    }
     let mut trainer = Trainer::new(&model, config, &train, &dev, &args.out)?;
     let (n_train, n_dev, dropped) = trainer.sizes();
     eprintln!(
@@ -236,6 +262,12 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         candle_core::utils::get_num_threads(),
         model.format.name(),
     );
+    if let first @ 1.. = trainer.lora().first_layer() {
+        eprintln!(
+            "adapting blocks {first}-{}: the residual stream entering block {first} is computed once per sequence and kept in memory",
+            model.config.n_layer - 1
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
@@ -280,10 +312,11 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
                 report.train_seconds,
                 report.tokens_per_second,
                 report.dev_loss.map_or("-".into(), |l| format!("{l:.4}")),
-                report
-                    .dev_reward_accuracy
-                    .map(|a| format!(", reward accuracy {a:.3}"))
-                    .unwrap_or_default(),
+                match (report.dev_reward_accuracy, report.dev_side_accuracy) {
+                    (Some(a), _) => format!(", reward accuracy {a:.3}"),
+                    (None, Some(a)) => format!(", side accuracy {a:.3}"),
+                    (None, None) => String::new(),
+                },
                 args.out.display()
             );
         }

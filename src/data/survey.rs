@@ -74,13 +74,6 @@ pub fn option_of(answer: &str) -> Option<&'static str> {
     .find_map(|(open, opt)| a.starts_with(open).then_some(opt))
 }
 
-/// FNV-1a, so a record's phrasing depends only on its id (stable across runs and resumes).
-fn hash(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 fn options_text(order: &[&str], style: u64) -> String {
     match style % 3 {
         0 => match order.split_last() {
@@ -123,7 +116,8 @@ pub fn survey(
         }
         for k in 0..per_pair {
             let id = format!("{}#survey{k}", p.id);
-            let h = hash(&id);
+            // FNV-1a: a record's phrasing depends only on its id (stable across runs, resumes).
+            let h = crate::util::fnv1a(id.as_bytes());
             let mut order = LIKERT.to_vec();
             if h & 1 == 1 {
                 order.reverse();

@@ -467,8 +467,53 @@ impl Model {
         self.forward_groups(tokens, groups, pass)
     }
 
+    /// Continue a pass from the residual stream `x` `(b, t, hidden)` after the first `after`
+    /// blocks (what [`Logits::Layer`]`(after)` returned for the same tokens), without a cache.
+    /// Training whose adapters cover only the blocks from `after` on starts here from stored
+    /// residuals: the blocks below cannot change, so they run once, not every epoch.
+    pub fn forward_from(&self, x: &Tensor, after: usize, pass: &Pass) -> Result<Tensor> {
+        if after > self.blocks.len() {
+            return Err(Error::Invalid(format!(
+                "forward_from: the model has {} blocks, cannot start after {after}",
+                self.blocks.len()
+            )));
+        }
+        let (b, _, h) = x.dims3()?;
+        if h != self.config.hidden {
+            return Err(Error::Invalid(format!(
+                "forward_from: residual width {h}, the model's is {}",
+                self.config.hidden
+            )));
+        }
+        let mut groups = [Group {
+            cache: None,
+            rows: b,
+        }];
+        self.blocks_from(x.clone(), after, &mut groups, pass)
+    }
+
     fn forward_groups(&self, tokens: &Tensor, groups: &mut [Group], pass: &Pass) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
+        let mut x = self
+            .embed
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden))?; // (b, t, hidden)
+        if let Some(scale) = self.config.embed_scale {
+            x = (x * scale as f64)?;
+        }
+        self.blocks_from(x, 0, groups, pass)
+    }
+
+    /// Blocks `first..` over the residual stream `x` `(b, t, hidden)`, then what `pass.logits`
+    /// asks for.
+    fn blocks_from(
+        &self,
+        mut x: Tensor,
+        first: usize,
+        groups: &mut [Group],
+        pass: &Pass,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
         if groups.iter().map(|g| g.rows).sum::<usize>() != b {
             return Err(Error::Invalid(format!(
                 "the groups hold {} rows, the batch has {b}",
@@ -514,14 +559,10 @@ impl Model {
         } else {
             (None, None)
         };
-        let mut x = self
-            .embed
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, t, self.config.hidden))?; // (b, t, hidden)
-        if let Some(scale) = self.config.embed_scale {
-            x = (x * scale as f64)?;
+        if pass.logits == Logits::Layer(first) {
+            return Ok(x);
         }
-        for (i, block) in self.blocks.iter().enumerate() {
+        for (i, block) in self.blocks.iter().enumerate().skip(first) {
             let mask = match self.config.is_sliding(i) {
                 true => mask_sliding.as_ref(),
                 false => mask.as_ref(),
@@ -552,7 +593,7 @@ impl Model {
             Logits::Hidden => Ok(x),                                               // (b, t, hidden)
             // A layer in range returned inside the loop.
             Logits::Layer(n) => Err(Error::Invalid(format!(
-                "Logits::Layer({n}): the model has {} layers (1-{} allowed)",
+                "Logits::Layer({n}): this pass runs blocks {first}-{} ({first}-{} allowed)",
                 self.blocks.len(),
                 self.blocks.len()
             ))),

@@ -66,12 +66,24 @@ impl EngineOptions {
     }
 }
 
-/// The shipped adapters that exist: `adapters/progressive`, `adapters/conservative` under
-/// `paths.root`.
+/// The shipped adapters that exist under `paths.root`: `adapters/progressive` and
+/// `adapters/conservative` (the default base's), then `adapters/<base>/progressive` and
+/// `adapters/<base>/conservative` for other bases, folders in name order. [`Engine::load`]
+/// keeps those trained on the base it loads ([`adapter_fits`]).
 pub fn shipped_adapters(paths: &Paths) -> Vec<PathBuf> {
-    ["progressive", "conservative"]
+    let root = paths.root.join("adapters");
+    let mut folders = vec![root.clone()];
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        let mut subs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        subs.sort();
+        folders.extend(subs);
+    }
+    folders
         .iter()
-        .map(|s| paths.root.join("adapters").join(s))
+        .flat_map(|f| ["progressive", "conservative"].map(|s| f.join(s)))
         .filter(|p| p.join(crate::lora::CONFIG_FILE).exists())
         .collect()
 }

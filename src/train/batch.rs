@@ -3,6 +3,8 @@
 
 use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use std::cell::RefCell;
+use std::collections::HashMap;
 
 use crate::data::export::Record;
 use crate::model::{Logits, Model, Pass, Tokenizer};
@@ -139,18 +141,118 @@ pub fn pack(seqs: &[(&[u32], &[u32])], pad: u32) -> Result<Packed> {
 /// Log-probability of every answer token `(n,)` under the model with `pass.hook` attached.
 /// The head runs only at answer positions.
 pub fn token_logprobs(model: &Model, packed: &Packed, pass: &Pass) -> Result<Tensor> {
-    let pass = Pass {
+    let hidden = model.forward(&packed.tokens, None, &hidden_pass(pass))?; // (rows, t, hidden)
+    answer_logprobs(model, packed, &hidden, pass)
+}
+
+/// [`token_logprobs`] from the residual stream `(rows, t, hidden)` entering block `after` (see
+/// [`Residuals`]): the same figures, running only the blocks from `after` on.
+pub fn token_logprobs_from(
+    model: &Model,
+    packed: &Packed,
+    residual: &Tensor,
+    after: usize,
+    pass: &Pass,
+) -> Result<Tensor> {
+    let hidden = model.forward_from(residual, after, &hidden_pass(pass))?;
+    answer_logprobs(model, packed, &hidden, pass)
+}
+
+fn hidden_pass<'a>(pass: &Pass<'a>) -> Pass<'a> {
+    Pass {
         hook: pass.hook,
         logits: Logits::Hidden,
         differentiable: pass.differentiable,
-    };
-    let hidden = model.forward(&packed.tokens, None, &pass)?; // (rows, t, hidden)
+    }
+}
+
+/// The answer tokens' log-probabilities from the final-norm hidden states `(rows, t, hidden)`.
+fn answer_logprobs(model: &Model, packed: &Packed, hidden: &Tensor, pass: &Pass) -> Result<Tensor> {
     let (rows, t, h) = hidden.dims3()?;
     let picked = hidden
         .reshape((rows * t, h))?
         .index_select(&packed.positions, 0)?; // (n, hidden)
     let targets = packed.targets.flatten_all()?.to_vec1::<u32>()?;
-    model.target_logprobs(&picked, &targets, &pass)
+    model.target_logprobs(&picked, &targets, pass)
+}
+
+/// The base model's residual stream entering block `after`, per token sequence, computed once
+/// and kept: when an adapter covers only the blocks from `after` on, everything below is the
+/// frozen base's, so a training run needs it once, not once an epoch.
+pub struct Residuals {
+    after: usize,
+    store: RefCell<HashMap<Vec<u32>, Tensor>>,
+}
+
+impl Residuals {
+    pub fn new(after: usize) -> Self {
+        Residuals {
+            after,
+            store: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// The block the stored residuals enter.
+    pub fn after(&self) -> usize {
+        self.after
+    }
+
+    /// Sequences stored, and the memory their residuals take.
+    pub fn stored(&self) -> (usize, usize) {
+        let store = self.store.borrow();
+        let bytes = store.values().map(|t| t.elem_count() * 4).sum();
+        (store.len(), bytes)
+    }
+
+    /// The residuals of `seqs` (`prompt ++ answer` each), right-padded with zeros into
+    /// `(rows, t, hidden)` like [`pack`] pads the tokens; missing ones are computed in one pass
+    /// of the base's first `after` blocks. Padding never reaches a real position (causal mask).
+    pub fn batch(&self, model: &Model, seqs: &[(&[u32], &[u32])], pad: u32) -> Result<Tensor> {
+        let full: Vec<Vec<u32>> = seqs.iter().map(|(p, a)| [*p, *a].concat()).collect();
+        let todo: Vec<&Vec<u32>> = {
+            let store = self.store.borrow();
+            let mut todo: Vec<&Vec<u32>> =
+                full.iter().filter(|s| !store.contains_key(*s)).collect();
+            todo.sort();
+            todo.dedup();
+            todo
+        };
+        if !todo.is_empty() {
+            let t = todo.iter().map(|s| s.len()).max().unwrap_or(0);
+            let mut tokens = vec![pad; todo.len() * t];
+            for (r, s) in todo.iter().enumerate() {
+                tokens[r * t..r * t + s.len()].copy_from_slice(s);
+            }
+            let tokens = Tensor::from_vec(tokens, (todo.len(), t), &Device::Cpu)?;
+            let pass = Pass {
+                hook: &crate::model::NoHook,
+                logits: Logits::Layer(self.after),
+                differentiable: false,
+            };
+            let x = model.forward(&tokens, None, &pass)?; // (todo, t, hidden)
+            let mut store = self.store.borrow_mut();
+            for (r, s) in todo.iter().enumerate() {
+                let row = x.get(r)?.narrow(0, 0, s.len())?.contiguous()?;
+                store.insert((*s).clone(), row);
+            }
+        }
+        let t = full.iter().map(Vec::len).max().unwrap_or(0);
+        let store = self.store.borrow();
+        let rows = full
+            .iter()
+            .map(|s| {
+                let x = &store[s];
+                match t - s.len() {
+                    0 => Ok(x.clone()),
+                    n => Tensor::cat(
+                        &[x, &Tensor::zeros((n, x.dim(1)?), x.dtype(), x.device())?],
+                        0,
+                    ),
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?)
+    }
 }
 
 /// Sum of answer-token log-probabilities per row `(rows,)`.

@@ -29,7 +29,7 @@ pub struct TrainLora {
 
 impl TrainLora {
     /// PEFT's initialisation: `A` Kaiming-uniform (bound `1 / sqrt(in)`), `B` zero, so training
-    /// starts from exactly the base model.
+    /// starts from exactly the base model. Every block, or `config.layers_to_transform`.
     pub fn init(model: &Config, config: AdapterConfig, seed: u64, dropout: f32) -> Result<Self> {
         let targets = config
             .targets()
@@ -37,9 +37,20 @@ impl TrainLora {
         if config.r == 0 {
             return Err(Error::Invalid("rank must be at least 1".into()));
         }
+        let layers: Vec<usize> = match &config.layers_to_transform {
+            Some(l) => l.clone(),
+            None => (0..model.n_layer).collect(),
+        };
+        if let Some(&bad) = layers.iter().find(|&&l| l >= model.n_layer) {
+            return Err(Error::Invalid(format!(
+                "layers_to_transform: block {bad}, the model has {} (0-{})",
+                model.n_layer,
+                model.n_layer - 1
+            )));
+        }
         let mut rng = StdRng::seed_from_u64(seed);
         let mut pairs = BTreeMap::new();
-        for layer in 0..model.n_layer {
+        for layer in layers {
             for &t in &targets {
                 let (n_in, n_out) = (model.in_features(t), model.out_features(t));
                 let bound = 1.0 / (n_in as f32).sqrt();
@@ -96,6 +107,11 @@ impl TrainLora {
     /// Number of trainable parameters.
     pub fn num_params(&self) -> usize {
         self.named_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// The lowest block an adapter pair sits in: the blocks below it are the base's alone.
+    pub fn first_layer(&self) -> usize {
+        self.pairs.keys().map(|k| k.0).min().unwrap_or(0)
     }
 
     /// Turn dropout on for the next forward passes with masks drawn from `seed`, or off (`None`).

@@ -10,7 +10,10 @@ mod lora;
 mod optim;
 mod trainer;
 
-pub use batch::{epoch_batches, pack, row_sums, token_logprobs, tokenize, Example, Packed};
+pub use batch::{
+    epoch_batches, pack, row_sums, token_logprobs, token_logprobs_from, tokenize, Example, Packed,
+    Residuals,
+};
 pub use checkpoint::{Checkpoint, CHECKPOINT_FILE};
 pub use lora::{TrainLora, VarPair};
 pub mod finetune;
@@ -91,6 +94,12 @@ pub struct TrainConfig {
     /// step and keep the last).
     #[serde(default)]
     pub patience: usize,
+    /// Adapt only blocks `layers_from..` (PEFT's `layers_to_transform`; 0: every block). The
+    /// blocks below are then frozen whatever the adapter does, so the residual stream entering
+    /// block `layers_from` is computed once per sequence and kept in memory: epochs after the
+    /// first run only the adapted blocks (memory: sequence tokens x hidden x 4 bytes).
+    #[serde(default)]
+    pub layers_from: usize,
 }
 
 fn yes() -> bool {
@@ -140,6 +149,7 @@ impl Default for TrainConfig {
             eval_limit: 48,
             checkpoint_every: 20,
             patience: 0,
+            layers_from: 0,
             survey: 0,
             long_form: true,
             base: default_base(),

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use super::batch::{epoch_batches, pack, row_sums, token_logprobs, tokenize, Example, Packed};
+use super::batch::{
+    epoch_batches, pack, row_sums, token_logprobs, token_logprobs_from, tokenize, Example, Packed,
+    Residuals,
+};
 use super::{AdamParams, AdamW, Checkpoint, Method, TrainConfig, TrainLora, CHECKPOINT_FILE};
 use crate::data::export::Record;
 use crate::lora::{Adapter, AdapterConfig};
@@ -103,6 +106,10 @@ pub struct TrainReport {
     pub dev_loss: Option<f64>,
     /// DPO only: share of dev pairs whose implicit reward prefers the adapter's own side.
     pub dev_reward_accuracy: Option<f64>,
+    /// SFT on records with both sides' answers: share of dev records whose own answer the
+    /// adapter finds likelier than the other side's (see [`Trainer::dev_loss`]).
+    #[serde(default)]
+    pub dev_side_accuracy: Option<f64>,
     /// With `patience`: the step whose adapter was kept (the lowest periodic dev loss), and
     /// that loss. `dev_loss` above is then the kept adapter's.
     #[serde(default)]
@@ -142,6 +149,8 @@ pub struct Trainer<'a> {
     pad: u32,
     /// Records left out because their prompt alone nearly fills `max_seq_len`.
     dropped: usize,
+    /// When the adapter leaves the lowest blocks alone: their output, kept per sequence.
+    residuals: Option<Residuals>,
 }
 
 impl<'a> Trainer<'a> {
@@ -200,13 +209,28 @@ impl<'a> Trainer<'a> {
                     bias: "none".into(),
                     fan_in_fan_out: false,
                     inference_mode: true,
-                    layers_to_transform: None,
+                    layers_to_transform: match config.layers_from {
+                        0 => None,
+                        n if n < model.config.n_layer => Some((n..model.config.n_layer).collect()),
+                        n => {
+                            return Err(Error::Invalid(format!(
+                                "layers_from: {n}, but the model has {} blocks (0-{})",
+                                model.config.n_layer,
+                                model.config.n_layer - 1
+                            )))
+                        }
+                    },
                 };
                 TrainLora::init(&model.config, ac, config.seed, config.dropout as f32)?
             }
         };
         let pad = *model.tokenizer.stop_ids().first().unwrap_or(&0);
+        let residuals = match lora.first_layer() {
+            0 => None,
+            n => Some(Residuals::new(n)),
+        };
         Ok(Trainer {
+            residuals,
             model,
             config,
             lora,
@@ -248,8 +272,15 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// Pack `prompt ++ chosen` for every example, then (DPO) `prompt ++ rejected` for every one.
-    fn pack_answers(&self, examples: &[&Example], with_rejected: bool) -> Result<Packed> {
+    /// Log-probabilities of the answer tokens of `prompt ++ chosen` for every example, then (DPO)
+    /// `prompt ++ rejected` for every one, under `pass`; from the kept residuals when the
+    /// adapter leaves the lowest blocks alone.
+    fn answer_logprobs(
+        &self,
+        examples: &[&Example],
+        with_rejected: bool,
+        pass: &Pass,
+    ) -> Result<(Packed, Tensor)> {
         let mut seqs: Vec<_> = examples
             .iter()
             .map(|e| (&e.prompt[..], &e.chosen[..]))
@@ -257,7 +288,20 @@ impl<'a> Trainer<'a> {
         if with_rejected {
             seqs.extend(examples.iter().map(|e| (&e.prompt[..], &e.rejected[..])));
         }
-        pack(&seqs, self.pad)
+        let packed = pack(&seqs, self.pad)?;
+        let logp = match &self.residuals {
+            None => token_logprobs(self.model, &packed, pass)?,
+            Some(r) => {
+                let x = r.batch(self.model, &seqs, self.pad)?;
+                token_logprobs_from(self.model, &packed, &x, r.after(), pass)?
+            }
+        };
+        Ok((packed, logp))
+    }
+
+    /// Residual sequences kept for the frozen lowest blocks, and their memory in bytes.
+    pub fn residuals_stored(&self) -> Option<(usize, usize)> {
+        self.residuals.as_ref().map(Residuals::stored)
     }
 
     /// Loss of one micro-batch (with the graph for backward) and its real token count.
@@ -273,8 +317,7 @@ impl<'a> Trainer<'a> {
         };
         match self.config.method {
             Method::Sft => {
-                let packed = self.pack_answers(examples, false)?;
-                let logp = token_logprobs(self.model, &packed, &pass)?;
+                let (packed, logp) = self.answer_logprobs(examples, false, &pass)?;
                 Ok((logp.mean_all()?.neg()?, packed.real_tokens))
             }
             Method::Dpo => {
@@ -286,8 +329,8 @@ impl<'a> Trainer<'a> {
 
     fn dpo_batch(&self, examples: &[&Example], pass: &Pass) -> Result<(Tensor, Tensor, usize)> {
         let b = examples.len();
-        let packed = self.pack_answers(examples, true)?;
-        let sums = row_sums(&packed, &token_logprobs(self.model, &packed, pass)?)?; // (2b,)
+        let (packed, logp) = self.answer_logprobs(examples, true, pass)?;
+        let sums = row_sums(&packed, &logp)?; // (2b,)
         let (rc, rr): (Vec<f32>, Vec<f32>) = self.reference_for(examples)?.into_iter().unzip();
         let dev = sums.device();
         let (loss, d) = dpo_loss(
@@ -345,9 +388,8 @@ impl<'a> Trainer<'a> {
                 logits: crate::model::Logits::Hidden,
                 differentiable: false,
             };
-            let packed = self.pack_answers(&todo, true)?;
-            let sums = row_sums(&packed, &token_logprobs(self.model, &packed, &pass)?)?
-                .to_vec1::<f32>()?;
+            let (packed, logp) = self.answer_logprobs(&todo, true, &pass)?;
+            let sums = row_sums(&packed, &logp)?.to_vec1::<f32>()?;
             let mut cache = self.reference.borrow_mut();
             for (i, e) in todo.iter().enumerate() {
                 cache.insert(
@@ -363,7 +405,10 @@ impl<'a> Trainer<'a> {
             .collect())
     }
 
-    /// Dev loss over the first `limit` dev examples (0: all); DPO also gives reward accuracy.
+    /// Dev loss over the first `limit` dev examples (0: all), and a side accuracy: DPO, the share
+    /// of dev pairs whose implicit reward prefers the adapter's own answer; SFT on records that
+    /// carry the other side's answer too, the share whose own answer the adapter finds likelier
+    /// (summed log-probability: a forced choice between the two answers; `None` without them).
     pub fn dev_loss(&self, limit: usize) -> Result<Option<(f64, Option<f64>)>> {
         let n = if limit == 0 {
             self.dev.len()
@@ -381,13 +426,20 @@ impl<'a> Trainer<'a> {
         };
         let (mut total, mut weight, mut wins) = (0.0, 0.0, 0usize);
         let refs: Vec<&Example> = self.dev[..n].iter().collect();
+        let both = refs.iter().all(|e| !e.rejected.is_empty());
         for chunk in refs.chunks(self.config.batch_size) {
             match self.config.method {
                 Method::Sft => {
-                    let packed = self.pack_answers(chunk, false)?;
-                    let logp = token_logprobs(self.model, &packed, &pass)?;
-                    total -= logp.sum_all()?.to_scalar::<f32>()? as f64;
-                    weight += packed.answer_tokens as f64;
+                    let (packed, logp) = self.answer_logprobs(chunk, both, &pass)?;
+                    // Own answers first: the first `own` answer tokens and rows are theirs.
+                    let own: usize = chunk.iter().map(|e| e.chosen.len()).sum();
+                    total -= logp.narrow(0, 0, own)?.sum_all()?.to_scalar::<f32>()? as f64;
+                    weight += own as f64;
+                    if both {
+                        let sums = row_sums(&packed, &logp)?.to_vec1::<f32>()?;
+                        let b = chunk.len();
+                        wins += (0..b).filter(|&i| sums[i] > sums[b + i]).count();
+                    }
                 }
                 Method::Dpo => {
                     let (loss, d, _) = self.dpo_batch(chunk, &pass)?;
@@ -397,8 +449,16 @@ impl<'a> Trainer<'a> {
                 }
             }
         }
-        let acc = (self.config.method == Method::Dpo).then(|| wins as f64 / n as f64);
+        let acc = (self.config.method == Method::Dpo || both).then(|| wins as f64 / n as f64);
         Ok(Some((total / weight, acc)))
+    }
+
+    /// What [`Trainer::dev_loss`]'s accuracy is called in logs and reports.
+    fn accuracy_name(&self) -> &'static str {
+        match self.config.method {
+            Method::Sft => "side accuracy",
+            Method::Dpo => "reward accuracy",
+        }
     }
 
     /// Run to the end, or until `stop` is set (then a checkpoint is saved). With `resume`, start
@@ -518,12 +578,12 @@ impl<'a> Trainer<'a> {
                     progress(Progress::Note(format!(
                         "step {:>5}: dev loss {dl:.4}{}",
                         state.step,
-                        acc.map(|a| format!(", reward accuracy {a:.3}"))
+                        acc.map(|a| format!(", {} {a:.3}", self.accuracy_name()))
                             .unwrap_or_default()
                     )));
                     line["dev_loss"] = dl.into();
                     if let Some(a) = acc {
-                        line["dev_reward_accuracy"] = a.into();
+                        line[format!("dev_{}", self.accuracy_name().replace(' ', "_"))] = a.into();
                     }
                     if c.patience > 0 {
                         if best.as_ref().is_none_or(|b| dl < b.dev_loss) {
@@ -575,6 +635,7 @@ impl<'a> Trainer<'a> {
                 .then(|| recent.iter().sum::<f64>() / recent.len() as f64),
             dev_loss: None,
             dev_reward_accuracy: None,
+            dev_side_accuracy: None,
             best_step: None,
             best_dev_loss: None,
             peak_rss_mb: peak_rss_mb(),
@@ -599,6 +660,9 @@ impl<'a> Trainer<'a> {
             }
             report.best_step = Some(b.step);
             report.best_dev_loss = Some(b.dev_loss);
+        }
+        if c.method == Method::Sft {
+            report.dev_side_accuracy = report.dev_reward_accuracy.take();
         }
         self.save_adapter(&report)?;
         let json =

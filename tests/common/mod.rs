@@ -1,6 +1,8 @@
 //! Shared test helpers: the real base model (fetched if missing) and the tiny random model.
 #![allow(dead_code)]
 
+pub mod reference;
+
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
