@@ -17,7 +17,7 @@ use stancemix::model::{LoadOptions, Logits, Model, NoHook, Pass};
 
 #[path = "../tests/common/reference.rs"]
 mod reference;
-use reference::{log_softmax_at, mad, qwen2_f32_logprobs};
+use reference::{log_softmax_at, mad, model_logprobs, qwen2_f32_logprobs};
 
 /// One step of a reference model: a token at a position to the last position's logits.
 type Step = Box<dyn FnMut(&Tensor, usize) -> candle_core::Result<Tensor>>;
@@ -37,15 +37,7 @@ fn main() -> anyhow::Result<()> {
     let format = format.parse()?;
     let ours_model = Model::load(std::path::Path::new(model_path), &LoadOptions { format })?;
     let x = Tensor::new(&ids[..n], &Device::Cpu)?.unsqueeze(0)?;
-    let pass = Pass {
-        hook: &NoHook,
-        logits: Logits::All,
-        differentiable: false,
-    };
-    let z: Vec<Vec<f32>> = ours_model.forward(&x, None, &pass)?.squeeze(0)?.to_vec2()?;
-    let ours: Vec<f64> = (0..n - 1)
-        .map(|i| log_softmax_at(&z[i], ids[i + 1]))
-        .collect();
+    let ours = model_logprobs(&ours_model, &ids[..n]);
     // Outliers: the residual stream's largest |value| at the first position and at the others,
     // after a few depths (LLaMA-family models park "massive activations" on the first token).
     for depth in [

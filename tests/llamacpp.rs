@@ -107,30 +107,7 @@ fn greedy(m: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
 }
 
 fn logprobs(m: &Model, ids: &[u32]) -> Vec<f64> {
-    let x = Tensor::new(ids, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let pass = Pass {
-        hook: &NoHook,
-        logits: Logits::All,
-        differentiable: false,
-    };
-    let z: Vec<Vec<f32>> = m
-        .forward(&x, None, &pass)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec2()
-        .unwrap();
-    (0..ids.len() - 1)
-        .map(|i| {
-            let row = &z[i];
-            let mx = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
-            let lse = mx + row.iter().map(|v| (*v as f64 - mx).exp()).sum::<f64>().ln();
-            row[ids[i + 1] as usize] as f64 - lse
-        })
-        .collect()
+    common::reference::model_logprobs(m, ids)
 }
 
 #[test]

@@ -382,26 +382,8 @@ fn fetched_qwen2_bases_match_an_exact_f32_reference() {
         let m = Model::load(&path, &LoadOptions::default()).unwrap();
         let ids = m.tokenizer.encode(PARITY_TEXT).unwrap();
         let ids = &ids[..64];
-        let x = Tensor::new(ids, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let pass = Pass {
-            hook: &NoHook,
-            logits: Logits::All,
-            differentiable: false,
-        };
-        let z: Vec<Vec<f32>> = m
-            .forward(&x, None, &pass)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
+        let ours = common::reference::model_logprobs(&m, ids);
         drop(m);
-        let ours: Vec<f64> = (0..63)
-            .map(|i| common::reference::log_softmax_at(&z[i], ids[i + 1]))
-            .collect();
         let exact = qwen2_f32_logprobs(&path, ids).unwrap();
         let d = mad(&ours, &exact);
         eprintln!("{}: {d:.4} nats from the exact f32 reference", base.id);

@@ -50,6 +50,17 @@ fn randomize_b(trainer: &Trainer) {
     }
 }
 
+/// Backpropagate `loss` and return every LoRA gradient, flattened in `named_vars` order.
+fn lora_gradients(trainer: &Trainer, loss: &Tensor) -> Vec<f32> {
+    let grads = loss.backward().unwrap();
+    let mut g = Vec::new();
+    for (_, v) in trainer.lora().named_vars() {
+        let t = grads.get(v.as_tensor()).unwrap();
+        g.extend(t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    g
+}
+
 fn log_softmax(row: &[f32]) -> Vec<f32> {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let lse = row.iter().map(|x| (x - max).exp()).sum::<f32>().ln() + max;
@@ -125,22 +136,7 @@ fn upper_block_training_from_kept_residuals_matches_the_full_pass() {
     assert_eq!(trainer.lora().first_layer(), 1);
     let (ex, _) = tokenize(&model.tokenizer, &records(), 64).unwrap();
     let refs: Vec<_> = ex.iter().collect();
-    let grads_of = |loss: &Tensor| -> Vec<f32> {
-        let grads = loss.backward().unwrap();
-        let mut g = Vec::new();
-        for (_, v) in trainer.lora().named_vars() {
-            g.extend(
-                grads
-                    .get(v.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            );
-        }
-        g
-    };
+    let grads_of = |loss: &Tensor| lora_gradients(&trainer, loss);
     let (kept, _) = trainer.batch_loss(&refs, true).unwrap();
     assert_eq!(trainer.residuals_stored().unwrap().0, 4);
     let g_kept = grads_of(&kept);
@@ -238,19 +234,7 @@ fn int8_base_gradients_track_the_f32_ones() {
         let (ex, _) = tokenize(&model.tokenizer, &records(), 64).unwrap();
         let refs: Vec<_> = ex.iter().collect();
         let (loss, _) = trainer.batch_loss(&refs, true).unwrap();
-        let grads = loss.backward().unwrap();
-        let mut g = Vec::new();
-        for (_, v) in trainer.lora().named_vars() {
-            g.extend(
-                grads
-                    .get(v.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            );
-        }
+        let g = lora_gradients(&trainer, &loss);
         (loss.to_scalar::<f32>().unwrap(), g)
     };
     let (l32, g32) = run(WeightFormat::F32);

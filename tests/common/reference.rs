@@ -23,6 +23,30 @@ pub fn log_softmax_at(row: &[f32], target: u32) -> f64 {
     row[target as usize] as f64 - lse
 }
 
+/// Next-token log-probabilities of `ids` under `m` (no adapters), one prompt pass.
+pub fn model_logprobs(m: &stancemix::model::Model, ids: &[u32]) -> Vec<f64> {
+    use stancemix::model::{Logits, NoHook, Pass};
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let pass = Pass {
+        hook: &NoHook,
+        logits: Logits::All,
+        differentiable: false,
+    };
+    let z: Vec<Vec<f32>> = m
+        .forward(&x, None, &pass)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    (0..ids.len() - 1)
+        .map(|i| log_softmax_at(&z[i], ids[i + 1]))
+        .collect()
+}
+
 /// Mean absolute difference.
 pub fn mad(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f64>() / a.len().min(b.len()) as f64
