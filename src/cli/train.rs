@@ -87,6 +87,7 @@ pub struct Args {
     pub init: Option<PathBuf>,
     #[arg(long)]
     pub eval_every: Option<usize>,
+    /// Dev records for the dev figures, spread evenly over the dev split (0: all)
     #[arg(long)]
     pub eval_limit: Option<usize>,
     #[arg(long)]

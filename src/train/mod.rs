@@ -74,7 +74,8 @@ pub struct TrainConfig {
     pub init: Option<PathBuf>,
     /// Dev-set loss every this many optimizer steps (0: only at the end).
     pub eval_every: usize,
-    /// Dev examples used for the dev loss, periodic and final (0: all).
+    /// Dev examples used for the dev loss, periodic and final, spread evenly over the dev split
+    /// (0: all).
     pub eval_limit: usize,
     /// Checkpoint every this many optimizer steps.
     pub checkpoint_every: usize,

@@ -425,7 +425,9 @@ impl<'a> Trainer<'a> {
             differentiable: false,
         };
         let (mut total, mut weight, mut wins) = (0.0, 0.0, 0usize);
-        let refs: Vec<&Example> = self.dev[..n].iter().collect();
+        // An even spread over the dev split (it is ordered by topic), not its first `n` records.
+        let len = self.dev.len();
+        let refs: Vec<&Example> = (0..n).map(|i| &self.dev[i * len / n]).collect();
         let both = refs.iter().all(|e| !e.rejected.is_empty());
         for chunk in refs.chunks(self.config.batch_size) {
             match self.config.method {
