@@ -713,3 +713,76 @@ fn sessions_decoded_together_match_each_decoded_alone() {
         }
     }
 }
+
+#[test]
+fn prompts_from_the_prompt_cache_decode_as_prompts_computed_afresh() {
+    // A prompt found in the cache must give the logits and the KV cache its own prefill gives,
+    // bit for bit: the answer a server gives from a hit is the answer it gives from scratch.
+    // A session extending a hit must not change the kept entry; another blend's rows miss.
+    use stancemix::runtime::PromptCache;
+    let model = tiny_model_as(32, WeightFormat::Q8_0);
+    let engine = stancemix::Engine::new(model.clone(), random_experts(&model, 4));
+    let argmax = |z: &[f32]| {
+        z.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap()
+    };
+    let prompt = model.tokenizer.encode("a prompt asked twice").unwrap();
+    let store = PromptCache::new(64 << 20);
+    for blend in ["dial=0.6", "mix=0.3@logits", "dial=-1@contrast"] {
+        let plan = engine.plan(&blend.parse().unwrap(), "").unwrap().1;
+        let decode = |s: &mut stancemix::Session, mut z: Vec<f32>| {
+            let mut steps = vec![z.clone()];
+            for _ in 0..6 {
+                z = s.feed(&[argmax(&z)], &plan).unwrap();
+                steps.push(z.clone());
+            }
+            steps
+        };
+        let mut fresh = engine.session();
+        let z = fresh.feed(&prompt, &plan).unwrap();
+        let alone = decode(&mut fresh, z);
+        let before = store.stats();
+        for round in 0..3 {
+            // Round 0 computes and keeps the prompt; rounds 1 and 2 take it from the store.
+            let mut s = engine.session();
+            let z = s.feed_prompt(&prompt, &plan, &store).unwrap();
+            assert_eq!(decode(&mut s, z), alone, "{blend}, round {round}");
+        }
+        let after = store.stats();
+        assert_eq!(after.misses - before.misses, 1, "{blend}");
+        assert_eq!(after.hits - before.hits, 2, "{blend}");
+        assert_eq!(
+            after.entries,
+            before.entries + 1,
+            "{blend}: one entry per blend's rows"
+        );
+    }
+    // A budget that holds one entry keeps the latest; no budget keeps nothing.
+    let plan = engine.plan(&"dial=0.6".parse().unwrap(), "").unwrap().1;
+    let [first, second] =
+        ["first prompt", "second prompt"].map(|t| model.tokenizer.encode(t).unwrap());
+    let probe = PromptCache::new(usize::MAX);
+    engine.session().feed_prompt(&first, &plan, &probe).unwrap();
+    let size = probe.stats().bytes;
+    let one = PromptCache::new(size + size / 2);
+    let nothing = PromptCache::new(0);
+    for tokens in [&first, &second, &second] {
+        let want = engine.session().feed(tokens, &plan).unwrap();
+        for s in [&one, &nothing] {
+            assert_eq!(
+                engine.session().feed_prompt(tokens, &plan, s).unwrap(),
+                want
+            );
+        }
+    }
+    let kept = one.stats();
+    assert_eq!(
+        (kept.entries, kept.hits, kept.misses),
+        (1, 1, 2),
+        "the second prompt evicted the first"
+    );
+    assert_eq!(nothing.stats().entries, 0);
+}

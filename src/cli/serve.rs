@@ -25,6 +25,10 @@ pub struct Args {
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_body: usize,
+    /// Memory for whole prompts kept with their KV caches, in MiB: a prompt seen before under
+    /// the same blend skips its prefill, with the same answer (0: off).
+    #[arg(long, default_value_t = 256)]
+    pub prompt_cache_mib: usize,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -42,6 +46,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         queue: a.queue,
         api_key: a.api_key.clone(),
         max_body: a.max_body,
+        prompt_cache: a.prompt_cache_mib << 20,
     };
     // Decoding runs on tokio's blocking threads: keep as many as can work at once (slots, plus a
     // few for tokenizing) and keep them alive, so that each slot's thread, and its allocator
@@ -57,12 +62,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot listen on {}:{}: {e}", a.host, a.port))?;
         let addr = listener.local_addr()?;
         eprintln!(
-            "stancemix serve: listening on http://{addr} ({} experts: {}; gate: {}; {} slots, queue {}{})",
+            "stancemix serve: listening on http://{addr} ({} experts: {}; gate: {}; {} slots, queue {}; prompt cache {} MiB{})",
             engine.experts.len(),
             engine.expert_names().join(", "),
             if engine.gate.is_some() { "loaded" } else { "none" },
             opts.parallel,
             opts.queue,
+            a.prompt_cache_mib,
             if opts.api_key.is_some() { ", API key required" } else { "" },
         );
         serve::serve(listener, serve::app(engine, opts)?).await?;

@@ -78,6 +78,32 @@ impl KvCache {
         Ok(KvCache { layers })
     }
 
+    /// A deep copy holding only the filled positions (no spare capacity): what a store of
+    /// caches keeps. Extending it reallocates, so it never writes into the copy's buffers.
+    pub fn compact(&self) -> Result<Self> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            layers.push(match l {
+                None => None,
+                Some(l) => Some(LayerKv {
+                    k: owned(&l.k.narrow(2, 0, l.len)?)?,
+                    v: owned(&l.v.narrow(2, 0, l.len)?)?,
+                    len: l.len,
+                }),
+            });
+        }
+        Ok(KvCache { layers })
+    }
+
+    /// Bytes held by the buffers (their filled shape).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| (l.k.elem_count() + l.v.elem_count()) * l.k.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// Append `k`, `v` `(b, n_kv_head, t, head_dim)` to layer `layer`; returns all keys and
     /// values cached for it, `(b, n_kv_head, len, head_dim)`.
     pub(crate) fn append(
@@ -112,5 +138,14 @@ impl KvCache {
         l.v.slice_set(&v.contiguous()?, 2, l.len)?;
         l.len += t;
         Ok((l.k.narrow(2, 0, l.len)?, l.v.narrow(2, 0, l.len)?))
+    }
+}
+
+/// A copy of `t` in storage of its own (`contiguous` alone may share a contiguous view's).
+fn owned(t: &Tensor) -> Result<Tensor> {
+    if t.is_contiguous() {
+        t.copy()
+    } else {
+        t.contiguous()
     }
 }

@@ -4,7 +4,7 @@ use candle_core::IndexOp;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use std::sync::Arc;
 
-use super::{Blend, DecodeStep, Engine, RowPlan};
+use super::{Blend, DecodeStep, Engine, PromptCache, RowPlan};
 use crate::model::{KvCache, Logits, Message, TokenStream};
 use crate::router::Route;
 use crate::{Error, Result};
@@ -243,6 +243,35 @@ impl Session {
     /// Feed `tokens` under `plan` and return the combined next-token logits.
     /// Rebuilds the cache from history when the plan's rows differ from the cache's.
     pub fn feed(&mut self, tokens: &[u32], plan: &RowPlan) -> Result<Vec<f32>> {
+        Ok(plan.combine(&self.feed_rows(tokens, plan)?))
+    }
+
+    /// Feed a whole prompt to this session, fresh (nothing fed yet), through `store`: a prompt
+    /// kept there under the same rows is not computed again, and one computed here is kept.
+    /// Exactly [`Session::feed`]'s logits and cache either way; a session that has already been
+    /// fed just feeds.
+    pub fn feed_prompt(
+        &mut self,
+        tokens: &[u32],
+        plan: &RowPlan,
+        store: &PromptCache,
+    ) -> Result<Vec<f32>> {
+        if !self.fed.is_empty() || !self.pending.is_empty() || tokens.is_empty() {
+            return self.feed(tokens, plan);
+        }
+        if let Some((cache, rows)) = store.get(&plan.rows, tokens)? {
+            self.cache = cache;
+            self.rows = plan.rows.clone();
+            self.fed = tokens.to_vec();
+            return Ok(plan.combine(&rows));
+        }
+        let rows = self.feed_rows(tokens, plan)?;
+        store.put(&plan.rows, tokens, &self.cache, &rows)?;
+        Ok(plan.combine(&rows))
+    }
+
+    /// [`Session::feed`] before the rows are combined: each row's next-token logits.
+    fn feed_rows(&mut self, tokens: &[u32], plan: &RowPlan) -> Result<Vec<Vec<f32>>> {
         let mut all: Vec<u32> = std::mem::take(&mut self.pending);
         all.extend_from_slice(tokens);
         if plan.rows != self.rows {
@@ -260,7 +289,7 @@ impl Session {
         let rows: Vec<Vec<f32>> = (0..plan.rows.len())
             .map(|r| logits.i(r)?.to_vec1::<f32>())
             .collect::<candle_core::Result<_>>()?;
-        Ok(plan.combine(&rows))
+        Ok(rows)
     }
 
     /// Whether feeding one token under `plan` is a plain decode step (nothing pending, the

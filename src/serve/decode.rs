@@ -1,9 +1,11 @@
 //! One request's generation, on a blocking thread: prefill, then token by token, each step sent
 //! to the HTTP side over a channel. A closed channel (the client went away) stops it.
 //!
-//! The arithmetic is the session's: [`Session::feed`] runs the prompt under the blend's row plan
-//! and combines the rows; each decode step goes through the [`Batcher`], which runs the steps of
-//! all decoding requests as one forward pass, row for row what each gets alone. Sampling repeats
+//! The arithmetic is the session's: [`Session::feed_prompt`] runs the prompt under the blend's
+//! row plan (or takes it from the server's [`PromptCache`] when the same prompt ran before under
+//! the same rows, with the same result) and combines the rows; each decode step goes through the
+//! [`Batcher`], which runs the steps of all decoding requests as one forward pass, row for row
+//! what each gets alone. Sampling repeats
 //! `Turn::next_token` (repeat penalty over the last 64 generated tokens, `GenParams::sampling` in
 //! candle's `LogitsProcessor`, the tokenizer's stop ids), so an answer here is token for token
 //! `stancemix generate`'s for the same seed.
@@ -17,6 +19,7 @@ use tokio::sync::mpsc;
 use super::batch::Batcher;
 use crate::model::TokenStream;
 use crate::router::Route;
+use crate::runtime::PromptCache;
 use crate::{Blend, Engine, GenParams};
 
 /// What to generate.
@@ -102,8 +105,14 @@ pub enum Outcome {
 
 /// Run `job`, sending events on `tx` until done, failed or the receiver is gone; decode steps
 /// are batched with the other requests' by `batcher`.
-pub fn run(engine: &Arc<Engine>, batcher: &Batcher, job: Job, tx: &mpsc::Sender<Event>) -> Outcome {
-    match generate(engine, batcher, job, tx) {
+pub fn run(
+    engine: &Arc<Engine>,
+    batcher: &Batcher,
+    prompts: &PromptCache,
+    job: Job,
+    tx: &mpsc::Sender<Event>,
+) -> Outcome {
+    match generate(engine, batcher, prompts, job, tx) {
         Ok(o) => o,
         Err(e) => {
             let invalid = e.is_client_error();
@@ -119,12 +128,13 @@ pub fn run(engine: &Arc<Engine>, batcher: &Batcher, job: Job, tx: &mpsc::Sender<
 fn generate(
     engine: &Arc<Engine>,
     batcher: &Batcher,
+    prompts: &PromptCache,
     job: Job,
     tx: &mpsc::Sender<Event>,
 ) -> crate::Result<Outcome> {
     let (g, plan, route) = engine.plan(&job.blend, &job.route_text)?;
     let mut session = engine.session();
-    let mut logits = session.feed(&job.prompt, &plan)?;
+    let mut logits = session.feed_prompt(&job.prompt, &plan, prompts)?;
     let weights = engine
         .expert_names()
         .iter()

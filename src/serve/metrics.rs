@@ -36,6 +36,8 @@ pub struct Gauges {
     /// batch).
     pub decode_batches: usize,
     pub batched_steps: usize,
+    /// The prompt cache: prompts found there and not, entries and bytes held.
+    pub prompt_cache: crate::runtime::PromptCacheStats,
 }
 
 impl Metrics {
@@ -161,6 +163,16 @@ impl Metrics {
             "Places in the queue (--queue).",
             g.queue_capacity,
         );
+        gauge(
+            "stancemix_prompt_cache_entries",
+            "Whole prompts kept with their KV caches (--prompt-cache-mib).",
+            g.prompt_cache.entries,
+        );
+        gauge(
+            "stancemix_prompt_cache_bytes",
+            "Bytes those prompts' caches hold.",
+            g.prompt_cache.bytes,
+        );
         for (name, help, v) in [
             (
                 "stancemix_decode_batches_total",
@@ -171,6 +183,16 @@ impl Metrics {
                 "stancemix_batched_steps_total",
                 "Requests' decode steps run in those passes (divided by the passes: the mean batch).",
                 g.batched_steps,
+            ),
+            (
+                "stancemix_prompt_cache_hits_total",
+                "Prompts found in the prompt cache (not computed again).",
+                g.prompt_cache.hits as usize,
+            ),
+            (
+                "stancemix_prompt_cache_misses_total",
+                "Prompts computed (and offered to the prompt cache).",
+                g.prompt_cache.misses as usize,
             ),
         ] {
             let _ = writeln!(s, "# HELP {name} {help}");
@@ -206,6 +228,12 @@ mod tests {
             queue_capacity: 8,
             decode_batches: 3,
             batched_steps: 5,
+            prompt_cache: crate::runtime::PromptCacheStats {
+                entries: 2,
+                bytes: 100,
+                hits: 7,
+                misses: 3,
+            },
         });
         assert!(text.contains(
             "stancemix_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"} 2"
@@ -213,6 +241,7 @@ mod tests {
         assert!(text.contains("stancemix_generated_tokens_total 5"));
         assert!(text.contains("stancemix_time_per_token_seconds_count 4"));
         assert!(text.contains("stancemix_queue_depth 1"));
+        assert!(text.contains("stancemix_prompt_cache_hits_total 7"));
         assert!(text.contains("stancemix_batched_steps_total 5"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();

@@ -53,6 +53,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::model::Message;
 use crate::router::Route;
+use crate::runtime::PromptCache;
 use crate::{Blend, Engine, GenParams};
 use decode::{Event, Finish, Job};
 use error::ApiError;
@@ -85,6 +86,8 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// Largest request body read, in bytes (413 past it).
     pub max_body: usize,
+    /// Bytes of whole prompts kept with their KV caches ([`PromptCache`]; 0: none).
+    pub prompt_cache: usize,
 }
 
 impl Default for ServeOptions {
@@ -94,6 +97,7 @@ impl Default for ServeOptions {
             queue: 16,
             api_key: None,
             max_body: 4 << 20,
+            prompt_cache: 256 << 20,
         }
     }
 }
@@ -113,6 +117,8 @@ pub struct AppState {
     next_id: AtomicU64,
     /// Runs the decode steps of all decoding requests as one forward pass.
     batcher: batch::Batcher,
+    /// Prompts seen before, with their KV caches.
+    prompts: PromptCache,
 }
 
 /// The axum application for `engine` (an error only where its batching thread cannot start).
@@ -124,6 +130,7 @@ pub fn app(engine: Arc<Engine>, opts: ServeOptions) -> crate::Result<Router> {
     let state = Arc::new(AppState {
         key_hash: opts.api_key.as_ref().map(|k| hash(k.as_bytes())),
         slots: Arc::new(Semaphore::new(opts.parallel)),
+        prompts: PromptCache::new(opts.prompt_cache),
         engine,
         opts,
         admitted: AtomicUsize::new(0),
@@ -307,6 +314,7 @@ impl AppState {
             active,
             parallel: self.opts.parallel,
             queue_capacity: self.opts.queue,
+            prompt_cache: self.prompts.stats(),
             decode_batches,
             batched_steps,
         }
@@ -519,7 +527,9 @@ async fn start(st: &Arc<AppState>, job: Job) -> Result<Running, ApiError> {
     let (tx, mut rx) = mpsc::channel(64);
     let state = st.clone();
     st.run_blocking(move |engine| {
-        if decode::run(engine, &state.batcher, job, &tx) == decode::Outcome::Cancelled {
+        if decode::run(engine, &state.batcher, &state.prompts, job, &tx)
+            == decode::Outcome::Cancelled
+        {
             state.metrics.cancelled();
         }
     })
