@@ -14,15 +14,16 @@ use std::io::Write;
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [model, texts, out, layers] = args.as_slice() else {
-        return Err(Error::Invalid(
-            "usage: statement_readings MODEL.gguf TEXTS.txt OUT.f32 LAYERS (e.g. 8,12,16)".into(),
+        return Err(Error::setting(
+            "arguments",
+            "usage: statement_readings MODEL.gguf TEXTS.txt OUT.f32 LAYERS (e.g. 8,12,16)",
         ));
     };
     let layers = layers
         .split(',')
         .map(|l| l.trim().parse::<usize>())
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Invalid(format!("layers {layers:?}: {e}")))?;
+        .map_err(|e| Error::setting("LAYERS", format!("{layers:?}: {e}")))?;
     let opts = LoadOptions {
         format: WeightFormat::Stored,
     };

@@ -9,8 +9,10 @@ pub enum Error {
     #[error("{path}: {msg}")]
     Model { path: PathBuf, msg: String },
 
-    /// A line of a data file (JSON Lines, TOML, JSON) was malformed.
-    #[error("{path}:{line}: {field}: {msg}")]
+    /// A data file (JSON Lines, TOML, JSON, a state cache) was malformed: `line` is where
+    /// (from 1; 0 when the problem is not on one line, such as a record of a JSON document or a
+    /// setting left at its default), `field` what.
+    #[error("{path}{}: {field}: {msg}", at_line(*.line))]
     Data {
         path: PathBuf,
         line: usize,
@@ -26,9 +28,38 @@ pub enum Error {
         msg: String,
     },
 
-    /// A library call got an argument it cannot use.
+    /// A setting or argument of a library call is out of range or missing (a training or
+    /// evaluation option, a sweep path, a layer the model does not have): `name` is the
+    /// setting, `msg` what is wrong with it.
+    #[error("{name}: {msg}")]
+    Setting { name: String, msg: String },
+
+    /// A setting names something that does not exist (a weight format, a base model, a
+    /// template, a stance, a topic, a target module): `what` kind of thing, `name` the one
+    /// asked for, `known` the ones that exist.
+    #[error("unknown {what} '{name}' (known: {})", or_none(.known))]
+    Unknown {
+        what: String,
+        name: String,
+        known: Vec<String>,
+    },
+
+    /// Two things made separately do not fit together: a gate, judge, cache or gate weights
+    /// and the model or experts they are used with, or a forward pass's inputs and its cache.
+    /// `what` names the one that does not fit, `msg` how.
+    #[error("{what}: {msg}")]
+    Mismatch { what: String, msg: String },
+
+    /// There is nothing to work on: no examples to train on, an empty prompt, an answer with
+    /// no tokens. `what` names the operation, `msg` what it lacked.
+    #[error("{what}: {msg}")]
+    NoData { what: String, msg: String },
+
+    /// A failure inside the library that its input did not cause (a worker thread that
+    /// panicked or could not start, a report that could not be serialized, a solver that
+    /// failed to run): the message says which.
     #[error("{0}")]
-    Invalid(String),
+    Internal(String),
 
     /// A blend that cannot be read, or not used with the loaded experts (a dial outside
     /// [-1, 1], an unknown mode, a stance no expert has): the message says which.
@@ -74,6 +105,15 @@ pub enum Error {
 /// Library result type.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// `:line`, or nothing for line 0 (no one line).
+fn at_line(line: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!(":{line}")
+    }
+}
+
 /// `names` joined by commas, or `none`.
 fn or_none(names: &[String]) -> String {
     if names.is_empty() {
@@ -84,12 +124,15 @@ fn or_none(names: &[String]) -> String {
 }
 
 impl Error {
-    /// Whether the caller's input is at fault (a bad argument, blend, name, or a full context)
-    /// rather than the files or the machine: the server answers these with 400.
+    /// Whether the caller's input is at fault (a bad setting, blend or name, nothing to work
+    /// on, or a full context) rather than the files, the machine or the library: the server
+    /// answers these with 400, the rest with 500.
     pub fn is_client_error(&self) -> bool {
         matches!(
             self,
-            Error::Invalid(_)
+            Error::Setting { .. }
+                | Error::Unknown { .. }
+                | Error::NoData { .. }
                 | Error::BadBlend(_)
                 | Error::UnknownExpert { .. }
                 | Error::UnknownPolicy { .. }
@@ -128,6 +171,43 @@ impl Error {
         }
     }
 
+    /// A bad setting `name`: `msg` says what is wrong with it.
+    pub fn setting(name: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Setting {
+            name: name.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// `name` is not a `what` that exists; `known` lists those that do.
+    pub fn unknown<S: ToString>(
+        what: impl Into<String>,
+        name: impl Into<String>,
+        known: impl IntoIterator<Item = S>,
+    ) -> Self {
+        Error::Unknown {
+            what: what.into(),
+            name: name.into(),
+            known: known.into_iter().map(|k| k.to_string()).collect(),
+        }
+    }
+
+    /// `what` does not fit what it is used with: `msg` says how.
+    pub fn mismatch(what: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Mismatch {
+            what: what.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// `what` has nothing to work on: `msg` says what it lacked.
+    pub fn no_data(what: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::NoData {
+            what: what.into(),
+            msg: msg.into(),
+        }
+    }
+
     /// An adapter error on `path`, naming the tensor (or file) at fault.
     pub fn adapter(
         path: impl Into<PathBuf>,
@@ -149,9 +229,9 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
+    let name = path.file_name().ok_or_else(|| {
+        Error::setting("path", format!("'{}' is not a file path", path.display()))
+    })?;
     let tmp = dir.join(format!(
         ".{}.{}.tmp",
         name.to_string_lossy(),
@@ -162,4 +242,46 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_errors_name_the_line_only_when_there_is_one() {
+        let at = Error::data("t.toml", 3, "rank", "must be at least 1");
+        assert_eq!(at.to_string(), "t.toml:3: rank: must be at least 1");
+        let whole = Error::data("bad.json", 0, "q1: text", "empty");
+        assert_eq!(whole.to_string(), "bad.json: q1: text: empty");
+    }
+
+    #[test]
+    fn settings_names_and_missing_input_are_client_errors_mismatches_and_internal_failures_not() {
+        let client = [
+            Error::setting("lr", "2 is not in (0, 1)"),
+            Error::unknown("stance", "centrist", ["progressive", "conservative"]),
+            Error::no_data("routing", "the prompt is empty"),
+            Error::BadBlend("dial 2 is outside [-1, 1]".into()),
+            Error::ContextFull {
+                needed: 9,
+                context: 8,
+            },
+        ];
+        for e in &client {
+            assert!(e.is_client_error(), "{e:?}");
+        }
+        let server = [
+            Error::mismatch("gate", "it reads layer 30 but the model has 24 layers"),
+            Error::Internal("a scoring worker panicked".into()),
+            Error::model("m.gguf", "no tensor 'output.weight'"),
+        ];
+        for e in &server {
+            assert!(!e.is_client_error(), "{e:?}");
+        }
+        assert_eq!(
+            client[1].to_string(),
+            "unknown stance 'centrist' (known: progressive, conservative)"
+        );
+    }
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use stancemix::data::export::Record;
 use stancemix::model::{tiny, Logits, Pass, WeightFormat};
 use stancemix::train::{pack, token_logprobs, tokenize, Method, TrainConfig, Trainer};
+use stancemix::Error;
 
 fn record(i: usize, answer: &str, other: &str) -> Record {
     Record {
@@ -443,8 +444,19 @@ fn bad_train_config_names_the_field() {
     let mut text = toml::to_string(&TrainConfig::default()).unwrap();
     text = text.replace("rank = 8", "rank = 0");
     std::fs::write(&p, &text).unwrap();
-    let e = TrainConfig::load(&p).unwrap_err().to_string();
+    let e = TrainConfig::load(&p).unwrap_err();
+    assert!(
+        matches!(&e, Error::Data { field, line, .. } if field == "rank" && *line > 0),
+        "{e:?}"
+    );
+    let e = e.to_string();
     assert!(e.contains("t.toml") && e.contains("rank"), "{e}");
+    // Checked without a file, the setting is named.
+    let c = TrainConfig {
+        rank: 0,
+        ..TrainConfig::default()
+    };
+    assert!(matches!(c.validate(), Err(Error::Setting { name, .. }) if name == "rank"));
     std::fs::write(&p, "lr = \"fast\"\n").unwrap();
     let e = TrainConfig::load(&p).unwrap_err().to_string();
     assert!(e.contains("t.toml") && e.contains("lr"), "{e}");

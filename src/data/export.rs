@@ -41,9 +41,7 @@ pub fn other_stance(stance: &str) -> Result<&'static str> {
     match stance {
         "progressive" => Ok("conservative"),
         "conservative" => Ok("progressive"),
-        s => Err(Error::Invalid(format!(
-            "unknown stance '{s}' (expected progressive or conservative)"
-        ))),
+        s => Err(Error::unknown("stance", s, ["progressive", "conservative"])),
     }
 }
 

@@ -59,8 +59,13 @@ impl Instrument {
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
+        // `file: item: field: problem` (no item for the instrument's own fields).
         let bad = |item: &str, field: &str, msg: String| {
-            Error::Invalid(format!("{}: {item}: {field}: {msg}", path.display()))
+            let field = match item {
+                "-" => field.to_string(),
+                _ => format!("{item}: {field}"),
+            };
+            Error::data(path, 0, field, msg)
         };
         if self.answers.len() < 2 {
             return Err(bad("-", "answers", "need at least two answers".into()));

@@ -246,12 +246,16 @@ pub fn score_instrument(
 ) -> Result<Report> {
     let start = Instant::now();
     if blends.is_empty() {
-        return Err(Error::Invalid("no blend to score".into()));
+        return Err(Error::no_data("forced choice", "no blend to score"));
     }
-    if opts.templates.is_empty() || opts.system.is_empty() || opts.orders.is_empty() {
-        return Err(Error::Invalid(
-            "forced choice needs at least one template, system setting and order".into(),
-        ));
+    for (name, empty) in [
+        ("templates", opts.templates.is_empty()),
+        ("system", opts.system.is_empty()),
+        ("orders", opts.orders.is_empty()),
+    ] {
+        if empty {
+            return Err(Error::setting(name, "forced choice needs at least one"));
+        }
     }
     let ins = subset(instrument, opts.items);
     let variants: Vec<(Template, bool, Order)> = opts
@@ -310,7 +314,7 @@ pub fn model_name(engine: &Engine) -> String {
 /// The row plan of a fixed blend (automatic routing has no single plan for an instrument).
 pub fn plan_of(engine: &Engine, blend: &Blend) -> Result<RowPlan> {
     if let View::Auto(p) = &blend.view {
-        return Err(Error::Invalid(format!(
+        return Err(Error::BadBlend(format!(
             "blend auto={p} routes each prompt: forced-choice scoring needs a fixed blend (dial, mix, expert or raw weights)"
         )));
     }
@@ -342,7 +346,7 @@ fn prepare(
     )?;
     let prompt = tok.encode(&text)?;
     if prompt.is_empty() {
-        return Err(Error::Invalid("empty prompt".into()));
+        return Err(Error::no_data("forced choice", "empty prompt"));
     }
     let options = answers
         .iter()
@@ -356,7 +360,10 @@ fn prepare(
                 tok.encode(&cont)?
             };
             if ids.is_empty() {
-                return Err(Error::Invalid(format!("answer '{a}' has no tokens")));
+                return Err(Error::no_data(
+                    "forced choice",
+                    format!("answer '{a}' has no tokens"),
+                ));
             }
             Ok(ids)
         })
@@ -516,7 +523,7 @@ fn option_logprobs(
             let mut all = vec![first];
             all.extend(handles.into_iter().map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(Error::Invalid("a scoring worker panicked".into())))
+                    .unwrap_or_else(|_| Err(Error::Internal("a scoring worker panicked".into())))
             }));
             all
         });

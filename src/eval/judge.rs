@@ -164,10 +164,13 @@ pub fn hidden_features(
     }
     let n_layer = model.config.n_layer;
     if let Some(&bad) = layers.iter().find(|&&l| l == 0 || l >= n_layer) {
-        return Err(Error::Invalid(format!(
-            "judge layer {bad}: the model has {n_layer} blocks (1-{} allowed)",
-            n_layer - 1
-        )));
+        return Err(Error::setting(
+            "layers",
+            format!(
+                "judge layer {bad}: the model has {n_layer} blocks (1-{} allowed)",
+                n_layer - 1
+            ),
+        ));
     }
     let (prefix, body) = match context {
         Context::Answer => (String::new(), strip_opening(answer).trim()),
@@ -180,7 +183,7 @@ pub fn hidden_features(
         ),
     };
     if body.is_empty() {
-        return Err(Error::Invalid("the judge got an empty answer".into()));
+        return Err(Error::no_data("judge", "the answer is empty"));
     }
     let from = if prefix.is_empty() {
         0
@@ -191,8 +194,9 @@ pub fn hidden_features(
     // Long texts keep their start (the answer's opening carries most stance).
     let ids = &ids[..ids.len().min(model.config.context_len)];
     if ids.len() <= from {
-        return Err(Error::Invalid(
-            "the judge's question fills the context: no room for the answer".into(),
+        return Err(Error::no_data(
+            "judge",
+            "the question fills the context: no room for the answer",
         ));
     }
     let top = layers.iter().copied().max().unwrap_or(1);
@@ -215,11 +219,11 @@ pub fn hidden_features(
     let out = cap
         .out
         .into_inner()
-        .map_err(|_| Error::Invalid("judge feature capture poisoned".into()))?;
+        .map_err(|_| Error::Internal("judge feature capture poisoned".into()))?;
     let mut v = Vec::with_capacity(layers.len() * model.config.hidden);
     for (k, o) in out.into_iter().enumerate() {
         v.extend(o.ok_or_else(|| {
-            Error::Invalid(format!("judge: block {} was not reached", layers[k]))
+            Error::Internal(format!("judge: block {} was not reached", layers[k]))
         })?);
     }
     Ok(v)
@@ -257,17 +261,22 @@ impl Judge {
     ) -> Result<(Judge, JudgeReport)> {
         let t0 = std::time::Instant::now();
         if cfg.layers.is_empty() && cfg.ngrams.is_none() {
-            return Err(Error::Invalid(
-                "the judge needs hidden-state layers or n-grams".into(),
+            return Err(Error::setting(
+                "layers",
+                "the judge needs hidden-state layers or n-grams",
             ));
         }
         if !(cfg.alpha.is_finite() && cfg.alpha >= 0.0) {
-            return Err(Error::Invalid(format!("judge alpha {}", cfg.alpha)));
+            return Err(Error::setting(
+                "alpha",
+                format!("judge alpha {} is not a finite number >= 0", cfg.alpha),
+            ));
         }
         let (train, dev) = split(pairs);
         if train.is_empty() {
-            return Err(Error::Invalid(
-                "the judge needs stance pairs to train on".into(),
+            return Err(Error::no_data(
+                "judge training",
+                "no stance pairs to train on",
             ));
         }
         let train_ex = examples(&train);
@@ -357,11 +366,14 @@ impl Judge {
             answer,
         )?;
         if raw.len() != self.mean.len() {
-            return Err(Error::Invalid(format!(
-                "the judge expects {} hidden features, the model gives {} (another base model?)",
-                self.mean.len(),
-                raw.len()
-            )));
+            return Err(Error::mismatch(
+                "judge",
+                format!(
+                    "it expects {} hidden features, the model gives {} (another base model?)",
+                    self.mean.len(),
+                    raw.len()
+                ),
+            ));
         }
         let v = self.vector(&raw, answer);
         Ok(self.bias as f64
@@ -429,7 +441,7 @@ impl Judge {
     /// Save as JSON (atomically).
     pub fn save(&self, path: &Path) -> Result<()> {
         let text =
-            serde_json::to_string(self).map_err(|e| Error::Invalid(format!("judge: {e}")))?;
+            serde_json::to_string(self).map_err(|e| Error::Internal(format!("judge: {e}")))?;
         crate::error::write_atomic(path, text.as_bytes())
     }
 }
@@ -439,7 +451,7 @@ impl Judge {
 /// `logit p(conservative)`.
 fn fit(x: &Array2<f64>, y: &Array1<bool>, cfg: &JudgeConfig) -> Result<(Array1<f64>, f64)> {
     if !(y.iter().any(|&c| c) && y.iter().any(|&c| !c)) {
-        return Err(Error::Invalid("judge training saw only one stance".into()));
+        return Err(Error::no_data("judge training", "it saw only one stance"));
     }
     let ds = Dataset::new(x.clone(), y.clone());
     let d = x.ncols();
@@ -456,7 +468,7 @@ fn fit(x: &Array2<f64>, y: &Array1<bool>, cfg: &JudgeConfig) -> Result<(Array1<f
         }
         let f = p
             .fit(&ds)
-            .map_err(|e| Error::Invalid(format!("judge training failed: {e}")))?;
+            .map_err(|e| Error::Internal(format!("judge training failed: {e}")))?;
         // linfa's positive class is whichever it met (or counted) first.
         let sign = if f.labels().pos.class { 1.0 } else { -1.0 };
         let w = f.params().mapv(|v| v * sign);
@@ -481,7 +493,7 @@ fn fit(x: &Array2<f64>, y: &Array1<bool>, cfg: &JudgeConfig) -> Result<(Array1<f
         }
         best = loss;
     }
-    out.ok_or_else(|| Error::Invalid("judge training ran no round".into()))
+    out.ok_or_else(|| Error::Internal("judge training ran no round".into()))
 }
 
 fn accuracy_of(z: &[f64], ex: &[Example]) -> f64 {

@@ -28,35 +28,36 @@ pub struct AdversarialPrompt {
     pub prompt: String,
 }
 
-/// Load a JSON Lines file of records; errors name the file, line and field.
-fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    Ok(read_jsonl(path)?.into_iter().map(|(_, r)| r).collect())
+/// Load a JSON Lines file of records whose `field` (read by `text`) is not empty; errors name
+/// the file, line and field.
+fn load<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    field: &str,
+    text: impl Fn(&T) -> (&str, &str),
+) -> Result<Vec<T>> {
+    let v = read_jsonl(path)?;
+    for (line, r) in &v {
+        let (id, t) = text(r);
+        if t.trim().is_empty() {
+            return Err(Error::data(
+                path,
+                *line,
+                field,
+                format!("empty (id '{id}')"),
+            ));
+        }
+    }
+    Ok(v.into_iter().map(|(_, r)| r).collect())
 }
 
 /// Load neutral texts, checking that none is empty.
 pub fn load_neutral(path: &Path) -> Result<Vec<NeutralText>> {
-    let v: Vec<NeutralText> = load(path)?;
-    if let Some(t) = v.iter().find(|t| t.text.trim().is_empty()) {
-        return Err(Error::Invalid(format!(
-            "{}: {}: text: empty",
-            path.display(),
-            t.id
-        )));
-    }
-    Ok(v)
+    load(path, "text", |t: &NeutralText| (&t.id, &t.text))
 }
 
 /// Load adversarial prompts, checking that none is empty.
 pub fn load_adversarial(path: &Path) -> Result<Vec<AdversarialPrompt>> {
-    let v: Vec<AdversarialPrompt> = load(path)?;
-    if let Some(t) = v.iter().find(|t| t.prompt.trim().is_empty()) {
-        return Err(Error::Invalid(format!(
-            "{}: {}: prompt: empty",
-            path.display(),
-            t.id
-        )));
-    }
-    Ok(v)
+    load(path, "prompt", |t: &AdversarialPrompt| (&t.id, &t.prompt))
 }
 
 /// Longest text fed, in tokens (the rest of a longer text is not scored).
@@ -99,8 +100,9 @@ pub fn perplexity(
         progress(k + 1, texts.len());
     }
     if count == 0 {
-        return Err(Error::Invalid(
-            "no text long enough to measure perplexity".into(),
+        return Err(Error::no_data(
+            "perplexity",
+            "no text long enough to measure it",
         ));
     }
     Ok(nll.iter().map(|s| (s / count as f64).exp()).collect())

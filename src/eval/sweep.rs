@@ -23,9 +23,12 @@ pub struct SweepPath {
 }
 
 fn num(s: &str, what: &str, spec: &str) -> Result<f64> {
-    s.trim()
-        .parse::<f64>()
-        .map_err(|_| Error::Invalid(format!("sweep path '{spec}': {what} '{s}' is not a number")))
+    s.trim().parse::<f64>().map_err(|_| {
+        Error::setting(
+            "sweep path",
+            format!("{what} '{s}' is not a number in '{spec}'"),
+        )
+    })
 }
 
 /// `n` evenly spaced values from `a` to `b` (both included).
@@ -47,23 +50,25 @@ pub fn parse_path(spec: &str) -> Result<SweepPath> {
     };
     let parts: Vec<&str> = body.split(':').collect();
     let bad = || {
-        Error::Invalid(format!(
-            "cannot read sweep path '{spec}': expected dial:FROM:TO:N, mix:FROM:TO:N or raw:name=w,..:name=w,..:N (optionally @logits / @contrast)"
-        ))
+        Error::setting(
+            "sweep path",
+            format!("cannot read '{spec}': expected dial:FROM:TO:N, mix:FROM:TO:N or raw:name=w,..:name=w,..:N (optionally @logits / @contrast)"),
+        )
     };
     if parts.len() != 4 {
         return Err(bad());
     }
     let n: usize = parts[3].trim().parse().map_err(|_| {
-        Error::Invalid(format!(
-            "sweep path '{spec}': N '{}' is not a count",
-            parts[3]
-        ))
+        Error::setting(
+            "sweep path",
+            format!("N '{}' is not a count in '{spec}'", parts[3]),
+        )
     })?;
     if !(1..=101).contains(&n) {
-        return Err(Error::Invalid(format!(
-            "sweep path '{spec}': N must be 1 to 101, got {n}"
-        )));
+        return Err(Error::setting(
+            "sweep path",
+            format!("N must be 1 to 101, got {n} in '{spec}'"),
+        ));
     }
     let kind = parts[0].trim().to_string();
     let points = match kind.as_str() {
@@ -112,7 +117,10 @@ fn raw_weights(s: &str, spec: &str) -> Result<BTreeMap<String, f64>> {
     s.split(',')
         .map(|p| {
             let (k, v) = p.split_once('=').ok_or_else(|| {
-                Error::Invalid(format!("sweep path '{spec}': '{p}' is not name=weight"))
+                Error::setting(
+                    "sweep path",
+                    format!("'{p}' is not name=weight in '{spec}'"),
+                )
             })?;
             Ok((k.trim().to_string(), num(v, k.trim(), spec)?))
         })
@@ -266,7 +274,7 @@ impl SweepReport {
     /// `dir`, each atomically. Returns their paths.
     pub fn write_files(&self, dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
         let json = serde_json::to_string_pretty(self)
-            .map_err(|e| Error::Invalid(format!("sweep report: {e}")))?;
+            .map_err(|e| Error::Internal(format!("sweep report: {e}")))?;
         let files = [
             ("sweep.csv", self.to_csv()),
             ("sweep.json", json),
@@ -348,14 +356,17 @@ mod tests {
 
     #[test]
     fn bad_paths_say_what_was_expected() {
-        for s in [
-            "dial:-1:1",
-            "dial:a:1:3",
-            "slider:0:1:3",
-            "dial:-1:1:0",
-            "dial:-2:1:3",
-        ] {
-            assert!(parse_path(s).is_err(), "{s}");
+        for s in ["dial:-1:1", "dial:a:1:3", "slider:0:1:3", "dial:-1:1:0"] {
+            let e = parse_path(s).unwrap_err();
+            assert!(
+                matches!(&e, Error::Setting { name, msg } if name == "sweep path" && msg.contains(s)),
+                "{s}: {e:?}"
+            );
         }
+        // A dial off its range is a bad blend.
+        assert!(matches!(
+            parse_path("dial:-2:1:3").unwrap_err(),
+            Error::BadBlend(_)
+        ));
     }
 }

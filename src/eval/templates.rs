@@ -120,12 +120,12 @@ pub fn templates_by_name(names: &[String]) -> crate::Result<Vec<Template>> {
                 .or_else(|| known().find(|t| t.id == n))
                 .cloned()
                 .ok_or_else(|| {
-                    let ids: Vec<&str> = known().map(|t| t.id).collect();
-                    crate::Error::Invalid(format!(
-                        "unknown template '{n}' (known: {}, or 1-{})",
-                        ids.join(", "),
-                        TEMPLATES.len()
-                    ))
+                    let ids = known().map(|t| t.id.to_string());
+                    crate::Error::unknown(
+                        "template",
+                        n,
+                        ids.chain([format!("1-{}", TEMPLATES.len())]),
+                    )
                 })
         })
         .collect()
@@ -273,7 +273,12 @@ mod tests {
         let t = templates_by_name(&["2".into(), "respond".into()]).unwrap();
         assert_eq!(t[0].id, "survey");
         assert_eq!(t[1].id, "respond");
-        assert!(templates_by_name(&["nope".into()]).is_err());
+        let e = templates_by_name(&["nope".into()]).unwrap_err();
+        assert!(
+            matches!(&e, crate::Error::Unknown { what, name, known }
+                if what == "template" && name == "nope" && known.iter().any(|k| k == "respond")),
+            "{e:?}"
+        );
         let t = templates_by_name(&["first-words".into()]).unwrap();
         assert_eq!(t[0], FIRST_WORDS);
         assert!(!TEMPLATES.contains(&FIRST_WORDS), "opt-in only");

@@ -302,7 +302,7 @@ impl Adapter {
             .map_err(|e| Error::adapter(&tmp, WEIGHTS_FILE, e.to_string()))?;
         std::fs::rename(&tmp, &w_path).map_err(|e| Error::io(&w_path, e))?;
         let json = serde_json::to_string_pretty(&self.config)
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+            .map_err(|e| Error::Internal(format!("{CONFIG_FILE}: {e}")))?;
         crate::error::write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())
     }
 
@@ -325,7 +325,7 @@ impl Adapter {
         std: f32,
     ) -> Result<Adapter> {
         if rank == 0 {
-            return Err(Error::Invalid("rank must be at least 1".into()));
+            return Err(Error::setting("rank", "must be at least 1"));
         }
         let mut rng = StdRng::seed_from_u64(seed);
         let mut rand = |r: usize, c: usize| -> Result<Tensor> {

@@ -167,7 +167,10 @@ impl ExpertSet {
         let names: Vec<String> = adapters.iter().map(Adapter::name).collect();
         for (i, n) in names.iter().enumerate() {
             if names[..i].contains(n) {
-                return Err(Error::Invalid(format!("two experts are named '{n}': give each adapter a distinct stance or directory name")));
+                return Err(Error::setting(
+                    "adapters",
+                    format!("two experts are named '{n}': give each adapter a distinct stance or directory name"),
+                ));
             }
         }
         let mut keys: Vec<(usize, Target)> = adapters
@@ -287,11 +290,10 @@ impl ExpertSet {
     ) -> Result<ExpertHook<'a>> {
         for (i, g) in rows.iter().enumerate() {
             if g.len() != self.len() {
-                return Err(Error::Invalid(format!(
-                    "gate row {i} has {} weights for {} experts",
-                    g.len(),
-                    self.len()
-                )));
+                return Err(Error::mismatch(
+                    "gate weights",
+                    format!("row {i} has {} weights for {} experts", g.len(), self.len()),
+                ));
             }
         }
         Ok(ExpertHook {

@@ -23,11 +23,10 @@ pub fn export_blend(
     description: &str,
 ) -> Result<Adapter> {
     if g.len() != experts.len() {
-        return Err(Error::Invalid(format!(
-            "{} gate weights for {} experts",
-            g.len(),
-            experts.len()
-        )));
+        return Err(Error::mismatch(
+            "gate weights",
+            format!("{} weights for {} experts", g.len(), experts.len()),
+        ));
     }
     let parts: Vec<(&Adapter, f64)> = experts
         .adapters()
@@ -37,13 +36,13 @@ pub fn export_blend(
         .map(|(a, &w)| (a, w as f64))
         .collect();
     if let Some((a, _)) = parts.iter().find(|(a, _)| !a.steer.is_empty()) {
-        return Err(Error::Invalid(format!(
+        return Err(Error::BadBlend(format!(
             "expert '{}' is a steering vector: a LoRA adapter cannot carry it (export a blend of LoRA experts only)",
             a.name()
         )));
     }
     if parts.is_empty() {
-        return Err(Error::Invalid(
+        return Err(Error::BadBlend(
             "this blend gives every expert weight 0: it is the base model, with nothing to export"
                 .into(),
         ));

@@ -24,11 +24,10 @@ pub fn merge_to_gguf(
     note: &str,
 ) -> Result<()> {
     if g.len() != experts.len() {
-        return Err(Error::Invalid(format!(
-            "{} gate weights for {} experts",
-            g.len(),
-            experts.len()
-        )));
+        return Err(Error::mismatch(
+            "gate weights",
+            format!("{} weights for {} experts", g.len(), experts.len()),
+        ));
     }
     if let Some((_, a)) = experts
         .adapters()
@@ -36,7 +35,7 @@ pub fn merge_to_gguf(
         .enumerate()
         .find(|(i, a)| !a.steer.is_empty() && g[*i] != 0.0)
     {
-        return Err(Error::Invalid(format!(
+        return Err(Error::BadBlend(format!(
             "expert '{}' is a steering vector: it adds to the residual stream, not to a weight, so it cannot be merged (serve it with the experts, or give it weight 0)",
             a.name()
         )));

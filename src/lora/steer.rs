@@ -207,7 +207,7 @@ fn answer_means(model: &Model, ids: &[u32], from: usize) -> Result<BTreeMap<usiz
     let states = rec
         .states
         .into_inner()
-        .map_err(|_| Error::Invalid("recorder poisoned".into()))?;
+        .map_err(|_| Error::Internal("steering: the state recorder was poisoned".into()))?;
     let mut out = BTreeMap::new();
     for (layer, h) in states {
         let t = h.dim(1)?;
@@ -240,7 +240,10 @@ pub fn compute(
         let side = |answer: &str| -> Result<BTreeMap<usize, Vec<f32>>> {
             let a = tok.encode(answer)?;
             if a.is_empty() {
-                return Err(Error::Invalid(format!("empty answer in example {i}")));
+                return Err(Error::no_data(
+                    "steering direction",
+                    format!("empty answer in example {i}"),
+                ));
             }
             answer_means(model, &[p.clone(), a].concat(), p.len())
         };
@@ -257,8 +260,9 @@ pub fn compute(
         }
     }
     if n == 0 {
-        return Err(Error::Invalid(
-            "no examples to compute a direction from".into(),
+        return Err(Error::no_data(
+            "steering direction",
+            "no examples to compute it from",
         ));
     }
     Ok(sum

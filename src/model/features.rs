@@ -27,7 +27,7 @@ pub fn layer_states_with(
     hook: &dyn LinearHook,
 ) -> Result<Tensor> {
     if ids.is_empty() {
-        return Err(Error::Invalid("layer states of an empty text".into()));
+        return Err(Error::no_data("layer states", "the text is empty"));
     }
     let ids = &ids[ids.len().saturating_sub(model.config.context_len)..];
     let x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;

@@ -143,13 +143,10 @@ pub fn default_base() -> &'static Base {
 
 /// The base with this id.
 pub fn base(id: &str) -> Result<&'static Base> {
-    BASES.iter().find(|b| b.id == id).ok_or_else(|| {
-        let ids: Vec<&str> = BASES.iter().map(|b| b.id).collect();
-        Error::Invalid(format!(
-            "unknown base model '{id}' (known: {})",
-            ids.join(", ")
-        ))
-    })
+    BASES
+        .iter()
+        .find(|b| b.id == id)
+        .ok_or_else(|| Error::unknown("base model", id, BASES.iter().map(|b| b.id)))
 }
 
 /// Where the default base model lives once fetched into `paths.models`.

@@ -67,9 +67,11 @@ impl std::str::FromStr for WeightFormat {
             "f32" => Ok(Self::F32),
             "mixed" => Ok(Self::Mixed),
             "int8" => Ok(Self::Int8),
-            _ => Err(Error::Invalid(format!(
-                "unknown weight format '{s}' (expected stored, q8_0, f32, mixed or int8)"
-            ))),
+            _ => Err(Error::unknown(
+                "weight format",
+                s,
+                ["stored", "q8_0", "f32", "mixed", "int8"],
+            )),
         }
     }
 }
@@ -415,10 +417,15 @@ impl Model {
 
     /// Base weight of one adaptable linear, dequantized to f32 `(out, in)`.
     pub fn base_weight(&self, layer: usize, target: Target) -> Result<Tensor> {
-        let block = self
-            .blocks
-            .get(layer)
-            .ok_or_else(|| Error::Invalid(format!("layer {layer} out of range")))?;
+        let block = self.blocks.get(layer).ok_or_else(|| {
+            Error::setting(
+                "layer",
+                format!(
+                    "{layer} is out of range: the model has {} blocks",
+                    self.blocks.len()
+                ),
+            )
+        })?;
         Ok(match &block.weight(target).mm {
             Narrow::Candle(QMatMul::QTensor(q)) => q.dequantize(&self.device)?,
             Narrow::Candle(QMatMul::Tensor(t)) => t.clone(),
@@ -454,14 +461,17 @@ impl Model {
         groups: &mut [Group],
         pass: &Pass,
     ) -> Result<Tensor> {
-        if tokens.dims2()?.1 != 1 {
-            return Err(Error::Invalid(
-                "decode_groups takes one token per row".into(),
+        let t = tokens.dims2()?.1;
+        if t != 1 {
+            return Err(Error::mismatch(
+                "decode_groups",
+                format!("takes one token per row, got {t}"),
             ));
         }
         if groups.iter().any(|g| g.cache.is_none()) {
-            return Err(Error::Invalid(
-                "decode_groups needs a cache per group".into(),
+            return Err(Error::setting(
+                "groups",
+                "decode_groups needs a cache per group",
             ));
         }
         self.forward_groups(tokens, groups, pass)
@@ -473,17 +483,20 @@ impl Model {
     /// residuals: the blocks below cannot change, so they run once, not every epoch.
     pub fn forward_from(&self, x: &Tensor, after: usize, pass: &Pass) -> Result<Tensor> {
         if after > self.blocks.len() {
-            return Err(Error::Invalid(format!(
-                "forward_from: the model has {} blocks, cannot start after {after}",
-                self.blocks.len()
-            )));
+            return Err(Error::setting(
+                "after",
+                format!(
+                    "forward_from: the model has {} blocks, cannot start after {after}",
+                    self.blocks.len()
+                ),
+            ));
         }
         let (b, _, h) = x.dims3()?;
         if h != self.config.hidden {
-            return Err(Error::Invalid(format!(
-                "forward_from: residual width {h}, the model's is {}",
-                self.config.hidden
-            )));
+            return Err(Error::mismatch(
+                "forward_from",
+                format!("residual width {h}, the model's is {}", self.config.hidden),
+            ));
         }
         let mut groups = [Group {
             cache: None,
@@ -515,10 +528,13 @@ impl Model {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         if groups.iter().map(|g| g.rows).sum::<usize>() != b {
-            return Err(Error::Invalid(format!(
-                "the groups hold {} rows, the batch has {b}",
-                groups.iter().map(|g| g.rows).sum::<usize>()
-            )));
+            return Err(Error::mismatch(
+                "groups",
+                format!(
+                    "the groups hold {} rows, the batch has {b}",
+                    groups.iter().map(|g| g.rows).sum::<usize>()
+                ),
+            ));
         }
         for g in groups.iter() {
             let pos = g.pos();
@@ -530,17 +546,20 @@ impl Model {
             }
             if let Some(c) = g.cache.as_ref() {
                 if c.rows() != 0 && c.rows() != g.rows {
-                    return Err(Error::Invalid(format!(
-                        "cache holds {} rows, batch has {}",
-                        c.rows(),
-                        g.rows
-                    )));
+                    return Err(Error::mismatch(
+                        "cache",
+                        format!("it holds {} rows, the batch has {}", c.rows(), g.rows),
+                    ));
                 }
             }
         }
         if t > 1 && groups.len() > 1 {
-            return Err(Error::Invalid(
-                "prompt passes run one cache at a time".into(),
+            return Err(Error::setting(
+                "groups",
+                format!(
+                    "prompt passes run one cache at a time, got {}",
+                    groups.len()
+                ),
             ));
         }
         // Each group's position before this pass (its cache grows block by block below).
@@ -592,11 +611,14 @@ impl Model {
             Logits::All => self.head(&x, pass),                                    // (b, t, vocab)
             Logits::Hidden => Ok(x),                                               // (b, t, hidden)
             // A layer in range returned inside the loop.
-            Logits::Layer(n) => Err(Error::Invalid(format!(
-                "Logits::Layer({n}): this pass runs blocks {first}-{} ({first}-{} allowed)",
-                self.blocks.len(),
-                self.blocks.len()
-            ))),
+            Logits::Layer(n) => Err(Error::setting(
+                "logits",
+                format!(
+                    "Logits::Layer({n}): this pass runs blocks {first}-{} ({first}-{} allowed)",
+                    self.blocks.len(),
+                    self.blocks.len()
+                ),
+            )),
         }
     }
 

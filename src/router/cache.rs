@@ -40,10 +40,10 @@ impl PooledCache {
     pub fn open(dir: &Path, model: &Model, h: &HiddenFeatures) -> Result<PooledCache> {
         if h.adapter.is_some() {
             // The file name keys the base's own states; an adapter's would be mixed in.
-            return Err(Error::Invalid(
-                "the pooled-state cache holds the base's own states: a gate that reads through \
-                 an adapter is not cached"
-                    .into(),
+            return Err(Error::mismatch(
+                "pooled-state cache",
+                "it holds the base's own states: a gate that reads through an adapter is not \
+                 cached",
             ));
         }
         let path = Self::path_for(dir, model, h);
@@ -53,11 +53,15 @@ impl PooledCache {
             let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
             let rec = 8 + 4 * size;
             if bytes.len() % rec != 0 {
-                return Err(Error::Invalid(format!(
-                    "{}: not a cache of {size}-value states ({} bytes); delete it",
-                    path.display(),
-                    bytes.len()
-                )));
+                return Err(Error::data(
+                    &path,
+                    0,
+                    "states",
+                    format!(
+                        "not a cache of {size}-value states ({} bytes); delete it",
+                        bytes.len()
+                    ),
+                ));
             }
             for r in bytes.chunks_exact(rec) {
                 let key = u64::from_le_bytes(std::array::from_fn(|i| r[i]));

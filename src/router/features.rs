@@ -130,9 +130,12 @@ impl GateAdapter {
             Adapter::load(dir, &model.config)
                 .and_then(|a| ExpertSet::new(vec![a]))
                 .map(Arc::new)
-                .map_err(|e| format!("the gate's adapter {}: {e}", dir.display()))
+                .map_err(|e| e.to_string())
         });
-        loaded.clone().map(Some).map_err(Error::Invalid)
+        loaded
+            .clone()
+            .map(Some)
+            .map_err(|msg| Error::adapter(dir, "the gate's adapter", msg))
     }
 }
 
@@ -165,28 +168,32 @@ impl HiddenFeatures {
     /// from dominating the mean.
     pub fn pooled(&self, model: &Model, prompt: &str) -> Result<Vec<f32>> {
         if model.config.hidden != self.size {
-            return Err(Error::Invalid(format!(
-                "the gate reads hidden states of size {} but the model's hidden size is {}: \
-                 use the base model the gate was trained with, or retrain it",
-                self.size, model.config.hidden
-            )));
+            return Err(Error::mismatch(
+                "gate",
+                format!(
+                    "it reads hidden states of size {} but the model's hidden size is {}: \
+                     use the base model the gate was trained with, or retrain it",
+                    self.size, model.config.hidden
+                ),
+            ));
         }
         if self.layer == 0 || self.layer > model.config.n_layer {
-            return Err(Error::Invalid(format!(
-                "the gate reads layer {} but the model has {} layers",
-                self.layer, model.config.n_layer
-            )));
+            return Err(Error::mismatch(
+                "gate",
+                format!(
+                    "it reads layer {} but the model has {} layers",
+                    self.layer, model.config.n_layer
+                ),
+            ));
         }
         if prompt.trim().is_empty() {
-            return Err(Error::Invalid("cannot route an empty prompt".into()));
+            return Err(Error::no_data("routing", "the prompt is empty"));
         }
         let ids = model
             .tokenizer
             .encode(&self.read_text(&model.tokenizer, prompt)?)?;
         if ids.is_empty() {
-            return Err(Error::Invalid(
-                "cannot route a prompt with no tokens".into(),
-            ));
+            return Err(Error::no_data("routing", "the prompt has no tokens"));
         }
         let h = match (&self.adapter, self.reader.get(model)?) {
             (_, Some(set)) => {
@@ -195,10 +202,13 @@ impl HiddenFeatures {
                 crate::model::features::layer_states_with(model, &ids, self.layer, &hook)?
             }
             (Some(name), None) => {
-                return Err(Error::Invalid(format!(
-                    "the gate reads its hidden states with the adapter '{name}', which was not \
-                     loaded (load the gate with Gate::load)"
-                )))
+                return Err(Error::mismatch(
+                    "gate",
+                    format!(
+                        "it reads its hidden states with the adapter '{name}', which was not \
+                         loaded (load the gate with Gate::load)"
+                    ),
+                ))
             }
             (None, None) => crate::model::features::layer_states(model, &ids, self.layer)?,
         }; // (t, hidden)
@@ -258,21 +268,25 @@ pub fn assemble(text: &str, pooled: Option<&[f32]>, cfg: &GateFeatures) -> Resul
         (None, _) => {}
         (Some(h), Some(p)) => {
             if p.len() != h.size || h.mean.len() != h.size || h.std.len() != h.size {
-                return Err(Error::Invalid(format!(
-                    "hidden features: expected {} values, mean and std, got {}, {} and {}",
-                    h.size,
-                    p.len(),
-                    h.mean.len(),
-                    h.std.len()
-                )));
+                return Err(Error::mismatch(
+                    "hidden features",
+                    format!(
+                        "expected {} values, mean and std, got {}, {} and {}",
+                        h.size,
+                        p.len(),
+                        h.mean.len(),
+                        h.std.len()
+                    ),
+                ));
             }
             for (i, v) in p.iter().enumerate() {
                 x[cfg.ngrams.dim + i] = (v - h.mean[i]) / h.std[i];
             }
         }
         (Some(_), None) => {
-            return Err(Error::Invalid(
-                "this gate reads the base model's hidden states: it needs the model".into(),
+            return Err(Error::setting(
+                "model",
+                "this gate reads the base model's hidden states: it needs the model",
             ))
         }
     }

@@ -113,8 +113,9 @@ impl Gate {
         match (&self.features.hidden, model) {
             (None, _) => Ok(None),
             (Some(h), Some(m)) => Ok(Some(h.pooled(m, text)?)),
-            (Some(_), None) => Err(Error::Invalid(
-                "this gate reads the base model's hidden states: it needs the model".into(),
+            (Some(_), None) => Err(Error::setting(
+                "model",
+                "this gate reads the base model's hidden states: it needs the model",
             )),
         }
     }
@@ -188,18 +189,27 @@ impl Gate {
         restarts: usize,
     ) -> Result<Gate> {
         if examples.is_empty() {
-            return Err(Error::Invalid("gate training: no examples".into()));
+            return Err(Error::no_data("gate training", "no examples"));
         }
         let mut cfg = cfg.clone();
         if let Some(h) = cfg.hidden.as_mut() {
             let pooled = pooled.ok_or_else(|| {
-                Error::Invalid("gate training: hidden features need pooled hidden states".into())
+                Error::setting(
+                    "pooled",
+                    "gate training: hidden features need pooled hidden states",
+                )
             })?;
             if pooled.len() != examples.len() || pooled.iter().any(|p| p.len() != h.size) {
-                return Err(Error::Invalid(format!(
-                    "gate training: need one pooled hidden state of size {} per example",
-                    h.size
-                )));
+                return Err(Error::mismatch(
+                    "pooled",
+                    format!(
+                        "gate training: need one pooled hidden state of size {} per example, \
+                         got {} for {} examples",
+                        h.size,
+                        pooled.len(),
+                        examples.len()
+                    ),
+                ));
             }
             let n = pooled.len() as f64;
             let mut mean = vec![0f64; h.size];
@@ -219,8 +229,9 @@ impl Gate {
         }
         let d = cfg.input_dim();
         if d == 0 {
-            return Err(Error::Invalid(
-                "gate training: no features (dim 0 and no hidden layer)".into(),
+            return Err(Error::setting(
+                "features",
+                "gate training: no features (dim 0 and no hidden layer)",
             ));
         }
         let mut x = Array2::<f64>::zeros((examples.len(), d));
@@ -233,7 +244,7 @@ impl Gate {
             y[i] = topics
                 .iter()
                 .position(|t| t == topic)
-                .ok_or_else(|| Error::Invalid(format!("unknown topic '{topic}'")))?;
+                .ok_or_else(|| Error::unknown("topic", topic, topics))?;
         }
         let ds = Dataset::new(x, y);
         // linfa's L-BFGS stops early on this problem (train accuracy ~0.86 whatever the
@@ -252,7 +263,7 @@ impl Gate {
             }
             let f = params
                 .fit(&ds)
-                .map_err(|e| Error::Invalid(format!("gate training failed: {e}")))?;
+                .map_err(|e| Error::Internal(format!("gate training failed: {e}")))?;
             let loss = train_loss(&f, &ds, alpha);
             losses.push(loss);
             let p = f.params();
@@ -266,7 +277,7 @@ impl Gate {
             }
             best_loss = loss;
         }
-        let fit = fit.ok_or_else(|| Error::Invalid("gate training ran no round".into()))?;
+        let fit = fit.ok_or_else(|| Error::Internal("gate training ran no round".into()))?;
         // linfa's params are (dim, classes) over its sorted class labels.
         let classes: Vec<usize> = fit.classes().to_vec();
         let params = fit.params();
@@ -418,7 +429,8 @@ impl Gate {
             bias: self.bias.clone(),
             notes: self.notes.clone(),
         };
-        let json = serde_json::to_string(&f).map_err(|e| Error::Invalid(e.to_string()))?;
+        let json =
+            serde_json::to_string(&f).map_err(|e| Error::Internal(format!("{GATE_FILE}: {e}")))?;
         crate::error::write_atomic(&dir.join(GATE_FILE), json.as_bytes())
     }
 }

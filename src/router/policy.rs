@@ -185,11 +185,13 @@ impl Policy {
                     .index(e)
                     .or_else(|| experts.by_stance(e))
                     .ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "policy '{}' names expert '{e}', which is not loaded (loaded: {})",
-                            self.name,
-                            experts.names().join(", ")
-                        ))
+                        Error::mismatch(
+                            format!("policy '{}'", self.name),
+                            format!(
+                                "it names expert '{e}', which is not loaded (loaded: {})",
+                                experts.names().join(", ")
+                            ),
+                        )
                     })?;
                 g[i] += pt * x;
             }

@@ -187,7 +187,7 @@ impl Engine {
         logits: Logits,
     ) -> Result<Tensor> {
         if tokens.is_empty() {
-            return Err(Error::Invalid("no tokens to feed".into()));
+            return Err(Error::no_data("forward_rows", "no tokens to feed"));
         }
         let b = rows.len().max(1);
         let t = Tensor::new(tokens, self.model.device())?
@@ -290,7 +290,10 @@ impl Engine {
     /// Ask the gate about `text` under the policy named `policy`.
     pub fn route(&self, text: &str, policy: &str) -> Result<Route> {
         let gate = self.gate.as_ref().ok_or_else(|| {
-            Error::Invalid("no gate loaded: train one with `stancemix router train`".into())
+            Error::setting(
+                "gate",
+                "none loaded: train one with `stancemix router train`",
+            )
         })?;
         let p = self.policy(policy)?;
         gate.route(&self.model, &self.experts, text, p)

@@ -189,7 +189,7 @@ impl Session {
             RowPlan::new(&g, blend.mode, &self.engine.experts)?;
         } else if let super::View::Auto(p) = &blend.view {
             if self.engine.gate.is_none() {
-                return Err(Error::Invalid(
+                return Err(Error::BadBlend(
                     "no gate loaded: automatic routing needs router-data/gate.json".into(),
                 ));
             }
@@ -280,7 +280,7 @@ impl Session {
             self.rows = plan.rows.clone();
         }
         if all.is_empty() {
-            return Err(Error::Invalid("nothing to feed".into()));
+            return Err(Error::no_data("session", "nothing to feed"));
         }
         let logits =
             self.engine

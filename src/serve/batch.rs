@@ -53,7 +53,7 @@ impl Batcher {
         std::thread::Builder::new()
             .name("stancemix-batch".into())
             .spawn(move || run(rx, d, st))
-            .map_err(|e| Error::Invalid(format!("cannot start the batching thread: {e}")))?;
+            .map_err(|e| Error::Internal(format!("cannot start the batching thread: {e}")))?;
         Ok(Batcher {
             tx,
             decoding,

@@ -105,7 +105,7 @@ pub fn pack(seqs: &[(&[u32], &[u32])], pad: u32) -> Result<Packed> {
         .max()
         .unwrap_or(0);
     if t == 0 {
-        return Err(Error::Invalid("empty training batch".into()));
+        return Err(Error::no_data("training batch", "every sequence is empty"));
     }
     let rows = seqs.len();
     let mut tokens = vec![pad; rows * t];

@@ -40,7 +40,7 @@ impl Checkpoint {
         out.insert("meta".into(), Tensor::new(&meta, &Device::Cpu)?);
         let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
         candle_core::safetensors::save(&out, &tmp)
-            .map_err(|e| Error::Invalid(format!("{}: {e}", tmp.display())))?;
+            .map_err(|e| Error::io(&tmp, std::io::Error::other(e.to_string())))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     }
 

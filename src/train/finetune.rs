@@ -65,9 +65,10 @@ fn head_logits(
         let mut v = model.tokenizer.encode(t)?;
         v.truncate(max_tokens.max(1));
         if v.is_empty() {
-            return Err(Error::Invalid(format!(
-                "gate fine-tuning: '{t}' has no tokens"
-            )));
+            return Err(Error::no_data(
+                "gate fine-tuning",
+                format!("'{t}' has no tokens"),
+            ));
         }
         ids.push(v);
     }
@@ -110,18 +111,22 @@ pub fn finetune(
     progress: &mut dyn FnMut(EpochReport),
 ) -> Result<Adapter> {
     if examples.is_empty() || classes == 0 {
-        return Err(Error::Invalid("gate fine-tuning: no examples".into()));
+        return Err(Error::no_data("gate fine-tuning", "no examples"));
     }
     if layer == 0 || layer > model.config.n_layer {
-        return Err(Error::Invalid(format!(
-            "gate fine-tuning: layer {layer} of a {}-layer model",
-            model.config.n_layer
-        )));
+        return Err(Error::setting(
+            "layer",
+            format!(
+                "gate fine-tuning: layer {layer} of a {}-layer model (1-{0} allowed)",
+                model.config.n_layer
+            ),
+        ));
     }
     if let Some((_, c)) = examples.iter().chain(dev).find(|(_, c)| *c >= classes) {
-        return Err(Error::Invalid(format!(
-            "gate fine-tuning: class {c} of {classes}"
-        )));
+        return Err(Error::setting(
+            "classes",
+            format!("gate fine-tuning: an example has class {c}, of {classes} classes"),
+        ));
     }
     let ac = AdapterConfig {
         r: cfg.rank,

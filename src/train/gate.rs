@@ -85,9 +85,7 @@ pub fn train_gate(
     on: &mut dyn FnMut(GateTrainEvent),
 ) -> Result<GateTraining> {
     if cfg.non_political_weight == 0 {
-        return Err(Error::Invalid(
-            "non-political weight: give at least 1".into(),
-        ));
+        return Err(Error::setting("non_political_weight", "give at least 1"));
     }
     let prompts = load_router_prompts(&cfg.data)?;
     let all = topics::all_topics();
@@ -195,10 +193,13 @@ fn hidden_states(
     };
     let model = Model::load(&path, &LoadOptions { format: cfg.format })?;
     if cfg.layer > model.config.n_layer {
-        return Err(Error::Invalid(format!(
-            "--layer {}: the model has {} layers",
-            cfg.layer, model.config.n_layer
-        )));
+        return Err(Error::setting(
+            "layer",
+            format!(
+                "{}, but the model has {} layers",
+                cfg.layer, model.config.n_layer
+            ),
+        ));
     }
     let mut h = HiddenFeatures {
         layer: cfg.layer,
@@ -338,7 +339,7 @@ fn topic_index<S: AsRef<str>>(topics: &[S], topic: &str) -> Result<usize> {
     topics
         .iter()
         .position(|t| t.as_ref() == topic)
-        .ok_or_else(|| Error::Invalid(format!("unknown topic '{topic}'")))
+        .ok_or_else(|| Error::unknown("topic", topic, topics.iter().map(AsRef::as_ref)))
 }
 
 /// Append the `prompt`/`topic` of every stance pair under `dir` (training only); returns how many.

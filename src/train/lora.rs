@@ -33,20 +33,23 @@ impl TrainLora {
     pub fn init(model: &Config, config: AdapterConfig, seed: u64, dropout: f32) -> Result<Self> {
         let targets = config
             .targets()
-            .map_err(|m| Error::Invalid(format!("unknown target module '{m}'")))?;
+            .map_err(|m| Error::unknown("target module", m, Target::ALL.map(Target::peft_name)))?;
         if config.r == 0 {
-            return Err(Error::Invalid("rank must be at least 1".into()));
+            return Err(Error::setting("r", "the rank must be at least 1"));
         }
         let layers: Vec<usize> = match &config.layers_to_transform {
             Some(l) => l.clone(),
             None => (0..model.n_layer).collect(),
         };
         if let Some(&bad) = layers.iter().find(|&&l| l >= model.n_layer) {
-            return Err(Error::Invalid(format!(
-                "layers_to_transform: block {bad}, the model has {} (0-{})",
-                model.n_layer,
-                model.n_layer - 1
-            )));
+            return Err(Error::setting(
+                "layers_to_transform",
+                format!(
+                    "block {bad}, the model has {} (0-{})",
+                    model.n_layer,
+                    model.n_layer - 1
+                ),
+            ));
         }
         let mut rng = StdRng::seed_from_u64(seed);
         let mut pairs = BTreeMap::new();
@@ -124,12 +127,11 @@ impl TrainLora {
     pub fn load_adapter(&self, adapter: &Adapter) -> Result<()> {
         for (key, p) in &self.pairs {
             let q = adapter.pairs.get(key).ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{}: the adapter has no pair for layer {} {}",
-                    adapter.dir.display(),
-                    key.0,
-                    key.1.peft_name()
-                ))
+                Error::adapter(
+                    &adapter.dir,
+                    format!("layer {} {}", key.0, key.1.peft_name()),
+                    "the adapter has no pair for it",
+                )
             })?;
             p.a.set(&q.a)?;
             p.b.set(&q.b)?;

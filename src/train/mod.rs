@@ -170,27 +170,33 @@ impl TrainConfig {
             let field = field
                 .map(str::trim)
                 .filter(|f| !f.is_empty() && !f.starts_with('['));
-            Error::Invalid(format!(
-                "{}:{line}: {}{}",
-                path.display(),
-                field.map(|f| format!("{f}: ")).unwrap_or_default(),
-                e.message()
-            ))
+            Error::data(path, line, field.unwrap_or("toml"), e.message())
         })?;
-        c.validate()
-            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        c.validate().map_err(|e| match e {
+            Error::Setting { name, msg } => {
+                // The line that sets it (0 when the file leaves it at its default).
+                let line = text
+                    .lines()
+                    .position(|l| l.split('=').next().map(str::trim) == Some(name.as_str()))
+                    .map_or(0, |i| i + 1);
+                Error::data(path, line, name, msg)
+            }
+            e => e,
+        })?;
         Ok(c)
     }
 
     /// Write as TOML, atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = toml::to_string_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;
+        let text = toml::to_string_pretty(self)
+            .map_err(|e| Error::Internal(format!("train config: {e}")))?;
         crate::error::write_atomic(path, text.as_bytes())
     }
 
-    /// Check ranges; the message names the field.
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        crate::data::export::other_stance(&self.stance).map_err(|e| format!("stance: {e}"))?;
+    /// Check ranges: the error is an [`Error::Setting`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        crate::data::export::other_stance(&self.stance)
+            .map_err(|e| Error::setting("stance", e.to_string()))?;
         let positive = [
             ("rank", self.rank),
             ("batch_size", self.batch_size),
@@ -200,44 +206,60 @@ impl TrainConfig {
         ];
         for (name, v) in positive {
             if v == 0 {
-                return Err(format!("{name}: must be at least 1"));
+                return Err(Error::setting(name, "must be at least 1"));
             }
         }
         if self.max_seq_len < 16 {
-            return Err("max_seq_len: must be at least 16".into());
+            return Err(Error::setting("max_seq_len", "must be at least 16"));
         }
         if !(self.lr > 0.0 && self.lr < 1.0) {
-            return Err(format!("lr: {} is not in (0, 1)", self.lr));
+            return Err(Error::setting(
+                "lr",
+                format!("{} is not in (0, 1)", self.lr),
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(format!("dropout: {} is not in [0, 1)", self.dropout));
+            return Err(Error::setting(
+                "dropout",
+                format!("{} is not in [0, 1)", self.dropout),
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return Err(format!(
-                "min_lr_ratio: {} is not in [0, 1]",
-                self.min_lr_ratio
+            return Err(Error::setting(
+                "min_lr_ratio",
+                format!("{} is not in [0, 1]", self.min_lr_ratio),
             ));
         }
         if self.beta <= 0.0 {
-            return Err(format!("beta: {} must be positive", self.beta));
+            return Err(Error::setting(
+                "beta",
+                format!("{} must be positive", self.beta),
+            ));
         }
         for t in &self.targets {
             if crate::model::Target::parse(t).is_none() {
-                return Err(format!(
-                    "targets: unknown module '{t}' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+                return Err(Error::setting(
+                    "targets",
+                    format!("unknown module '{t}' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"),
                 ));
             }
         }
         if !self.long_form && self.survey == 0 {
-            return Err("long_form: false needs survey >= 1 (there would be no examples)".into());
+            return Err(Error::setting(
+                "long_form",
+                "false needs survey >= 1 (there would be no examples)",
+            ));
         }
         if self.targets.is_empty() {
-            return Err("targets: at least one module is needed".into());
+            return Err(Error::setting("targets", "at least one module is needed"));
         }
         if !matches!(self.base, WeightFormat::F32 | WeightFormat::Int8) {
-            return Err(format!(
-                "base: '{}' carries no gradients (expected f32 or int8)",
-                self.base.name()
+            return Err(Error::setting(
+                "base",
+                format!(
+                    "'{}' carries no gradients (expected f32 or int8)",
+                    self.base.name()
+                ),
             ));
         }
         Ok(())

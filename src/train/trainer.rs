@@ -165,25 +165,27 @@ impl<'a> Trainer<'a> {
         out: &Path,
     ) -> Result<Self> {
         if !matches!(model.format, WeightFormat::F32 | WeightFormat::Int8) {
-            return Err(Error::Invalid(format!(
-                "training needs the model loaded with f32 or int8 weights, not {}",
-                model.format.name()
-            )));
+            return Err(Error::setting(
+                "format",
+                format!(
+                    "training needs the model loaded with f32 or int8 weights, not {}",
+                    model.format.name()
+                ),
+            ));
         }
         config.base = model.format;
-        config.validate().map_err(Error::Invalid)?;
+        config.validate()?;
         if config.method == Method::Dpo && train.iter().chain(dev).any(|r| r.rejected.is_none()) {
-            return Err(Error::Invalid(
-                "DPO needs a rejected answer in every record".into(),
+            return Err(Error::no_data(
+                "DPO training",
+                "every record needs a rejected answer",
             ));
         }
         let tok = &model.tokenizer;
         let (train, d1) = tokenize(tok, train, config.max_seq_len)?;
         let (dev, d2) = tokenize(tok, dev, config.max_seq_len)?;
         if train.is_empty() {
-            return Err(Error::Invalid(
-                "no training examples fit in max_seq_len".into(),
-            ));
+            return Err(Error::no_data("training", "no examples fit in max_seq_len"));
         }
         let lora = match &config.init {
             Some(dir) => {
@@ -213,11 +215,14 @@ impl<'a> Trainer<'a> {
                         0 => None,
                         n if n < model.config.n_layer => Some((n..model.config.n_layer).collect()),
                         n => {
-                            return Err(Error::Invalid(format!(
-                                "layers_from: {n}, but the model has {} blocks (0-{})",
-                                model.config.n_layer,
-                                model.config.n_layer - 1
-                            )))
+                            return Err(Error::setting(
+                                "layers_from",
+                                format!(
+                                    "{n}, but the model has {} blocks (0-{})",
+                                    model.config.n_layer,
+                                    model.config.n_layer - 1
+                                ),
+                            ))
                         }
                     },
                 };
@@ -353,7 +358,7 @@ impl<'a> Trainer<'a> {
         let path = self.out.join(REFERENCE_FILE);
         if let Ok(s) = std::fs::read_to_string(&path) {
             let cache: HashMap<String, (f32, f32)> = serde_json::from_str(&s)
-                .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+                .map_err(|e| Error::data(&path, e.line(), "reference", e.to_string()))?;
             self.reference.borrow_mut().extend(cache);
         }
         Ok(())
@@ -365,7 +370,7 @@ impl<'a> Trainer<'a> {
             return Ok(());
         }
         let json = serde_json::to_string(&*self.reference.borrow())
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+            .map_err(|e| Error::Internal(format!("{REFERENCE_FILE}: {e}")))?;
         crate::error::write_atomic(&self.out.join(REFERENCE_FILE), json.as_bytes())
     }
 
@@ -667,8 +672,8 @@ impl<'a> Trainer<'a> {
             report.dev_side_accuracy = report.dev_reward_accuracy.take();
         }
         self.save_adapter(&report)?;
-        let json =
-            serde_json::to_string_pretty(&report).map_err(|e| Error::Invalid(e.to_string()))?;
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::Internal(format!("train summary: {e}")))?;
         crate::error::write_atomic(&self.out.join("train_summary.json"), json.as_bytes())?;
         let _ = std::fs::remove_file(&ckpt_path);
         Ok(report)

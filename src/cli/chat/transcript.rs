@@ -123,7 +123,7 @@ impl Transcript {
             .chain(self.turns.iter().map(|t| Line::Turn(Box::new(t.clone()))));
         for line in lines {
             let json = serde_json::to_string(&line)
-                .map_err(|e| Error::Invalid(format!("cannot write the transcript: {e}")))?;
+                .map_err(|e| Error::Internal(format!("cannot write the transcript: {e}")))?;
             text.push_str(&json);
             text.push('\n');
         }
