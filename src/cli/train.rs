@@ -36,7 +36,8 @@ pub struct Args {
     /// TOML file with any of the settings below (flags win).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Base model GGUF (default: the fetched SmolLM2-135M-Instruct).
+    /// Base model GGUF (default: the one a resumed run was started with, else the fetched
+    /// SmolLM2-135M-Instruct).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The adapter's own side: progressive or conservative.
@@ -171,6 +172,10 @@ impl Args {
         if self.init.is_some() {
             c.init = self.init.clone();
         }
+        if let Some(m) = &self.model {
+            // Absolute, so that a resume from another directory finds it.
+            c.model = Some(std::path::absolute(m).unwrap_or_else(|_| m.clone()));
+        }
         c.rslora |= self.rslora;
         c.validate()
             .map_err(|e| anyhow::anyhow!("train settings: {e}"))?;
@@ -184,7 +189,8 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         Command::Dpo(a) => (Method::Dpo, a),
     };
     let config = args.settings(method)?;
-    let model_path = match &args.model {
+    // --model, else the one the run was started with (a resume), else the default base.
+    let model_path = match args.model.as_ref().or(config.model.as_ref()) {
         Some(p) => p.clone(),
         None => fetch::ensure_default_model(&crate::cli::paths())?,
     };

@@ -72,6 +72,10 @@ pub struct TrainConfig {
     pub beta: f64,
     /// Start from this adapter instead of a fresh one (e.g. DPO after SFT).
     pub init: Option<PathBuf>,
+    /// The base model file the run trains over, as given: recorded so that a resume finds it
+    /// (unset: the caller's default base).
+    #[serde(default)]
+    pub model: Option<PathBuf>,
     /// Dev-set loss every this many optimizer steps (0: only at the end).
     pub eval_every: usize,
     /// Dev examples used for the dev loss, periodic and final, spread evenly over the dev split
@@ -146,6 +150,7 @@ impl Default for TrainConfig {
             seed: 1,
             beta: 0.1,
             init: None,
+            model: None,
             eval_every: 50,
             eval_limit: 48,
             checkpoint_every: 20,
