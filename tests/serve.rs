@@ -395,6 +395,16 @@ fn answers_equal_generate_for_the_same_blend_and_seed_as_json_sse_and_via_the_op
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
     }
 
+    // The prompts asked again above (JSON, then streamed, then with a stop sequence) started
+    // from the prompt cache, and their answers still equal `generate`'s.
+    let metrics = server.get("/metrics").text();
+    let hits: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("stancemix_prompt_cache_hits_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(hits > 0, "no prompt cache hits:\n{metrics}");
+
     // Models: the base, each expert, reachable blends.
     let models = server.get("/v1/models").json();
     let ids: Vec<&str> = models["data"]
