@@ -103,12 +103,15 @@ impl PromptCache {
         cache: &KvCache,
         logits: &[Vec<f32>],
     ) -> Result<()> {
-        let size =
-            cache.bytes() + logits.iter().map(|z| z.len() * 4).sum::<usize>() + tokens.len() * 4;
-        if self.budget == 0 || size > self.budget {
+        if self.budget == 0 {
             return Ok(());
         }
         let cache = cache.compact()?;
+        let size =
+            cache.bytes() + logits.iter().map(|z| z.len() * 4).sum::<usize>() + tokens.len() * 4;
+        if size > self.budget {
+            return Ok(());
+        }
         let mut g = self.lock();
         if g.entries
             .iter()
