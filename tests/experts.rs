@@ -35,6 +35,15 @@ fn random_experts(model: &Model, rank: usize) -> ExpertSet {
     ExpertSet::new(vec![pro, con]).unwrap()
 }
 
+/// The greedy choice: the index of the largest logit.
+fn argmax(z: &[f32]) -> u32 {
+    z.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i as u32)
+        .unwrap()
+}
+
 fn prompt_ids(model: &Model) -> Vec<u32> {
     model.tokenizer.encode("<|im_start|>user\nShould taxes on large estates go up?<|im_end|>\n<|im_start|>assistant\n").unwrap()
 }
@@ -662,13 +671,6 @@ fn sessions_decoded_together_match_each_decoded_alone() {
         ("a somewhat longer prompt here", "mix=0.3@logits"),
         ("mid length", "dial=-1@contrast"),
     ];
-    let argmax = |z: &[f32]| {
-        z.iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i as u32)
-            .unwrap()
-    };
     let plans: Vec<_> = cases
         .iter()
         .map(|(p, b)| engine.plan(&b.parse().unwrap(), p).unwrap().1)
@@ -722,13 +724,6 @@ fn prompts_from_the_prompt_cache_decode_as_prompts_computed_afresh() {
     use stancemix::runtime::PromptCache;
     let model = tiny_model_as(32, WeightFormat::Q8_0);
     let engine = stancemix::Engine::new(model.clone(), random_experts(&model, 4));
-    let argmax = |z: &[f32]| {
-        z.iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i as u32)
-            .unwrap()
-    };
     let prompt = model.tokenizer.encode("a prompt asked twice").unwrap();
     let store = PromptCache::new(64 << 20);
     for blend in ["dial=0.6", "mix=0.3@logits", "dial=-1@contrast"] {

@@ -64,34 +64,32 @@ impl KvCache {
 
     /// A deep copy: the fork can be extended without touching this cache.
     pub fn fork(&self) -> Result<Self> {
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for l in &self.layers {
-            layers.push(match l {
-                None => None,
-                Some(l) => Some(LayerKv {
-                    k: l.k.copy()?,
-                    v: l.v.copy()?,
-                    len: l.len,
-                }),
-            });
-        }
-        Ok(KvCache { layers })
+        self.copy_layers(|t, _| t.copy())
     }
 
     /// A deep copy holding only the filled positions (no spare capacity): what a store of
     /// caches keeps. Extending it reallocates, so it never writes into the copy's buffers.
     pub fn compact(&self) -> Result<Self> {
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for l in &self.layers {
-            layers.push(match l {
-                None => None,
-                Some(l) => Some(LayerKv {
-                    k: owned(&l.k.narrow(2, 0, l.len)?)?,
-                    v: owned(&l.v.narrow(2, 0, l.len)?)?,
-                    len: l.len,
-                }),
-            });
-        }
+        self.copy_layers(|t, len| owned(&t.narrow(2, 0, len)?))
+    }
+
+    /// Every layer's keys and values copied by `copy(buffer, filled positions)`.
+    fn copy_layers(&self, copy: impl Fn(&Tensor, usize) -> Result<Tensor>) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|l| {
+                        Ok(LayerKv {
+                            k: copy(&l.k, l.len)?,
+                            v: copy(&l.v, l.len)?,
+                            len: l.len,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
         Ok(KvCache { layers })
     }
 
