@@ -204,9 +204,18 @@ impl Adapter {
                 ));
             }
         }
-        let targets = config
-            .targets()
-            .map_err(|m| Error::adapter(&cfg_path, "target_modules", format!("unknown target module '{m}' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")))?;
+        let targets = config.targets().map_err(|m| {
+            Error::adapter(
+                &cfg_path,
+                "target_modules",
+                format!(
+                    "unknown target module '{m}' (expected {})",
+                    crate::model::Target::ALL
+                        .map(crate::model::Target::peft_name)
+                        .join(", ")
+                ),
+            )
+        })?;
         let w_path = dir.join(WEIGHTS_FILE);
         if !w_path.exists() {
             return Err(Error::adapter(

@@ -46,6 +46,10 @@ pub enum WeightFormat {
 pub const WIDE_ROWS: usize = 32;
 
 impl WeightFormat {
+    /// Every format, in the order `--format` lists them.
+    pub const ALL: [WeightFormat; 5] =
+        [Self::Stored, Self::Q8_0, Self::F32, Self::Mixed, Self::Int8];
+
     /// The name `--format` takes.
     pub fn name(self) -> &'static str {
         match self {
@@ -61,18 +65,12 @@ impl WeightFormat {
 impl std::str::FromStr for WeightFormat {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "stored" => Ok(Self::Stored),
-            "q8_0" | "q8" => Ok(Self::Q8_0),
-            "f32" => Ok(Self::F32),
-            "mixed" => Ok(Self::Mixed),
-            "int8" => Ok(Self::Int8),
-            _ => Err(Error::unknown(
-                "weight format",
-                s,
-                ["stored", "q8_0", "f32", "mixed", "int8"],
-            )),
-        }
+        let lower = s.to_ascii_lowercase();
+        let name = if lower == "q8" { "q8_0" } else { &lower };
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| Error::unknown("weight format", s, Self::ALL.map(Self::name)))
     }
 }
 

@@ -151,8 +151,8 @@ impl PromptCache {
         }
     }
 
-    /// The store's state; a thread that panicked while holding it cannot have left it half
-    /// changed (every change is one push or one removal), so a poisoned lock is still usable.
+    /// The store's state. Nothing that can panic runs between a change and its byte count,
+    /// so a lock poisoned by a panicking request still guards a consistent store.
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -245,7 +245,12 @@ impl TrainConfig {
             if crate::model::Target::parse(t).is_none() {
                 return Err(Error::setting(
                     "targets",
-                    format!("unknown module '{t}' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"),
+                    format!(
+                        "unknown module '{t}' (expected {})",
+                        crate::model::Target::ALL
+                            .map(crate::model::Target::peft_name)
+                            .join(", ")
+                    ),
                 ));
             }
         }
