@@ -126,6 +126,7 @@ fn upper_block_training_from_kept_residuals_matches_the_full_pass() {
     let dir = tempfile::tempdir().unwrap();
     let c = TrainConfig {
         layers_from: 1,
+        epochs: 2,
         ..config(Method::Sft)
     };
     let trainer = Trainer::new(&model, c, &records(), &[], dir.path()).unwrap();
@@ -174,6 +175,44 @@ fn upper_block_training_from_kept_residuals_matches_the_full_pass() {
     // The same sequences again, half of them: answered from the store.
     trainer.batch_loss(&refs[..2], false).unwrap();
     assert_eq!(trainer.residuals_stored().unwrap().0, 4);
+}
+
+/// A run shorter than an epoch never reads a training example twice: its residuals are not
+/// kept for the run, the dev split's are, and DPO's reference pass still reads the batch's own
+/// residuals (the loss equals a run that keeps everything).
+#[test]
+fn a_run_shorter_than_an_epoch_keeps_only_the_dev_residuals() {
+    let model = common::tiny_model(7);
+    let short = TrainConfig {
+        layers_from: 1,
+        batch_size: 2,
+        max_steps: 1,
+        epochs: 1,
+        ..config(Method::Dpo)
+    };
+    let long = TrainConfig {
+        max_steps: 0,
+        epochs: 2,
+        ..short.clone()
+    };
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let recs = records();
+    let t_short = Trainer::new(&model, short, &recs, &recs[..2], d1.path()).unwrap();
+    let t_long = Trainer::new(&model, long, &recs, &recs[..2], d2.path()).unwrap();
+    assert!(!t_short.repeats_examples() && t_long.repeats_examples());
+    let (ex, _) = tokenize(&model.tokenizer, &recs, 64).unwrap();
+    let refs: Vec<_> = ex.iter().collect();
+    let (a, _) = t_short.batch_loss(&refs[..2], true).unwrap();
+    let (b, _) = t_long.batch_loss(&refs[..2], true).unwrap();
+    let (a, b) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+    assert!(
+        (a - b).abs() < 1e-6,
+        "loss {a} without keeping, {b} keeping"
+    );
+    assert_eq!(t_short.residuals_stored().unwrap().0, 0);
+    assert_eq!(t_long.residuals_stored().unwrap().0, 4); // 2 chosen + 2 rejected
+    t_short.dev_loss(0).unwrap();
+    assert_eq!(t_short.residuals_stored().unwrap().0, 4);
 }
 
 /// SFT's dev figures: the loss over the own answers' tokens, and the side accuracy (own answer

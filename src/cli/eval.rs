@@ -311,7 +311,7 @@ pub fn print_table(r: &Report) {
             "argmax"
         ));
     }
-    head.push_str(" | outside  agree  first | pro-side");
+    head.push_str(" | outside  agree  first | pro-side | agrees: pro-agree pro-disagree");
     println!("{head}");
     for b in &r.blends {
         let mut line = format!("{:<w$}", b.blend);
@@ -322,9 +322,15 @@ pub fn print_table(r: &Report) {
                 s.expected, s.expected_ci95, s.argmax
             ));
         }
+        let k = &b.keying;
         line.push_str(&format!(
-            " | {:>7.3} {:>6.3} {:>6.3} | {:>8.3}",
-            b.outside_mass, b.agree_share, b.first_option_share, b.progressive_side
+            " | {:>7.3} {:>6.3} {:>6.3} | {:>8.3} | {:>17} {:>12}",
+            b.outside_mass,
+            b.agree_share,
+            b.first_option_share,
+            b.progressive_side,
+            format!("{}/{}", k.agrees_with_pro_agree, k.pro_agree_items),
+            format!("{}/{}", k.agrees_with_pro_disagree, k.pro_disagree_items),
         ));
         println!("{line}");
     }
@@ -344,6 +350,9 @@ pub fn print_table(r: &Report) {
     println!(
         "outside: probability off the options; agree: mass on agreeing options; first: mass on the option listed first (unbiased {:.3})",
         1.0 / r.answers.len() as f64
+    );
+    println!(
+        "pro-side: share of items whose forced choice falls on the progressive side; agrees: items agreed with, of those the progressive side agrees with / rejects (a reader of sides agrees more with the first)"
     );
 }
 

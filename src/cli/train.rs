@@ -270,8 +270,12 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
         model.format.name(),
     );
     if let first @ 1.. = trainer.lora().first_layer() {
+        let kept = match trainer.repeats_examples() {
+            true => "kept in memory",
+            false => "kept for the dev split (the run reads no training example twice)",
+        };
         eprintln!(
-            "adapting blocks {first}-{}: the residual stream entering block {first} is computed once per sequence and kept in memory",
+            "adapting blocks {first}-{}: the residual stream entering block {first} is computed once per sequence and {kept}",
             model.config.n_layer - 1
         );
     }

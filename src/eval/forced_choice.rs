@@ -138,8 +138,58 @@ pub struct BlendScore {
     /// expert's "side accuracy" is its own side's share.
     #[serde(default)]
     pub progressive_side: f64,
+    /// How often the blend agrees with the items its progressive side agrees with and with
+    /// those it rejects: a side reader agrees more with the first; a respondent that disagrees
+    /// (or agrees) with everything has half its side's share from the keying alone.
+    #[serde(default)]
+    pub keying: KeyingAgreement,
     pub templates: Vec<TemplateScore>,
     pub items: Vec<ItemResult>,
+}
+
+/// Items on which the agreeing options hold more than half the probability (mean over
+/// variants), by keying: whether agreeing moves the item's score toward progressive
+/// (`pro_agree`) or toward conservative (`pro_disagree`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyingAgreement {
+    pub pro_agree_items: usize,
+    pub agrees_with_pro_agree: usize,
+    pub pro_disagree_items: usize,
+    pub agrees_with_pro_disagree: usize,
+}
+
+impl KeyingAgreement {
+    /// Count over `items` (results in the instrument's item order).
+    pub fn of(ins: &Instrument, items: &[ItemResult]) -> KeyingAgreement {
+        let agree = agreeing(&ins.answers);
+        let mut k = KeyingAgreement::default();
+        for (it, r) in ins.items.iter().zip(items) {
+            // Effect of agreeing: the agreeing options' summed effects over the item's axes.
+            let effect: f64 = it
+                .effects
+                .values()
+                .flat_map(|e| agree.iter().filter_map(|&a| e.get(a)))
+                .sum();
+            let agrees = agree.iter().map(|&a| r.probs[a]).sum::<f64>() > 0.5;
+            if effect < 0.0 {
+                k.pro_agree_items += 1;
+                k.agrees_with_pro_agree += agrees as usize;
+            } else if effect > 0.0 {
+                k.pro_disagree_items += 1;
+                k.agrees_with_pro_disagree += agrees as usize;
+            }
+        }
+        k
+    }
+
+    /// Share of items agreed with, of each keying: `(pro_agree, pro_disagree)`.
+    pub fn shares(&self) -> (f64, f64) {
+        let share = |a: usize, n: usize| if n == 0 { 0.0 } else { a as f64 / n as f64 };
+        (
+            share(self.agrees_with_pro_agree, self.pro_agree_items),
+            share(self.agrees_with_pro_disagree, self.pro_disagree_items),
+        )
+    }
 }
 
 /// The acquiescence control: the scores of a respondent who always agrees.
@@ -792,6 +842,7 @@ fn summarise(
     let g = blend.gates(&engine.experts)?;
     Ok(BlendScore {
         progressive_side,
+        keying: KeyingAgreement::of(ins, &items),
         blend: blend.to_string(),
         weights: engine
             .expert_names()
@@ -862,6 +913,56 @@ mod tests {
         assert_eq!(ids(4), ["q0", "q1", "q8", "q9"]);
         assert_eq!(ids(8).len(), 8);
         assert_eq!(subset(&ins, None).items.len(), 16);
+    }
+
+    /// Counted by hand: four items, two keyed each way (agreeing moves the score down, i.e.
+    /// toward progressive, or up), read by a respondent that agrees with three of them.
+    #[test]
+    fn keying_agreement_counts_agreement_per_keying() {
+        use crate::data::Item;
+        // Pro-agree (s = 1): the disagreeing options move the score up, the agreeing ones down.
+        let effects = |s: f64| [("econ".to_string(), vec![s, s / 2.0, -s / 2.0, -s])].into();
+        let items: Vec<Item> = [1.0, 1.0, -1.0, -1.0]
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| Item {
+                id: format!("q{i}"),
+                text: "t".into(),
+                effects: effects(a),
+            })
+            .collect();
+        let ins = Instrument {
+            name: "t".into(),
+            description: String::new(),
+            sign: String::new(),
+            answers: ["Strongly disagree", "Disagree", "Agree", "Strongly agree"]
+                .map(String::from)
+                .to_vec(),
+            axes: Default::default(),
+            items,
+        };
+        let result = |p: [f64; 4]| ItemResult {
+            id: String::new(),
+            probs: p.to_vec(),
+            variants: vec![],
+        };
+        let results = [
+            result([0.1, 0.1, 0.4, 0.4]), // agrees (0.8), pro-agree
+            result([0.3, 0.3, 0.2, 0.2]), // disagrees, pro-agree
+            result([0.0, 0.4, 0.6, 0.0]), // agrees (0.6), pro-disagree
+            result([0.0, 0.2, 0.1, 0.7]), // agrees (0.8), pro-disagree
+        ];
+        let k = KeyingAgreement::of(&ins, &results);
+        assert_eq!(
+            k,
+            KeyingAgreement {
+                pro_agree_items: 2,
+                agrees_with_pro_agree: 1,
+                pro_disagree_items: 2,
+                agrees_with_pro_disagree: 2,
+            }
+        );
+        assert_eq!(k.shares(), (0.5, 1.0));
     }
 
     #[test]

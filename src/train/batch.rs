@@ -179,9 +179,15 @@ fn answer_logprobs(model: &Model, packed: &Packed, hidden: &Tensor, pass: &Pass)
 /// The base model's residual stream entering block `after`, per token sequence, computed once
 /// and kept: when an adapter covers only the blocks from `after` on, everything below is the
 /// frozen base's, so a training run needs it once, not once an epoch.
+///
+/// Sequences asked for with `keep` stay for the whole run; the others (a run shorter than an
+/// epoch never sees a training example twice) stay only until the next batch needs new ones,
+/// long enough for DPO's reference pass over the batch the policy pass just read. A 1.5B run
+/// of 300 DPO steps would otherwise hold ~4 GB it never reads again.
 pub struct Residuals {
     after: usize,
     store: RefCell<HashMap<Vec<u32>, Tensor>>,
+    scratch: RefCell<HashMap<Vec<u32>, Tensor>>,
 }
 
 impl Residuals {
@@ -189,6 +195,7 @@ impl Residuals {
         Residuals {
             after,
             store: RefCell::new(HashMap::new()),
+            scratch: RefCell::new(HashMap::new()),
         }
     }
 
@@ -197,7 +204,7 @@ impl Residuals {
         self.after
     }
 
-    /// Sequences stored, and the memory their residuals take.
+    /// Sequences kept for the run, and the memory their residuals take.
     pub fn stored(&self) -> (usize, usize) {
         let store = self.store.borrow();
         let bytes = store.values().map(|t| t.elem_count() * 4).sum();
@@ -206,13 +213,31 @@ impl Residuals {
 
     /// The residuals of `seqs` (`prompt ++ answer` each), right-padded with zeros into
     /// `(rows, t, hidden)` like [`pack`] pads the tokens; missing ones are computed in one pass
-    /// of the base's first `after` blocks. Padding never reaches a real position (causal mask).
-    pub fn batch(&self, model: &Model, seqs: &[(&[u32], &[u32])], pad: u32) -> Result<Tensor> {
+    /// of the base's first `after` blocks and kept for the run (`keep`) or until the next
+    /// batch. Padding never reaches a real position (causal mask).
+    pub fn batch(
+        &self,
+        model: &Model,
+        seqs: &[(&[u32], &[u32])],
+        pad: u32,
+        keep: bool,
+    ) -> Result<Tensor> {
         let full: Vec<Vec<u32>> = seqs.iter().map(|(p, a)| [*p, *a].concat()).collect();
+        if keep {
+            let mut scratch = self.scratch.borrow_mut();
+            let mut store = self.store.borrow_mut();
+            for s in &full {
+                if let Some(x) = scratch.remove(s) {
+                    store.insert(s.clone(), x);
+                }
+            }
+        }
         let todo: Vec<&Vec<u32>> = {
-            let store = self.store.borrow();
-            let mut todo: Vec<&Vec<u32>> =
-                full.iter().filter(|s| !store.contains_key(*s)).collect();
+            let (store, scratch) = (self.store.borrow(), self.scratch.borrow());
+            let mut todo: Vec<&Vec<u32>> = full
+                .iter()
+                .filter(|s| !store.contains_key(*s) && !scratch.contains_key(*s))
+                .collect();
             todo.sort();
             todo.dedup();
             todo
@@ -230,18 +255,29 @@ impl Residuals {
                 differentiable: false,
             };
             let x = model.forward(&tokens, None, &pass)?; // (todo, t, hidden)
-            let mut store = self.store.borrow_mut();
+            let mut store = match keep {
+                true => self.store.borrow_mut(),
+                false => {
+                    // What this batch reads from the last one's scratch moves up first.
+                    let mut scratch = self.scratch.borrow_mut();
+                    let old = std::mem::take(&mut *scratch);
+                    scratch.extend(old.into_iter().filter(|(s, _)| full.contains(s)));
+                    scratch
+                }
+            };
             for (r, s) in todo.iter().enumerate() {
                 let row = x.get(r)?.narrow(0, 0, s.len())?.contiguous()?;
                 store.insert((*s).clone(), row);
             }
         }
         let t = full.iter().map(Vec::len).max().unwrap_or(0);
-        let store = self.store.borrow();
+        let (store, scratch) = (self.store.borrow(), self.scratch.borrow());
         let rows = full
             .iter()
             .map(|s| {
-                let x = &store[s];
+                let x = store.get(s).or_else(|| scratch.get(s)).ok_or_else(|| {
+                    candle_core::Error::Msg("residual missing after its pass".into())
+                })?;
                 match t - s.len() {
                     0 => Ok(x.clone()),
                     n => Tensor::cat(

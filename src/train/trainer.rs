@@ -279,12 +279,14 @@ impl<'a> Trainer<'a> {
 
     /// Log-probabilities of the answer tokens of `prompt ++ chosen` for every example, then (DPO)
     /// `prompt ++ rejected` for every one, under `pass`; from the kept residuals when the
-    /// adapter leaves the lowest blocks alone.
+    /// adapter leaves the lowest blocks alone (`dev`: the examples are dev ones, read again
+    /// at every evaluation, so their residuals are kept for the run).
     fn answer_logprobs(
         &self,
         examples: &[&Example],
         with_rejected: bool,
         pass: &Pass,
+        dev: bool,
     ) -> Result<(Packed, Tensor)> {
         let mut seqs: Vec<_> = examples
             .iter()
@@ -297,11 +299,18 @@ impl<'a> Trainer<'a> {
         let logp = match &self.residuals {
             None => token_logprobs(self.model, &packed, pass)?,
             Some(r) => {
-                let x = r.batch(self.model, &seqs, self.pad)?;
+                let keep = dev || self.repeats_examples();
+                let x = r.batch(self.model, &seqs, self.pad, keep)?;
                 token_logprobs_from(self.model, &packed, &x, r.after(), pass)?
             }
         };
         Ok((packed, logp))
+    }
+
+    /// Whether the run reads a training example more than once (more than one epoch), so that
+    /// keeping its residuals pays.
+    pub fn repeats_examples(&self) -> bool {
+        self.total_steps() * self.config.grad_accum * self.config.batch_size > self.train.len()
     }
 
     /// Residual sequences kept for the frozen lowest blocks, and their memory in bytes.
@@ -322,21 +331,26 @@ impl<'a> Trainer<'a> {
         };
         match self.config.method {
             Method::Sft => {
-                let (packed, logp) = self.answer_logprobs(examples, false, &pass)?;
+                let (packed, logp) = self.answer_logprobs(examples, false, &pass, false)?;
                 Ok((logp.mean_all()?.neg()?, packed.real_tokens))
             }
             Method::Dpo => {
-                let (loss, _, tokens) = self.dpo_batch(examples, &pass)?;
+                let (loss, _, tokens) = self.dpo_batch(examples, &pass, false)?;
                 Ok((loss, tokens))
             }
         }
     }
 
-    fn dpo_batch(&self, examples: &[&Example], pass: &Pass) -> Result<(Tensor, Tensor, usize)> {
+    fn dpo_batch(
+        &self,
+        examples: &[&Example],
+        pass: &Pass,
+        dev: bool,
+    ) -> Result<(Tensor, Tensor, usize)> {
         let b = examples.len();
-        let (packed, logp) = self.answer_logprobs(examples, true, pass)?;
+        let (packed, logp) = self.answer_logprobs(examples, true, pass, dev)?;
         let sums = row_sums(&packed, &logp)?; // (2b,)
-        let (rc, rr): (Vec<f32>, Vec<f32>) = self.reference_for(examples)?.into_iter().unzip();
+        let (rc, rr): (Vec<f32>, Vec<f32>) = self.reference_for(examples, dev)?.into_iter().unzip();
         let dev = sums.device();
         let (loss, d) = dpo_loss(
             &sums.narrow(0, 0, b)?,
@@ -376,7 +390,7 @@ impl<'a> Trainer<'a> {
 
     /// Reference log-probabilities `(chosen, rejected)` of `examples`, computing missing ones
     /// with the base model (experts off).
-    fn reference_for(&self, examples: &[&Example]) -> Result<Vec<(f32, f32)>> {
+    fn reference_for(&self, examples: &[&Example], dev: bool) -> Result<Vec<(f32, f32)>> {
         let todo: Vec<&Example> = examples
             .iter()
             .copied()
@@ -393,7 +407,7 @@ impl<'a> Trainer<'a> {
                 logits: crate::model::Logits::Hidden,
                 differentiable: false,
             };
-            let (packed, logp) = self.answer_logprobs(&todo, true, &pass)?;
+            let (packed, logp) = self.answer_logprobs(&todo, true, &pass, dev)?;
             let sums = row_sums(&packed, &logp)?.to_vec1::<f32>()?;
             let mut cache = self.reference.borrow_mut();
             for (i, e) in todo.iter().enumerate() {
@@ -437,7 +451,7 @@ impl<'a> Trainer<'a> {
         for chunk in refs.chunks(self.config.batch_size) {
             match self.config.method {
                 Method::Sft => {
-                    let (packed, logp) = self.answer_logprobs(chunk, both, &pass)?;
+                    let (packed, logp) = self.answer_logprobs(chunk, both, &pass, true)?;
                     // Own answers first: the first `own` answer tokens and rows are theirs.
                     let own: usize = chunk.iter().map(|e| e.chosen.len()).sum();
                     total -= logp.narrow(0, 0, own)?.sum_all()?.to_scalar::<f32>()? as f64;
@@ -449,7 +463,7 @@ impl<'a> Trainer<'a> {
                     }
                 }
                 Method::Dpo => {
-                    let (loss, d, _) = self.dpo_batch(chunk, &pass)?;
+                    let (loss, d, _) = self.dpo_batch(chunk, &pass, true)?;
                     total += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
                     weight += chunk.len() as f64;
                     wins += d.to_vec1::<f32>()?.iter().filter(|&&x| x > 0.0).count();
