@@ -4,6 +4,7 @@
 mod common;
 
 use candle_core::{Device, Tensor, Var};
+use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
 
 use stancemix::data::export::Record;
@@ -652,4 +653,40 @@ fn resume_after_kill_matches_an_uninterrupted_run() {
         (resumed - full).abs() < 1e-3 * full.abs().max(1.0),
         "resumed run's dev loss {resumed} vs uninterrupted {full}"
     );
+}
+
+/// The records a run reads: SFT trains on own answers only, dev records carry both sides'
+/// answers, survey records join both splits, and the dev split alternates long-form and survey
+/// records (so a limited dev loss sees both kinds). Read from the shipped stance data.
+#[test]
+fn a_runs_records_mix_long_form_and_survey_and_dev_carries_both_sides() {
+    let pairs = stancemix::data::load_stance_dir(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/adapters/data/stance"
+    )))
+    .unwrap();
+    let chat = stancemix::model::chat::ChatTemplate::chatml();
+    let c = TrainConfig {
+        survey: 1,
+        long_form: true,
+        ..config(Method::Sft)
+    };
+    let (train, dev) = c.records(&pairs, &chat).unwrap();
+    let is_survey = |r: &Record| r.id.contains("#survey");
+    assert!(train.iter().all(|r| r.rejected.is_none()));
+    assert!(dev.iter().all(|r| r.rejected.is_some()));
+    assert!(train.iter().any(is_survey) && train.iter().any(|r| !is_survey(r)));
+    assert!(!is_survey(&dev[0]) && is_survey(&dev[1]) && !is_survey(&dev[2]));
+    let ids = |rs: &[Record]| rs.iter().map(|r| r.id.clone()).collect::<HashSet<_>>();
+    assert!(
+        ids(&train).is_disjoint(&ids(&dev)),
+        "a record in both splits"
+    );
+    let survey_only = TrainConfig {
+        long_form: false,
+        ..c.clone()
+    };
+    let (t2, d2) = survey_only.records(&pairs, &chat).unwrap();
+    assert!(t2.iter().chain(&d2).all(is_survey));
+    assert_eq!(t2.len(), train.iter().filter(|r| is_survey(r)).count());
 }

@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use stancemix::data::export::{export, Split, View};
 use stancemix::data::load_stance_dir;
-use stancemix::data::survey::survey;
 use stancemix::model::{fetch, LoadOptions, Model, WeightFormat};
 use stancemix::train::{Method, Outcome, Progress, TrainConfig, Trainer};
 
@@ -202,48 +200,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     )?;
     let pairs = load_stance_dir(&config.data)?;
     // Prompts in the base's own chat template, as chat and eval will render them.
-    let chat = &model.tokenizer.chat;
-    let view = match method {
-        Method::Sft => View::Sft,
-        Method::Dpo => View::Dpo,
-    };
-    // Dev records carry the other side's answer whatever the method: SFT's dev figures include a
-    // side accuracy (own answer likelier than the other side's).
-    let (mut train, mut dev) = if config.long_form {
-        (
-            export(&pairs, view, &config.stance, Split::Train, chat)?,
-            export(&pairs, View::Dpo, &config.stance, Split::Dev, chat)?,
-        )
-    } else {
-        (Vec::new(), Vec::new())
-    };
-    if config.survey > 0 {
-        train.extend(survey(
-            &pairs,
-            view,
-            &config.stance,
-            Split::Train,
-            config.survey,
-            chat,
-        )?);
-        // Alternate long-form and survey dev records, so a limited dev loss sees both kinds.
-        let extra = survey(
-            &pairs,
-            View::Dpo,
-            &config.stance,
-            Split::Dev,
-            config.survey,
-            chat,
-        )?;
-        let long = std::mem::take(&mut dev);
-        let (mut a, mut b) = (long.into_iter(), extra.into_iter());
-        loop {
-            match (a.next(), b.next()) {
-                (None, None) => break,
-                (x, y) => dev.extend(x.into_iter().chain(y)),
-            }
-        }
-    }
+    let (train, dev) = config.records(&pairs, &model.tokenizer.chat)?;
     if args.dev_only {
         let limit = config.eval_limit;
         let trainer = Trainer::new(&model, config, &train, &dev, &args.out)?;

@@ -23,6 +23,10 @@ pub use trainer::{dpo_loss, peak_rss_mb, Outcome, Progress, TrainReport, Trainer
 
 use std::path::{Path, PathBuf};
 
+use crate::data::export::{export, Record, Split, View};
+use crate::data::survey::survey;
+use crate::data::StancePair;
+use crate::model::chat::ChatTemplate;
 use crate::model::WeightFormat;
 use crate::{Error, Result};
 
@@ -273,5 +277,40 @@ impl TrainConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The training and dev records this run reads from `pairs`, prompts rendered in `chat`:
+    /// the long-form answers (`long_form`) and `survey` poll records per proposition. Dev
+    /// records carry the other side's answer whatever the method (SFT's dev figures include a
+    /// side accuracy), and alternate long-form and survey so that a limited dev loss sees both.
+    pub fn records(
+        &self,
+        pairs: &[StancePair],
+        chat: &ChatTemplate,
+    ) -> Result<(Vec<Record>, Vec<Record>)> {
+        let view = match self.method {
+            Method::Sft => View::Sft,
+            Method::Dpo => View::Dpo,
+        };
+        let (mut train, mut dev) = match self.long_form {
+            true => (
+                export(pairs, view, &self.stance, Split::Train, chat)?,
+                export(pairs, View::Dpo, &self.stance, Split::Dev, chat)?,
+            ),
+            false => (Vec::new(), Vec::new()),
+        };
+        if self.survey > 0 {
+            let n = self.survey;
+            train.extend(survey(pairs, view, &self.stance, Split::Train, n, chat)?);
+            let extra = survey(pairs, View::Dpo, &self.stance, Split::Dev, n, chat)?;
+            let (mut a, mut b) = (std::mem::take(&mut dev).into_iter(), extra.into_iter());
+            loop {
+                match (a.next(), b.next()) {
+                    (None, None) => break,
+                    (x, y) => dev.extend(x.into_iter().chain(y)),
+                }
+            }
+        }
+        Ok((train, dev))
     }
 }
