@@ -27,8 +27,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-/// Values per activation scale (8 groups of 4).
-pub const BLOCK: usize = 32;
+// Values per activation scale (8 groups of 4), and the one rounding of a block to int8.
+use super::int8::{quantize_block, BLOCK};
 /// Weight rows per panel (two registers of 16 32-bit sums).
 const PANEL: usize = 32;
 /// Activation rows per kernel call: 6 x 2 integer and 6 x 2 float accumulators.
@@ -194,33 +194,6 @@ pub fn quantize_rows(x: &[f32], m: usize, k: usize, col_scale: Option<&[f32]>) -
         work(0..m);
     }
     out
-}
-
-/// Round one block `x` (times `cs`) to int8 in `q`: its scale and the sum of its values. A
-/// block holding NaN or infinity gets scale NaN (the products then carry the NaN on).
-fn quantize_block(x: &[f32], cs: Option<&[f32]>, q: &mut [i8]) -> (f32, i32) {
-    let v = |j: usize| match cs {
-        Some(c) => x[j] * c[j],
-        None => x[j],
-    };
-    let mut amax = 0f32;
-    for j in 0..x.len() {
-        let a = v(j).abs();
-        if !a.is_finite() {
-            return (f32::NAN, 0);
-        }
-        amax = amax.max(a);
-    }
-    if amax == 0.0 {
-        return (0.0, 0);
-    }
-    let inv = 127.0 / amax;
-    let mut sum = 0;
-    for (j, d) in q.iter_mut().take(x.len()).enumerate() {
-        *d = (v(j) * inv).round_ties_even() as i8;
-        sum += *d as i32;
-    }
-    (amax / 127.0, sum)
 }
 
 /// [`quantize_block`] for a whole block with AVX-512 (the same rounding: to nearest, ties to

@@ -108,13 +108,37 @@ pub fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32]) {
 #[cfg_attr(target_feature = "avx2", allow(dead_code))]
 pub fn quantize_blocks_plain(x: &[f32], q: &mut [i8], d: &mut [f32]) {
     for ((xb, qb), db) in x.chunks(BLOCK).zip(q.chunks_mut(BLOCK)).zip(d.iter_mut()) {
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        *db = amax / 127.0;
-        let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-        for (qv, xv) in qb.iter_mut().zip(xb) {
-            *qv = (xv * inv).round_ties_even() as i8;
-        }
+        *db = quantize_block(xb, None, qb).0;
     }
+}
+
+/// Round one block `x` (times `cs`, the training kernels' column scales) to int8 in `q`:
+/// its scale (`max |x| / 127`, 0 for an all-zero block) and the sum of its values; every
+/// SIMD quantizer here rounds the same way (to nearest, ties to even). A
+/// block holding NaN or infinity gets scale NaN (the products then carry the NaN on).
+pub fn quantize_block(x: &[f32], cs: Option<&[f32]>, q: &mut [i8]) -> (f32, i32) {
+    let v = |j: usize| match cs {
+        Some(c) => x[j] * c[j],
+        None => x[j],
+    };
+    let mut amax = 0f32;
+    for j in 0..x.len() {
+        let a = v(j).abs();
+        if !a.is_finite() {
+            return (f32::NAN, 0);
+        }
+        amax = amax.max(a);
+    }
+    if amax == 0.0 {
+        return (0.0, 0);
+    }
+    let inv = 127.0 / amax;
+    let mut sum = 0;
+    for (j, d) in q.iter_mut().take(x.len()).enumerate() {
+        *d = (v(j) * inv).round_ties_even() as i8;
+        sum += *d as i32;
+    }
+    (amax / 127.0, sum)
 }
 
 /// Reorder a block-quantized matrix `(rows, k)` (`rows` a multiple of 4) so that each group
