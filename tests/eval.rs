@@ -497,6 +497,32 @@ fn judge_refuses_empty_answers_and_foreign_models() {
         .is_err());
 }
 
+/// Answers from another base are read by the judge's own base: the shipped judge reads with
+/// SmolLM2 whichever model wrote the answer, and gives the same number as reading with it
+/// directly.
+#[test]
+fn judge_reads_other_bases_answers_with_its_own_base() {
+    use stancemix::eval::judge::{Judge, DEFAULT_JUDGE};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let judge = Judge::load(&root.join(DEFAULT_JUDGE)).unwrap();
+    let own = real_model(WeightFormat::F32);
+    let other = tiny_model(1);
+    assert!(judge.reads_with(&own) && !judge.reads_with(&other));
+    let paths = stancemix::util::Paths::at(root);
+    let reader = judge.reader_for(&other, &paths).unwrap();
+    assert_eq!(reader.path.file_name(), own.path.file_name());
+    let (q, a) = ("Should taxes rise?", "Yes: public services need the money.");
+    let (p1, p2) = (
+        judge.p_conservative(&reader, q, a).unwrap(),
+        judge.p_conservative(&own, q, a).unwrap(),
+    );
+    assert!((p1 - p2).abs() < 1e-6, "{p1} vs {p2}");
+    assert!(std::sync::Arc::ptr_eq(
+        &judge.reader_for(&own, &paths).unwrap(),
+        &own
+    ));
+}
+
 /// Acceptance 5 of the evaluation issue; not met: the best measured judge reaches about 0.74
 /// (docs/EVAL.md lists every feature set measured).
 #[test]

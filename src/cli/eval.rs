@@ -437,8 +437,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             value["side_effects"] = serde_json::to_value(&se)?;
         }
         if let Some(judge) = &judge {
+            let reader = judge.reader_for(&gen.model, &crate::cli::paths())?;
             let oe = (a.extra.config()).open_ended(
                 judge,
+                &reader,
                 &gen,
                 &instrument,
                 &a.blends,

@@ -67,6 +67,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let open_ended = match &judge {
         Some(judge) => Some(a.extra.config().open_ended(
             judge,
+            &*judge.reader_for(&gen.model, &crate::cli::paths())?,
             &gen,
             job.instrument(),
             &refs,

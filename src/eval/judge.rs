@@ -384,10 +384,55 @@ impl Judge {
     }
 
     /// Probability that `answer` (to `prompt`) argues the conservative side. `model` must be
-    /// the base model the judge was trained on (any weight format).
+    /// the base model the judge was trained on (any weight format; see [`Judge::reads_with`]),
+    /// whichever model wrote the answer.
     pub fn p_conservative(&self, model: &Model, prompt: &str, answer: &str) -> Result<f64> {
         let z = self.logit(model, prompt, answer)?;
         Ok(1.0 / (1.0 + (-z).exp()))
+    }
+
+    /// Whether `model` can give this judge its features: any model when it reads n-grams only,
+    /// else the base its hidden features were read from (same file name).
+    pub fn reads_with(&self, model: &Model) -> bool {
+        self.config.layers.is_empty()
+            || model.path.file_name().map(|f| f.to_string_lossy())
+                == Some(self.model.as_str().into())
+    }
+
+    /// The model that reads answers written by `answering` for this judge: `answering` itself
+    /// when [`Judge::reads_with`] it, else the judge's own base from the models cache (fetched
+    /// if it is one of [`crate::model::fetch::BASES`]). The judge is an instrument that reads
+    /// text: answers from another base (Qwen's experts) are read with the judge's base.
+    pub fn reader_for(
+        &self,
+        answering: &std::sync::Arc<Model>,
+        paths: &crate::util::Paths,
+    ) -> Result<std::sync::Arc<Model>> {
+        use crate::model::fetch;
+        if self.reads_with(answering) {
+            return Ok(answering.clone());
+        }
+        let path = match fetch::BASES.iter().find(|b| b.file_name == self.model) {
+            Some(base) => fetch::ensure(base, paths, &mut |_| {})?,
+            None => paths.models.join(&self.model),
+        };
+        if !path.exists() {
+            return Err(Error::no_data(
+                "judge",
+                format!(
+                    "it reads with '{}', not found in {}",
+                    self.model,
+                    paths.models.display()
+                ),
+            ));
+        }
+        // Trained on f32 features (docs/EVAL.md); the reader is small.
+        Model::load(
+            &path,
+            &crate::model::LoadOptions {
+                format: crate::model::WeightFormat::F32,
+            },
+        )
     }
 
     /// Load a judge file, checking its format and shapes.

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::judge::Judge;
 use crate::data::{Instrument, StancePair};
+use crate::model::Model;
 use crate::runtime::{Blend, Engine, GenParams};
 use crate::Result;
 
@@ -89,10 +90,12 @@ pub struct OpenEnded {
     pub answers: Vec<JudgedAnswer>,
 }
 
-/// Answer every prompt under `blend` (no system prompt) and judge the answers.
+/// Answer every prompt under `blend` (no system prompt) and judge the answers, the judge's
+/// features read by `reader` (the judge's own base, [`Judge::reads_with`]).
 pub fn open_ended(
     engine: &std::sync::Arc<Engine>,
     judge: &Judge,
+    reader: &Model,
     blend: &Blend,
     prompts: &[OpenPrompt],
     params: &GenParams,
@@ -107,7 +110,7 @@ pub fn open_ended(
         let p_conservative = if reply.text.trim().is_empty() {
             0.5
         } else {
-            judge.p_conservative(&engine.model, &p.text, &reply.text)?
+            judge.p_conservative(reader, &p.text, &reply.text)?
         };
         answers.push(JudgedAnswer {
             id: p.id.clone(),

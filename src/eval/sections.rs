@@ -10,6 +10,7 @@ use super::open_ended::{instrument_prompts, open_ended, stance_dev_prompts};
 use super::report::{OpenEndedSection, SideEffects};
 use super::side_effects::{load_adversarial, load_neutral, perplexity, safety};
 use crate::data::{load_stance_dir, Instrument};
+use crate::model::Model;
 use crate::runtime::{Blend, Engine, GenParams};
 use crate::Result;
 
@@ -87,10 +88,12 @@ impl SectionConfig {
     }
 
     /// Answer the instrument's items and the stance data's dev prompts under each blend (on
-    /// `gen`) and judge the answers. `progress(stage, done, total)`: stages `open-ended BLEND`.
+    /// `gen`) and judge the answers, read by `reader` (the judge's base, which need not be the
+    /// one that answers). `progress(stage, done, total)`: stages `open-ended BLEND`.
     pub fn open_ended(
         &self,
         judge: &Judge,
+        reader: &Model,
         gen: &Arc<Engine>,
         instrument: &Instrument,
         blends: &[Blend],
@@ -103,9 +106,15 @@ impl SectionConfig {
             .iter()
             .map(|b| {
                 let stage = format!("open-ended {b}");
-                open_ended(gen, judge, b, &prompts, &self.params(), &mut |d, t| {
-                    progress(&stage, d, t)
-                })
+                open_ended(
+                    gen,
+                    judge,
+                    reader,
+                    b,
+                    &prompts,
+                    &self.params(),
+                    &mut |d, t| progress(&stage, d, t),
+                )
             })
             .collect::<Result<_>>()?;
         Ok(OpenEndedSection {
