@@ -456,6 +456,8 @@ fn early_stopping_keeps_the_adapter_of_the_best_dev_loss() {
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .unwrap();
     assert_eq!(report.steps, best_step + 3 * 4, "{logged:?}");
+    // The last weights' evaluation is on record too, though the best ones are kept.
+    assert_eq!(logged.last().unwrap().0, report.steps, "{logged:?}");
     assert_eq!(report.best_step, Some(best_step));
     // The adapter saved is the best one: its dev loss is the best logged.
     assert!(

@@ -671,6 +671,12 @@ impl<'a> Trainer<'a> {
         if let Some((dl, acc)) = self.dev_loss(c.eval_limit)? {
             report.dev_loss = Some(dl);
             report.dev_reward_accuracy = acc;
+            // Logged whichever weights are kept, so every evaluation of the run is on record.
+            let mut line = serde_json::json!({"step": state.step, "final": true, "dev_loss": dl});
+            if let Some(a) = acc {
+                line[format!("dev_{}", self.accuracy_name().replace(' ', "_"))] = a.into();
+            }
+            append_line(&log_path, &line)?;
         }
         if let Some(b) = best.filter(|b| report.dev_loss.is_none_or(|dl| b.dev_loss < dl)) {
             let kept = crate::lora::Adapter::load(&best_dir, &self.model.config)?;
