@@ -692,3 +692,43 @@ fn a_runs_records_mix_long_form_and_survey_and_dev_carries_both_sides() {
     assert!(t2.iter().chain(&d2).all(is_survey));
     assert_eq!(t2.len(), train.iter().filter(|r| is_survey(r)).count());
 }
+
+/// DPO from a starting adapter measures its implicit reward from that adapter by default
+/// (`Reference::Init`): at the first step policy and reference are the same model, so every
+/// pair's margin is 0 and the loss is exactly ln 2; against the base (`Reference::Base`) the
+/// starting adapter's own shift already counts.
+#[test]
+fn dpo_from_an_adapter_starts_at_ln2_against_it_and_not_against_the_base() {
+    let model = common::tiny_model(5);
+    let init = tempfile::tempdir().unwrap();
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Trainer::new(&model, config(Method::Sft), &records(), &[], dir.path()).unwrap();
+        randomize_b(&t);
+        t.lora()
+            .to_adapter()
+            .unwrap()
+            .save(init.path(), &model.config)
+            .unwrap();
+    }
+    let (ex, _) = tokenize(&model.tokenizer, &records(), 64).unwrap();
+    let refs: Vec<_> = ex.iter().collect();
+    let loss = |reference: stancemix::train::Reference| {
+        let dir = tempfile::tempdir().unwrap();
+        let c = TrainConfig {
+            init: Some(init.path().to_path_buf()),
+            reference,
+            ..config(Method::Dpo)
+        };
+        let t = Trainer::new(&model, c, &records(), &[], dir.path()).unwrap();
+        let (l, _) = t.batch_loss(&refs, false).unwrap();
+        l.to_scalar::<f32>().unwrap()
+    };
+    let ln2 = std::f32::consts::LN_2;
+    let (against_init, against_base) = (
+        loss(stancemix::train::Reference::Init),
+        loss(stancemix::train::Reference::Base),
+    );
+    assert!((against_init - ln2).abs() < 1e-6, "{against_init}");
+    assert!((against_base - ln2).abs() > 1e-3, "{against_base}");
+}

@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use stancemix::data::load_stance_dir;
 use stancemix::model::{fetch, LoadOptions, Model, WeightFormat};
-use stancemix::train::{Method, Outcome, Progress, TrainConfig, Trainer};
+use stancemix::train::{Method, Outcome, Progress, Reference, TrainConfig, Trainer};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     /// Supervised fine-tuning on the adapter's own answers (loss on answer tokens only).
     Sft(Args),
-    /// DPO: own answer chosen, the other side's answer rejected, the base model as reference.
+    /// DPO: own answer chosen, the other side's answer rejected; the reference is the --init
+    /// adapter, frozen (or the base: --reference base).
     Dpo(Args),
 }
 
@@ -81,6 +82,9 @@ pub struct Args {
     /// DPO temperature.
     #[arg(long)]
     pub beta: Option<f64>,
+    /// DPO's reference model: `init` (the --init adapter, frozen; the default) or `base`.
+    #[arg(long, value_enum)]
+    pub reference: Option<Reference>,
     /// Start from this adapter (e.g. the SFT one, for DPO).
     #[arg(long)]
     pub init: Option<PathBuf>,
@@ -153,7 +157,8 @@ impl Args {
             epochs,
             max_steps,
             seed,
-            beta
+            beta,
+            reference
         );
         set!(
             eval_every,

@@ -37,8 +37,21 @@ use crate::{Error, Result};
 pub enum Method {
     /// Supervised fine-tuning: next-token loss on the adapter's own answers only.
     Sft,
-    /// Direct preference optimisation against the base model as the reference.
+    /// Direct preference optimisation against a frozen reference model ([`Reference`]).
     Dpo,
+}
+
+/// DPO's reference model: what the implicit reward `beta (log pi - log ref)` is measured from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum Reference {
+    /// The base model, experts off (runs written before this setting existed).
+    Base,
+    /// The adapter the run starts from (`init`, e.g. the SFT stage's), frozen: the usual
+    /// SFT-then-DPO recipe, whose implicit KL anchor is the SFT model rather than the base.
+    /// Without `init` this is the base.
+    Init,
 }
 
 /// Every setting of a run; saved as `train.toml` beside the adapter.
@@ -76,6 +89,9 @@ pub struct TrainConfig {
     pub beta: f64,
     /// Start from this adapter instead of a fresh one (e.g. DPO after SFT).
     pub init: Option<PathBuf>,
+    /// DPO's reference model. Files written before this setting existed used the base.
+    #[serde(default = "base_reference")]
+    pub reference: Reference,
     /// The base model file the run trains over, as given: recorded so that a resume finds it
     /// (unset: the caller's default base).
     #[serde(default)]
@@ -113,6 +129,10 @@ pub struct TrainConfig {
 
 fn yes() -> bool {
     true
+}
+
+fn base_reference() -> Reference {
+    Reference::Base
 }
 
 fn f32_base() -> WeightFormat {
@@ -160,6 +180,7 @@ impl Default for TrainConfig {
             checkpoint_every: 20,
             patience: 0,
             layers_from: 0,
+            reference: Reference::Init,
             survey: 0,
             long_form: true,
             base: default_base(),

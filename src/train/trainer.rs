@@ -12,7 +12,9 @@ use super::batch::{
     epoch_batches, pack, row_sums, token_logprobs, token_logprobs_from, tokenize, Example, Packed,
     Residuals,
 };
-use super::{AdamParams, AdamW, Checkpoint, Method, TrainConfig, TrainLora, CHECKPOINT_FILE};
+use super::{
+    AdamParams, AdamW, Checkpoint, Method, Reference, TrainConfig, TrainLora, CHECKPOINT_FILE,
+};
 use crate::data::export::Record;
 use crate::lora::{Adapter, AdapterConfig};
 use crate::model::{Model, NoHook, Pass, WeightFormat};
@@ -151,6 +153,8 @@ pub struct Trainer<'a> {
     dropped: usize,
     /// When the adapter leaves the lowest blocks alone: their output, kept per sequence.
     residuals: Option<Residuals>,
+    /// DPO against the starting adapter ([`Reference::Init`]): that adapter, frozen.
+    reference_lora: Option<TrainLora>,
 }
 
 impl<'a> Trainer<'a> {
@@ -229,6 +233,13 @@ impl<'a> Trainer<'a> {
                 TrainLora::init(&model.config, ac, config.seed, config.dropout as f32)?
             }
         };
+        let reference_lora = match (&config.init, config.method, config.reference) {
+            (Some(dir), Method::Dpo, Reference::Init) => Some(TrainLora::from_adapter(
+                &Adapter::load(dir, &model.config)?,
+                0.0,
+            )?),
+            _ => None,
+        };
         let pad = *model.tokenizer.stop_ids().first().unwrap_or(&0);
         let residuals = match lora.first_layer() {
             0 => None,
@@ -236,6 +247,7 @@ impl<'a> Trainer<'a> {
         };
         Ok(Trainer {
             residuals,
+            reference_lora,
             model,
             config,
             lora,
@@ -389,7 +401,7 @@ impl<'a> Trainer<'a> {
     }
 
     /// Reference log-probabilities `(chosen, rejected)` of `examples`, computing missing ones
-    /// with the base model (experts off).
+    /// with the reference model: the base (experts off) or the frozen starting adapter.
     fn reference_for(&self, examples: &[&Example], dev: bool) -> Result<Vec<(f32, f32)>> {
         let todo: Vec<&Example> = examples
             .iter()
@@ -402,8 +414,12 @@ impl<'a> Trainer<'a> {
             })
             .collect();
         if !todo.is_empty() {
+            let hook: &dyn crate::model::LinearHook = match &self.reference_lora {
+                Some(l) => l,
+                None => &NoHook,
+            };
             let pass = Pass {
-                hook: &NoHook,
+                hook,
                 logits: crate::model::Logits::Hidden,
                 differentiable: false,
             };
