@@ -19,7 +19,9 @@ use ndarray::{Array1, Array2};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{StancePair, STANCE_OPENINGS};
-use crate::model::{chatml_message, LinearHook, Logits, Model, Pass, Target, CHATML_ASSISTANT};
+use crate::model::{
+    chatml_message, HookResult, LinearHook, Logits, Model, Pass, Target, CHATML_ASSISTANT,
+};
 use crate::router::{features, FeatureConfig};
 use crate::{Error, Result};
 
@@ -125,13 +127,7 @@ struct Capture {
 }
 
 impl LinearHook for Capture {
-    fn after_linear(
-        &self,
-        layer: usize,
-        target: Target,
-        x: &Tensor,
-        y: Tensor,
-    ) -> candle_core::Result<Tensor> {
+    fn after_linear(&self, layer: usize, target: Target, x: &Tensor, y: Tensor) -> HookResult {
         if target == Target::Q {
             if let Some(k) = self.layers.iter().position(|&l| l == layer) {
                 let t = x.dim(1)?;

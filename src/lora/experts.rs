@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::Adapter;
 use crate::model::int8::{self, Shared};
-use crate::model::{dot, LinearHook, QuantizedRows, SideOutput, SideWork, Target};
+use crate::model::{dot, HookResult, LinearHook, QuantizedRows, SideOutput, SideWork, Target};
 use crate::{Error, Result};
 
 /// The experts of every adaptable linear, stacked: `A_cat^T` `(in, R)` and `B_cat^T` `(R, out)`,
@@ -442,13 +442,7 @@ impl LinearHook for ExpertHook<'_> {
         })))
     }
 
-    fn after_linear(
-        &self,
-        layer: usize,
-        target: Target,
-        x: &Tensor,
-        y: Tensor,
-    ) -> candle_core::Result<Tensor> {
+    fn after_linear(&self, layer: usize, target: Target, x: &Tensor, y: Tensor) -> HookResult {
         let Some(stack) = self.set.stacks.get(&(layer, target)) else {
             return Ok(y);
         };

@@ -116,6 +116,7 @@ pub fn quantize_blocks_plain(x: &[f32], q: &mut [i8], d: &mut [f32]) {
 /// its scale (`max |x| / 127`, 0 for an all-zero block) and the sum of its values; every
 /// SIMD quantizer here rounds the same way (to nearest, ties to even). A
 /// block holding NaN or infinity gets scale NaN (the products then carry the NaN on).
+#[inline]
 pub fn quantize_block(x: &[f32], cs: Option<&[f32]>, q: &mut [i8]) -> (f32, i32) {
     let v = |j: usize| match cs {
         Some(c) => x[j] * c[j],

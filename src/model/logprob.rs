@@ -8,13 +8,13 @@
 //! (keeping each row's log-sum-exp) and writes the gradient once backward:
 //! `d z[v] = g * (1[v = target] - exp(z[v] - lse))`.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
 use super::gemm8::{FrozenInt8, SendPtr};
 
 /// `(n,)` log-probabilities of `targets[i]` under `softmax(logits[i])`, `logits` `(n, vocab)`.
-pub fn target_logprobs(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+pub fn target_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     logits.contiguous()?.apply_op1(TargetLogp {
         targets: targets.to_vec(),
         lse: Mutex::new(Vec::new()),
@@ -24,11 +24,7 @@ pub fn target_logprobs(logits: &Tensor, targets: &[u32]) -> candle_core::Result<
 /// [`target_logprobs`] of `head(x)` for `x` `(n, hidden)` and an int8 head, as one op: the
 /// `(n, vocab)` logits live inside it (kept from forward to backward), not in the autograd
 /// graph, which would otherwise zero and add a gradient of that size.
-pub fn head_target_logprobs(
-    x: &Tensor,
-    head: &Arc<FrozenInt8>,
-    targets: &[u32],
-) -> candle_core::Result<Tensor> {
+pub fn head_target_logprobs(x: &Tensor, head: &Arc<FrozenInt8>, targets: &[u32]) -> Result<Tensor> {
     x.apply_op1(HeadLogp {
         head: head.clone(),
         targets: targets.to_vec(),
@@ -42,7 +38,7 @@ fn each_row(n: usize, f: impl Fn(usize) + Sync) {
 }
 
 /// Check `targets` against `(n, vocab)` logits.
-fn check(targets: &[u32], n: usize, vocab: usize) -> candle_core::Result<()> {
+fn check(targets: &[u32], n: usize, vocab: usize) -> Result<()> {
     if n != targets.len() {
         candle_core::bail!("target-logprobs: {n} rows, {} targets", targets.len());
     }
@@ -81,13 +77,13 @@ fn grad_in_place(z: &mut [f32], vocab: usize, targets: &[u32], lse: &[f32], g: &
     });
 }
 
-fn lock<T>(m: &Mutex<T>) -> candle_core::Result<std::sync::MutexGuard<'_, T>> {
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
     m.lock()
         .map_err(|_| candle_core::Error::Msg("target-logprobs: poisoned lock".into()))
 }
 
 /// The contiguous f32 values of a CPU tensor's storage.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("target-logprobs: {what} must be f32");
     };
@@ -108,7 +104,7 @@ impl CustomOp1 for TargetLogp {
         "target-logprobs"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, vocab) = l.shape().dims2()?;
         check(&self.targets, n, vocab)?;
         let (lse, logp) = forward_rows(f32_slice(s, l, "logits")?, vocab, &self.targets);
@@ -116,12 +112,7 @@ impl CustomOp1 for TargetLogp {
         Ok((CpuStorage::F32(logp), Shape::from(n)))
     }
 
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = grad.to_vec1::<f32>()?;
         let (n, vocab) = arg.dims2()?;
         let lse = lock(&self.lse)?.clone();
@@ -146,7 +137,7 @@ impl CustomOp1 for HeadLogp {
         "head-target-logprobs"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, hidden) = l.shape().dims2()?;
         let (vocab, k) = self.head.dims();
         if hidden != k {
@@ -161,12 +152,7 @@ impl CustomOp1 for HeadLogp {
         Ok((CpuStorage::F32(logp), Shape::from(n)))
     }
 
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = grad.to_vec1::<f32>()?;
         // The backward runs once per forward; the logits are handed over, not copied.
         let Some((mut z, lse)) = lock(&self.saved)?.take() else {

@@ -147,18 +147,15 @@ impl std::fmt::Display for Target {
 
 /// The LoRA hook: called after every adaptable linear with its input and base output.
 ///
+/// What [`LinearHook::after_linear`] returns: the linear's output, changed or not.
+pub type HookResult = candle_core::Result<Tensor>;
+
 /// The model knows nothing of adapters; `lora::ExpertHook` implements this to add
 /// `sum_i g_i * s_i * B_i (A_i x)` per row.
 pub trait LinearHook {
     /// `x`: the linear's input `(b, t, in)`; `y`: the base output `(b, t, out)`. Default:
     /// `y` unchanged.
-    fn after_linear(
-        &self,
-        _layer: usize,
-        _target: Target,
-        _x: &Tensor,
-        y: Tensor,
-    ) -> candle_core::Result<Tensor> {
+    fn after_linear(&self, _layer: usize, _target: Target, _x: &Tensor, y: Tensor) -> HookResult {
         Ok(y)
     }
 

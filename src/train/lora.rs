@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::lora::{Adapter, AdapterConfig, LoraPair};
-use crate::model::{Config, LinearHook, Target};
+use crate::model::{Config, HookResult, LinearHook, Target};
 use crate::{Error, Result};
 
 /// The trainable pair of one linear: `A` `(r, in)`, `B` `(out, r)` (B in GGUF row order).
@@ -182,13 +182,7 @@ impl TrainLora {
 }
 
 impl LinearHook for TrainLora {
-    fn after_linear(
-        &self,
-        layer: usize,
-        target: Target,
-        x: &Tensor,
-        y: Tensor,
-    ) -> candle_core::Result<Tensor> {
+    fn after_linear(&self, layer: usize, target: Target, x: &Tensor, y: Tensor) -> HookResult {
         let Some(p) = self.pairs.get(&(layer, target)) else {
             return Ok(y);
         };
