@@ -210,9 +210,7 @@ impl Adapter {
                 "target_modules",
                 format!(
                     "unknown target module '{m}' (expected {})",
-                    crate::model::Target::ALL
-                        .map(crate::model::Target::peft_name)
-                        .join(", ")
+                    crate::model::Target::peft_names()
                 ),
             )
         })?;

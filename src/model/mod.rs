@@ -110,6 +110,11 @@ impl Target {
         }
     }
 
+    /// Every PEFT module name, comma-separated: the list error messages offer.
+    pub fn peft_names() -> String {
+        Target::ALL.map(Target::peft_name).join(", ")
+    }
+
     /// PEFT parent module (`self_attn` or `mlp`).
     pub fn peft_parent(self) -> &'static str {
         match self {

@@ -272,9 +272,7 @@ impl TrainConfig {
                     "targets",
                     format!(
                         "unknown module '{t}' (expected {})",
-                        crate::model::Target::ALL
-                            .map(crate::model::Target::peft_name)
-                            .join(", ")
+                        crate::model::Target::peft_names()
                     ),
                 ));
             }

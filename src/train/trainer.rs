@@ -191,11 +191,12 @@ impl<'a> Trainer<'a> {
         if train.is_empty() {
             return Err(Error::no_data("training", "no examples fit in max_seq_len"));
         }
-        let lora = match &config.init {
-            Some(dir) => {
-                let a = Adapter::load(dir, &model.config)?;
-                TrainLora::from_adapter(&a, config.dropout as f32)?
-            }
+        // The starting adapter, read once: trained from, and (DPO) the frozen reference.
+        let init = (config.init.as_ref())
+            .map(|dir| Adapter::load(dir, &model.config))
+            .transpose()?;
+        let lora = match &init {
+            Some(a) => TrainLora::from_adapter(a, config.dropout as f32)?,
             None => {
                 let ac = AdapterConfig {
                     r: config.rank,
@@ -233,11 +234,8 @@ impl<'a> Trainer<'a> {
                 TrainLora::init(&model.config, ac, config.seed, config.dropout as f32)?
             }
         };
-        let reference_lora = match (&config.init, config.method, config.reference) {
-            (Some(dir), Method::Dpo, Reference::Init) => Some(TrainLora::from_adapter(
-                &Adapter::load(dir, &model.config)?,
-                0.0,
-            )?),
+        let reference_lora = match (&init, config.method, config.reference) {
+            (Some(a), Method::Dpo, Reference::Init) => Some(TrainLora::from_adapter(a, 0.0)?),
             _ => None,
         };
         let pad = *model.tokenizer.stop_ids().first().unwrap_or(&0);
