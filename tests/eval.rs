@@ -456,9 +456,7 @@ fn shipped_judge_dev_accuracy() -> &'static (stancemix::eval::judge::Judge, usiz
         let pairs = stancemix::data::load_stance_dir(&root.join("adapters/data/stance")).unwrap();
         let model = real_model(WeightFormat::F32);
         let (mut n, mut right) = (0, 0);
-        // The shipped judge was trained on the first batch of pairs (those without a sub-issue);
-        // the second batch came after it.
-        for p in pairs.iter().filter(|p| p.subissue.is_none() && p.is_dev()) {
+        for p in pairs.iter().filter(|p| p.is_dev()) {
             for (answer, conservative) in [(&p.progressive, false), (&p.conservative, true)] {
                 let pc = judge.p_conservative(&model, &p.prompt, answer).unwrap();
                 assert!((0.0..=1.0).contains(&pc));
@@ -473,10 +471,10 @@ fn shipped_judge_dev_accuracy() -> &'static (stancemix::eval::judge::Judge, usiz
 #[test]
 fn shipped_judge_beats_chance_on_dev_answers_and_matches_its_report() {
     let (judge, n, acc) = shipped_judge_dev_accuracy();
-    assert!(*n >= 100, "{n} dev answers");
+    assert!(*n >= 1000, "{n} dev answers");
     assert!(*acc >= 0.70, "dev accuracy {acc}");
     assert_eq!(judge.report.dev_answers, *n);
-    // Same model file and weight format as training: the report is reproduced.
+    // The same features as training: the report is reproduced.
     assert!(
         (judge.report.dev_accuracy - acc).abs() < 0.01,
         "{:?} vs {acc}",
@@ -484,27 +482,34 @@ fn shipped_judge_beats_chance_on_dev_answers_and_matches_its_report() {
     );
 }
 
+/// The hidden-state judge shipped until session 16 (SmolLM2's residual stream after blocks 4,
+/// 8 and 12), kept for comparison and for the checks that need a judge that reads with a model.
+const HIDDEN_JUDGE: &str = "adapters/judge/hidden-smollm2.json";
+
 #[test]
 fn judge_refuses_empty_answers_and_foreign_models() {
     use stancemix::eval::judge::{Judge, DEFAULT_JUDGE};
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let judge = Judge::load(&root.join(DEFAULT_JUDGE)).unwrap();
     let model = real_model(WeightFormat::F32);
-    assert!(judge.p_conservative(&model, "Q?", "   ").is_err());
-    // The tiny test model has fewer blocks than the judge reads.
-    assert!(judge
+    for file in [DEFAULT_JUDGE, HIDDEN_JUDGE] {
+        let judge = Judge::load(&root.join(file)).unwrap();
+        assert!(judge.p_conservative(&model, "Q?", "   ").is_err(), "{file}");
+    }
+    // The tiny test model has fewer blocks than the hidden judge reads.
+    let hidden = Judge::load(&root.join(HIDDEN_JUDGE)).unwrap();
+    assert!(hidden
         .p_conservative(&tiny_model(1), "Q?", "An answer.")
         .is_err());
 }
 
-/// Answers from another base are read by the judge's own base: the shipped judge reads with
-/// SmolLM2 whichever model wrote the answer, and gives the same number as reading with it
-/// directly.
+/// Answers from another base are read by the judge's own base: the hidden-state judge reads
+/// with SmolLM2 whichever model wrote the answer, and gives the same number as reading with it
+/// directly. The shipped n-gram judge reads no model: any base's answers, as they are.
 #[test]
 fn judge_reads_other_bases_answers_with_its_own_base() {
     use stancemix::eval::judge::{Judge, DEFAULT_JUDGE};
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let judge = Judge::load(&root.join(DEFAULT_JUDGE)).unwrap();
+    let judge = Judge::load(&root.join(HIDDEN_JUDGE)).unwrap();
     let own = real_model(WeightFormat::F32);
     let other = tiny_model(1);
     assert!(judge.reads_with(&own) && !judge.reads_with(&other));
@@ -521,12 +526,23 @@ fn judge_reads_other_bases_answers_with_its_own_base() {
         &judge.reader_for(&own, &paths).unwrap(),
         &own
     ));
+    let shipped = Judge::load(&root.join(DEFAULT_JUDGE)).unwrap();
+    assert!(shipped.reads_with(&other));
+    assert!(std::sync::Arc::ptr_eq(
+        &shipped.reader_for(&other, &paths).unwrap(),
+        &other
+    ));
+    // Nothing model-specific: the tiny model's answer reads as the real model's.
+    assert_eq!(
+        shipped.p_conservative(&other, q, a).unwrap(),
+        shipped.p_conservative(&own, q, a).unwrap()
+    );
 }
 
-/// Acceptance 5 of the evaluation issue; not met: the best measured judge reaches about 0.74
+/// Acceptance 5 of the evaluation issue; not met: the best measured judges reach about 0.71-0.75
 /// (docs/EVAL.md lists every feature set measured).
 #[test]
-#[ignore = "open: the best judge measured reaches about 0.74 on dev answers, the target is 0.85"]
+#[ignore = "open: the best judge measured reaches about 0.71 on the 1,578 dev answers, the target is 0.85"]
 fn judge_reaches_85_percent_on_dev_answers() {
     let (_, _, acc) = shipped_judge_dev_accuracy();
     assert!(*acc >= 0.85, "dev accuracy {acc}");

@@ -354,6 +354,14 @@ impl Judge {
     }
 
     fn logit(&self, model: &Model, prompt: &str, answer: &str) -> Result<f64> {
+        // What the judge reads must not be empty, whichever features it reads.
+        let read = match self.config.context {
+            Context::Answer => strip_opening(answer),
+            Context::Chat => answer,
+        };
+        if read.trim().is_empty() {
+            return Err(Error::no_data("judge", "the answer is empty"));
+        }
         let raw = hidden_features(
             model,
             &self.config.layers,
