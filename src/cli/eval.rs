@@ -311,7 +311,7 @@ pub fn print_table(r: &Report) {
             "argmax"
         ));
     }
-    head.push_str(" | outside  agree  first | pro-side | agrees: pro-agree pro-disagree");
+    head.push_str(" | outside  agree  first | pro-side | agrees: pro-agree pro-disagree   AUC");
     println!("{head}");
     for b in &r.blends {
         let mut line = format!("{:<w$}", b.blend);
@@ -324,13 +324,14 @@ pub fn print_table(r: &Report) {
         }
         let k = &b.keying;
         line.push_str(&format!(
-            " | {:>7.3} {:>6.3} {:>6.3} | {:>8.3} | {:>17} {:>12}",
+            " | {:>7.3} {:>6.3} {:>6.3} | {:>8.3} | {:>17} {:>12} {:>5}",
             b.outside_mass,
             b.agree_share,
             b.first_option_share,
             b.progressive_side,
             format!("{}/{}", k.agrees_with_pro_agree, k.pro_agree_items),
             format!("{}/{}", k.agrees_with_pro_disagree, k.pro_disagree_items),
+            k.agree_auc.map_or("-".into(), |a| format!("{a:.3}")),
         ));
         println!("{line}");
     }
@@ -352,7 +353,7 @@ pub fn print_table(r: &Report) {
         1.0 / r.answers.len() as f64
     );
     println!(
-        "pro-side: share of items whose forced choice falls on the progressive side; agrees: items agreed with, of those the progressive side agrees with / rejects (a reader of sides agrees more with the first)"
+        "pro-side: share of items whose forced choice falls on the progressive side; agrees: items agreed with, of those the progressive side agrees with / rejects (a reader of sides agrees more with the first); AUC: chance that a pro-agree item gets more agreeing probability than a pro-disagree one (0.5 reads nothing; progressive above, conservative below)"
     );
 }
 

@@ -156,6 +156,13 @@ pub struct KeyingAgreement {
     pub agrees_with_pro_agree: usize,
     pub pro_disagree_items: usize,
     pub agrees_with_pro_disagree: usize,
+    /// The blend's reading of sides apart from how much it agrees overall: the chance that a
+    /// pro-agree item gets more of its agreeing probability than a pro-disagree item (ties
+    /// count half; the ROC AUC of that probability against the keying). 0.5 reads nothing;
+    /// above, it agrees more where the progressive side does; below, where the conservative
+    /// side does. `None` when either keying has no items (or in files written before it).
+    #[serde(default)]
+    pub agree_auc: Option<f64>,
 }
 
 impl KeyingAgreement {
@@ -163,6 +170,8 @@ impl KeyingAgreement {
     pub fn of(ins: &Instrument, items: &[ItemResult]) -> KeyingAgreement {
         let agree = agreeing(&ins.answers);
         let mut k = KeyingAgreement::default();
+        // Agreeing probability of each item, by keying, for the AUC.
+        let (mut pro, mut con) = (Vec::new(), Vec::new());
         for (it, r) in ins.items.iter().zip(items) {
             // Effect of agreeing: the agreeing options' summed effects over the item's axes.
             let effect: f64 = it
@@ -170,14 +179,29 @@ impl KeyingAgreement {
                 .values()
                 .flat_map(|e| agree.iter().filter_map(|&a| e.get(a)))
                 .sum();
-            let agrees = agree.iter().map(|&a| r.probs[a]).sum::<f64>() > 0.5;
+            let p_agree = agree.iter().map(|&a| r.probs[a]).sum::<f64>();
+            let agrees = p_agree > 0.5;
             if effect < 0.0 {
                 k.pro_agree_items += 1;
                 k.agrees_with_pro_agree += agrees as usize;
+                pro.push(p_agree);
             } else if effect > 0.0 {
                 k.pro_disagree_items += 1;
                 k.agrees_with_pro_disagree += agrees as usize;
+                con.push(p_agree);
             }
+        }
+        if !pro.is_empty() && !con.is_empty() {
+            let wins: f64 = pro
+                .iter()
+                .flat_map(|a| con.iter().map(move |b| a.total_cmp(b)))
+                .map(|o| match o {
+                    std::cmp::Ordering::Greater => 1.0,
+                    std::cmp::Ordering::Equal => 0.5,
+                    std::cmp::Ordering::Less => 0.0,
+                })
+                .sum();
+            k.agree_auc = Some(wins / (pro.len() * con.len()) as f64);
         }
         k
     }
@@ -950,7 +974,7 @@ mod tests {
             result([0.1, 0.1, 0.4, 0.4]), // agrees (0.8), pro-agree
             result([0.3, 0.3, 0.2, 0.2]), // disagrees, pro-agree
             result([0.0, 0.4, 0.6, 0.0]), // agrees (0.6), pro-disagree
-            result([0.0, 0.2, 0.1, 0.7]), // agrees (0.8), pro-disagree
+            result([0.0, 0.2, 0.0, 0.8]), // agrees (0.8), pro-disagree
         ];
         let k = KeyingAgreement::of(&ins, &results);
         assert_eq!(
@@ -960,6 +984,9 @@ mod tests {
                 agrees_with_pro_agree: 1,
                 pro_disagree_items: 2,
                 agrees_with_pro_disagree: 2,
+                // Pro-agree 0.8, 0.4 against pro-disagree 0.6, 0.8: of the four pairs, 0.8 > 0.6
+                // wins, 0.8 = 0.8 ties, 0.4 loses twice: 1.5 / 4.
+                agree_auc: Some(0.375),
             }
         );
         assert_eq!(k.shares(), (0.5, 1.0));
