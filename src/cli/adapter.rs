@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use stancemix::lora::Adapter;
-use stancemix::model::{fetch, LoadOptions, Model, Target};
+use stancemix::model::{LoadOptions, Model, Target};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
@@ -64,10 +64,7 @@ pub fn parse_targets(s: &str) -> anyhow::Result<Vec<Target>> {
 }
 
 fn load_model(p: Option<PathBuf>) -> anyhow::Result<std::sync::Arc<Model>> {
-    let p = match p {
-        Some(p) => p,
-        None => fetch::ensure_default_model(&crate::cli::paths())?,
-    };
+    let p = crate::cli::model_path(p.as_deref())?;
     Ok(Model::load(p, &LoadOptions::default())?)
 }
 

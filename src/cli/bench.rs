@@ -8,7 +8,7 @@ use std::time::Instant;
 use stancemix::data::export::{export, Split, View};
 use stancemix::data::load_stance_dir;
 use stancemix::lora::{Adapter, ExpertSet};
-use stancemix::model::{fetch, KvCache, LoadOptions, Logits, Model, Target, WeightFormat};
+use stancemix::model::{KvCache, LoadOptions, Logits, Model, Target, WeightFormat};
 use stancemix::router::{load_policies, policies_dir, shipped_gate_dir, Gate, GATE_FILE};
 use stancemix::train::{Method, TrainConfig, Trainer};
 use stancemix::{Blend, Engine};
@@ -17,8 +17,7 @@ const N: usize = 64;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Base model GGUF (default: the fetched SmolLM2-135M-Instruct; `stancemix models` lists
-    /// the others). With another base, the routing figures need `--gate` (the shipped gate reads
+    /// Base model: a GGUF file or a base id from `stancemix models` (default: smollm2-135m). With another base, the routing figures need `--gate` (the shipped gate reads
     /// the default base's hidden states) and the shipped experts count only if made for it.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -178,10 +177,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
     let threads = candle_core::utils::get_num_threads();
-    let path = match &a.model {
-        Some(p) => p.clone(),
-        None => fetch::ensure_default_model(&crate::cli::paths())?,
-    };
+    let path = crate::cli::model_path(a.model.as_deref())?;
     let r = a.repeats;
     let say = |s: &str| {
         if !a.json {

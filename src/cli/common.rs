@@ -27,7 +27,8 @@ pub struct TurnArgs {
 /// Which base model and experts (every command that loads an engine).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Base model GGUF (default: the fetched SmolLM2-135M-Instruct).
+    /// Base model: a GGUF file, or a base id from `stancemix models` (fetched if missing;
+    /// default: smollm2-135m).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Expert adapter directories (default: the shipped ones).
@@ -68,8 +69,9 @@ pub struct EngineArgs {
     /// Gate directory (default: router-data/ if it holds a gate).
     #[arg(long)]
     pub gate: Option<PathBuf>,
-    /// Base weights in memory: stored (the file's blocks, ~0.15 GB), q8_0, f32, or mixed (the
-    /// stored blocks for decoding, f32 for prompts of 32 tokens or more: the fastest, ~0.7 GB).
+    /// Base weights in memory: stored (the file's blocks), q8_0, f32, int8, or mixed (the stored
+    /// blocks for decoding and, for prompts of 32 tokens or more, a copy in int8 rows where the
+    /// CPU has AVX-512 VNNI, else in f32: the fastest).
     #[arg(long, default_value = "mixed")]
     pub format: WeightFormat,
 }
@@ -77,8 +79,10 @@ pub struct EngineArgs {
 impl EngineArgs {
     /// Load the engine these flags describe.
     pub fn load(&self) -> anyhow::Result<Arc<Engine>> {
+        let mut opts = self.base.options(self.format, self.gate.clone());
+        opts.model = Some(crate::cli::model_path(opts.model.as_deref())?);
         Ok(Engine::load(
-            &self.base.options(self.format, self.gate.clone()),
+            &opts,
         )?)
     }
 }

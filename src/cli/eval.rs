@@ -51,7 +51,9 @@ impl EvalEngineArgs {
     }
 
     fn load_as(&self, format: WeightFormat) -> anyhow::Result<Arc<Engine>> {
-        Ok(Engine::load(&self.base.options(format, None))?)
+        let mut opts = self.base.options(format, None);
+        opts.model = Some(crate::cli::model_path(opts.model.as_deref())?);
+        Ok(Engine::load(&opts)?)
     }
 }
 

@@ -6,7 +6,7 @@ use stancemix::model::{fetch, LoadOptions, Model};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model GGUF (default: the fetched SmolLM2-135M-Instruct).
+    /// Model: a GGUF file or a base id from `stancemix models` (default: smollm2-135m).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Print JSON.
@@ -15,10 +15,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let path = match a.model {
-        Some(p) => p,
-        None => fetch::ensure_default_model(&crate::cli::paths())?,
-    };
+    let path = crate::cli::model_path(a.model.as_deref())?;
     let model = Model::load(&path, &LoadOptions::default())?;
     let c = &model.config;
     let size = std::fs::metadata(&path)?.len();

@@ -26,6 +26,16 @@ pub fn paths() -> stancemix::util::Paths {
     stancemix::util::Paths::at(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The GGUF a `--model` flag names (a file, or a base id from `stancemix models`, fetched with
+/// progress on stderr if missing); without one, the default base.
+pub fn model_path(spec: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
+    Ok(stancemix::model::fetch::model_path(
+        &paths(),
+        spec,
+        &mut |step| eprintln!("{step}"),
+    )?)
+}
+
 /// Build, serve and measure stance-steered language models.
 #[derive(Parser, Debug)]
 #[command(name = "stancemix", version, about)]

@@ -85,7 +85,7 @@ pub struct EvalArgs {
     /// Gate directory (default: the shipped gate, router-data/).
     #[arg(long)]
     gate: Option<PathBuf>,
-    /// Base model GGUF (default: the fetched SmolLM2-135M-Instruct).
+    /// Base model: a GGUF file or a base id from `stancemix models` (default: smollm2-135m).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Base weights for the hidden-state pass (the format the runtime routes with).
@@ -122,7 +122,7 @@ pub struct TrainArgs {
     /// Base weights for the hidden-state pass (use the format the runtime loads).
     #[arg(long, default_value = "q8_0")]
     format: WeightFormat,
-    /// Base model GGUF (default: the fetched SmolLM2-135M-Instruct).
+    /// Base model: a GGUF file or a base id from `stancemix models` (default: smollm2-135m).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Cache of pooled hidden states (empty: none).
@@ -175,10 +175,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<()> {
         anyhow::bail!("{}: no prompts to score", a.data.display());
     }
     let model = if gate.needs_model() {
-        let path = match &a.model {
-            Some(p) => p.clone(),
-            None => stancemix::model::fetch::ensure_default_model(&crate::cli::paths())?,
-        };
+        let path = crate::cli::model_path(a.model.as_deref())?;
         Some(Model::load(&path, &LoadOptions { format: a.format })?)
     } else {
         None

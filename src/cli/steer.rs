@@ -9,12 +9,12 @@ use stancemix::data::export::{Split, View};
 use stancemix::data::load_stance_dir;
 use stancemix::data::survey::survey;
 use stancemix::lora::steer::{self, Contrast};
-use stancemix::model::{fetch, LoadOptions, Model, WeightFormat};
+use stancemix::model::{LoadOptions, Model, WeightFormat};
 
 /// Flags of `steer`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Base model GGUF (default: the fetched SmolLM2-135M-Instruct).
+    /// Base model: a GGUF file or a base id from `stancemix models` (default: smollm2-135m).
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Stance pairs (their train split is used; dev pairs never are).
@@ -74,10 +74,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if !a.strength.is_finite() || a.strength <= 0.0 {
         anyhow::bail!("--strength must be a positive number, got {}", a.strength);
     }
-    let path = match &a.model {
-        Some(p) => p.clone(),
-        None => fetch::ensure_default_model(&crate::cli::paths())?,
-    };
+    let path = crate::cli::model_path(a.model.as_deref())?;
     let model = Model::load(
         &path,
         &LoadOptions {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use stancemix::data::load_stance_dir;
-use stancemix::model::{fetch, LoadOptions, Model, WeightFormat};
+use stancemix::model::{LoadOptions, Model, WeightFormat};
 use stancemix::train::{Method, Outcome, Progress, Reference, TrainConfig, Trainer};
 
 #[derive(clap::Subcommand, Debug)]
@@ -193,10 +193,7 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     };
     let config = args.settings(method)?;
     // --model, else the one the run was started with (a resume), else the default base.
-    let model_path = match args.model.as_ref().or(config.model.as_ref()) {
-        Some(p) => p.clone(),
-        None => fetch::ensure_default_model(&crate::cli::paths())?,
-    };
+    let model_path = crate::cli::model_path(args.model.as_ref().or(config.model.as_ref()).map(|p| p.as_path()))?;
     let model = Model::load(
         &model_path,
         &LoadOptions {

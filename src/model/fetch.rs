@@ -198,6 +198,37 @@ pub fn ensure_default_model(paths: &Paths) -> Result<PathBuf> {
     ensure(default_base(), paths, &mut |_| {})
 }
 
+/// The GGUF that `--model SPEC` names: `None` is the default base (fetched if missing), a file
+/// that exists is itself, and a base id from [`BASES`] (`qwen2.5-coder-1.5b`) is that base,
+/// fetched if missing (`progress` hears each step). Any other path is returned as it is (its
+/// loader reports a missing file); a bare word that is no base id is an error naming the ids.
+pub fn model_path(
+    paths: &Paths,
+    spec: Option<&Path>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    let Some(spec) = spec else {
+        return ensure(default_base(), paths, progress);
+    };
+    if spec.exists() {
+        return Ok(spec.to_path_buf());
+    }
+    if let Some(b) = spec.to_str().and_then(|s| BASES.iter().find(|b| b.id == s)) {
+        return ensure(b, paths, progress);
+    }
+    // Any other path (with a folder, or a `.gguf` name) is returned as it is, so a missing file
+    // is reported as one by whatever opens it.
+    let bare = spec.components().count() == 1 && spec.extension().is_none_or(|e| e != "gguf");
+    match bare {
+        false => Ok(spec.to_path_buf()),
+        true => Err(Error::unknown(
+            "model (no such file, nor a base id)",
+            spec.display().to_string(),
+            BASES.iter().map(|b| b.id),
+        )),
+    }
+}
+
 impl Base {
     /// Where this base lives once fetched into `paths.models`.
     pub fn path(&self, paths: &Paths) -> PathBuf {
@@ -280,4 +311,29 @@ pub fn ensure(base: &Base, paths: &Paths, progress: &mut dyn FnMut(&str)) -> Res
     })();
     let _ = std::fs::remove_dir_all(&work);
     result.map(|_| target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file is itself, whatever its name, and so is a path to no file; a bare word that is
+    /// no base id is an error naming it and the ids; nothing is fetched for any.
+    #[test]
+    fn model_path_takes_files_and_names_what_it_cannot_find() {
+        let dir = std::env::temp_dir().join(format!("stancemix-model-path-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let paths = Paths::at(&dir);
+        let file = dir.join("any.gguf");
+        std::fs::write(&file, b"not checked here").unwrap();
+        let fetched = &mut |s: &str| panic!("nothing should be fetched: {s}");
+        assert_eq!(model_path(&paths, Some(&file), fetched).unwrap(), file);
+        let missing = dir.join("missing.gguf");
+        assert_eq!(model_path(&paths, Some(&missing), fetched).unwrap(), missing);
+        let err = model_path(&paths, Some(Path::new("qwen9.5b")), fetched)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("'qwen9.5b'") && err.contains("qwen2.5-coder-1.5b"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
