@@ -45,7 +45,7 @@ fn main() -> candle_core::Result<()> {
             f.forward(&xv, m);
         });
         let t_i8b = time(|| {
-            f.backward(&dyv, m);
+            f.backward(&dyv, m).unwrap();
         });
         let t_q = time(|| {
             stancemix::model::kernels::quantize_rows(&xv, m, k, None);

@@ -417,8 +417,8 @@ pub struct FrozenInt8 {
     /// `W`, rows of the output.
     fwd: Panels,
     /// `W^T`, rows of the input (scales 1: `W`'s row scales are folded into `dy` before it is
-    /// rounded).
-    bwd: Panels,
+    /// rounded); `None` in a copy made for inference only ([`FrozenInt8::forward_only`]).
+    bwd: Option<Panels>,
     /// `W`'s row scales.
     w_scale: Vec<f32>,
 }
@@ -430,9 +430,22 @@ impl FrozenInt8 {
         let (q, scale) = quantize_weight(w, n, k);
         FrozenInt8 {
             fwd: Panels::new(&q, &scale, n, k),
-            bwd: Panels::transposed(&q, &vec![1.0; k], k, n),
+            bwd: Some(Panels::transposed(&q, &vec![1.0; k], k, n)),
             w_scale: scale,
         }
+    }
+
+    /// [`FrozenInt8::new`] without `W^T`: half the memory, for passes that need no gradient to
+    /// the input (the wide passes of format `mixed`).
+    pub fn forward_only(w: &Tensor) -> candle_core::Result<Self> {
+        let (n, k) = w.dims2()?;
+        let v = w.flatten_all()?.to_vec1::<f32>()?;
+        let (q, scale) = quantize_weight(&v, n, k);
+        Ok(FrozenInt8 {
+            fwd: Panels::new(&q, &scale, n, k),
+            bwd: None,
+            w_scale: scale,
+        })
     }
 
     /// From a `(n, k)` f32 tensor.
@@ -469,12 +482,13 @@ impl FrozenInt8 {
         gemm(x, &self.fwd)
     }
 
-    /// `dy W` for `dy` `(m, n)` row-major.
-    pub fn backward(&self, dy: &[f32], m: usize) -> Vec<f32> {
-        gemm(
-            &quantize_rows(dy, m, self.bwd.k, Some(&self.w_scale)),
-            &self.bwd,
-        )
+    /// `dy W` for `dy` `(m, n)` row-major; `None` for a [`FrozenInt8::forward_only`] copy.
+    pub fn backward(&self, dy: &[f32], m: usize) -> Option<Vec<f32>> {
+        let bwd = self.bwd.as_ref()?;
+        Some(gemm(
+            &quantize_rows(dy, m, bwd.k, Some(&self.w_scale)),
+            bwd,
+        ))
     }
 }
 
@@ -545,7 +559,9 @@ impl CustomOp1 for Frozen8 {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("frozen-linear-int8: gradient not contiguous");
         };
-        let dx = self.0.backward(&g[start..end], rows_of(grad.dims()));
+        let Some(dx) = self.0.backward(&g[start..end], rows_of(grad.dims())) else {
+            candle_core::bail!("frozen-linear-int8: this weight was made for inference only (no W^T)");
+        };
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -637,7 +653,7 @@ mod tests {
         let dy = values(m * n, 5, 1.0);
         let f = FrozenInt8::new(&w, n, k);
         let y = f.forward(&x, m);
-        let dx = f.backward(&dy, m);
+        let dx = f.backward(&dy, m).unwrap();
         let rel = |got: &[f32], want: &dyn Fn(usize) -> f64| {
             let (mut num, mut den) = (0f64, 0f64);
             for (i, g) in got.iter().enumerate() {

@@ -29,8 +29,12 @@ pub enum WeightFormat {
     Q8_0,
     /// Dequantized to dense f32: fastest for long prompts, and gradients flow (training).
     F32,
-    /// Both: the stored blocks (as `stored`) for passes of few token rows (decoding), dense f32
-    /// from [`WIDE_ROWS`] rows up (prompts). Fastest for generation, at the memory of both copies.
+    /// Both: the stored blocks (as `stored`) for passes of few token rows (decoding), and from
+    /// [`WIDE_ROWS`] rows up (prompts) a second copy: for block types our kernels requantize
+    /// (the K-quants, Q4_0, Q5_x), int8 rows multiplied by the AVX-512 VNNI kernel of format
+    /// `int8` where the CPU has it (4.5x the f32 prompt speed on Qwen-1.5B, a quarter of its
+    /// memory); dense f32 for Q4_1 and Q8_0 files, unquantized ones, and CPUs without VNNI.
+    /// Fastest for generation.
     Mixed,
     /// Each weight rounded to int8 per row, held twice (`W` and `W^T`) for int8 products
     /// forward and backward (`gemm8.rs`): LoRA training 3-5x faster per matmul than f32 with
@@ -40,9 +44,9 @@ pub enum WeightFormat {
 }
 
 /// In format [`WeightFormat::Mixed`], passes with at least this many token rows (batch x
-/// tokens) use the f32 weights. Set with candle's Q8_0 kernels (a 16-token pass 61 ms in Q8_0,
-/// 81 ms in f32; 64 tokens 224 and 165 ms); with our kernels on the stored blocks f32 pulls
-/// ahead only from ~128 tokens, within noise at 32-64 (docs/BENCHMARKS.md, "Weight formats now").
+/// tokens) use the wide copy (int8 rows or f32, [`WeightFormat::Mixed`]). Set when the wide copy
+/// was f32, with candle's Q8_0 kernels (a 16-token pass 61 ms in Q8_0, 81 ms in f32; 64 tokens
+/// 224 and 165 ms; docs/BENCHMARKS.md, "Weight formats now").
 pub const WIDE_ROWS: usize = 32;
 
 impl WeightFormat {
@@ -117,11 +121,32 @@ impl Group<'_> {
     }
 }
 
-/// One base weight matrix: its matmul, and in format `mixed` a dense f32 copy for wide passes.
+/// One base weight matrix: its matmul, and in format `mixed` a second copy for wide passes.
 #[derive(Debug)]
 struct Weight {
     mm: Narrow,
-    wide: Option<QMatMul>,
+    wide: Option<Wide>,
+}
+
+/// The copy format `mixed` multiplies passes of [`WIDE_ROWS`] token rows or more by.
+#[derive(Debug)]
+enum Wide {
+    /// Int8 rows for the AVX-512 VNNI kernel (`gemm8.rs`), forward only.
+    Int8(Arc<FrozenInt8>),
+    /// Dense f32.
+    Dense(QMatMul),
+}
+
+impl Wide {
+    /// The wide copy of requantized weights `w` `(out, in)`: int8 rows where the CPU has
+    /// AVX-512 VNNI, else dense f32.
+    fn of(w: Tensor) -> Result<Wide> {
+        Ok(if super::gemm8::has_vnni() {
+            Wide::Int8(Arc::new(FrozenInt8::forward_only(&w)?))
+        } else {
+            Wide::Dense(QMatMul::Tensor(w))
+        })
+    }
 }
 
 impl Weight {
@@ -647,7 +672,8 @@ impl Model {
             return Ok(m.forward(&x.contiguous()?)?);
         }
         let w = match (&w.wide, &w.mm) {
-            (Some(wide), _) => wide,
+            (Some(Wide::Int8(m)), _) => return Ok(frozen_linear_int8(&x.contiguous()?, m)?),
+            (Some(Wide::Dense(wide)), _) => wide,
             (None, Narrow::Candle(mm)) => mm,
             // (`packed_for` takes these: a packed matrix without a wide copy serves every pass.)
             (None, Narrow::Packed(m)) => return Ok(m.forward(&x.contiguous()?)?),
@@ -859,8 +885,10 @@ fn to_matmul(q: QTensor, format: WeightFormat, known: Option<Tensor>) -> Result<
     // The file's Q4_1 or Q8_0 blocks as they are, for our kernels: formats `stored` and `mixed`.
     if matches!(format, WeightFormat::Stored | WeightFormat::Mixed) {
         if let Some(m) = PackedMatrix::from_stored(&q)? {
+            // The file's own blocks: prompts on exact f32 values (int8 rows would double the
+            // rounding error of SmolLM2's Q4_1 blocks, docs/BENCHMARKS.md).
             let wide = if mixed {
-                Some(QMatMul::Tensor(values(&q)?))
+                Some(Wide::Dense(QMatMul::Tensor(values(&q)?)))
             } else {
                 None
             };
@@ -874,7 +902,8 @@ fn to_matmul(q: QTensor, format: WeightFormat, known: Option<Tensor>) -> Result<
         if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
             let dense = values(&q)?;
             if let Some(m) = PackedMatrix::new(&dense)? {
-                let wide = mixed.then(|| QMatMul::Tensor(dense));
+                // Requantized already: prompts on int8 rows too, where the CPU has VNNI.
+                let wide = if mixed { Some(Wide::of(dense)?) } else { None };
                 return Ok(Weight {
                     mm: Narrow::Packed(m),
                     wide,
@@ -894,7 +923,7 @@ fn to_matmul(q: QTensor, format: WeightFormat, known: Option<Tensor>) -> Result<
         WeightFormat::F32 => QMatMul::Tensor(values(&q)?),
         WeightFormat::Q8_0 | WeightFormat::Mixed => {
             let dense = values(&q)?;
-            let wide = mixed.then(|| QMatMul::Tensor(dense.clone()));
+            let wide = mixed.then(|| Wide::Dense(QMatMul::Tensor(dense.clone())));
             if let Some(m) = PackedMatrix::new(&dense)? {
                 return Ok(Weight {
                     mm: Narrow::Packed(m),
