@@ -106,10 +106,7 @@ impl Engine {
     /// Load model, adapters and gate as `opts` says. Without adapters named, the shipped
     /// experts that were trained on this base ([`adapter_fits`]).
     pub fn load(opts: &EngineOptions) -> Result<Arc<Engine>> {
-        let path = match &opts.model {
-            Some(p) => p.clone(),
-            None => crate::model::fetch::ensure_default_model(&opts.paths)?,
-        };
+        let path = crate::model::fetch::model_path(&opts.paths, opts.model.as_deref(), &mut |_| {})?;
         let model = Model::load(
             &path,
             &LoadOptions {

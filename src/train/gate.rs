@@ -187,10 +187,7 @@ fn hidden_states(
     dev_ex: &[(String, String)],
     on: &mut dyn FnMut(GateTrainEvent),
 ) -> Result<(HiddenFeatures, Pooled, Pooled)> {
-    let path = match &cfg.model {
-        Some(p) => p.clone(),
-        None => crate::model::fetch::ensure_default_model(&cfg.paths)?,
-    };
+    let path = crate::model::fetch::model_path(&cfg.paths, cfg.model.as_deref(), &mut |_| {})?;
     let model = Model::load(&path, &LoadOptions { format: cfg.format })?;
     if cfg.layer > model.config.n_layer {
         return Err(Error::setting(
