@@ -29,12 +29,12 @@ pub enum WeightFormat {
     Q8_0,
     /// Dequantized to dense f32: fastest for long prompts, and gradients flow (training).
     F32,
-    /// Both: the stored blocks (as `stored`) for passes of few token rows (decoding), and from
-    /// [`WIDE_ROWS`] rows up (prompts) a second copy: for block types our kernels requantize
-    /// (the K-quants, Q4_0, Q5_x), int8 rows multiplied by the AVX-512 VNNI kernel of format
-    /// `int8` where the CPU has it (4.5x the f32 prompt speed on Qwen-1.5B, a quarter of its
-    /// memory); dense f32 for Q4_1 and Q8_0 files, unquantized ones, and CPUs without VNNI.
-    /// Fastest for generation.
+    /// The fastest for generation. Q4_1 and Q8_0 blocks (SmolLM2) and unquantized weights: the
+    /// stored blocks (as `stored`) for passes of few token rows (decoding) and a dense f32 copy
+    /// from [`WIDE_ROWS`] rows up (prompts). Block types our kernels requantize (the K-quants,
+    /// Q4_0, Q5_x: Qwen2.5, Gemma 3), where the CPU has AVX-512 VNNI: one copy in int8 rows for
+    /// every pass, multiplied by the kernel of format `int8` (on Qwen-1.5B 4.5x the f32 prompt
+    /// speed and 1.5x the int8 blocks' decoding); without VNNI, int8 blocks and f32 as above.
     Mixed,
     /// Each weight rounded to int8 per row, held twice (`W` and `W^T`) for int8 products
     /// forward and backward (`gemm8.rs`): LoRA training 3-5x faster per matmul than f32 with
@@ -901,8 +901,16 @@ fn to_matmul(q: QTensor, format: WeightFormat, known: Option<Tensor>) -> Result<
         // int8 blocks, so every quantized file runs on our int8 kernels.
         if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
             let dense = values(&q)?;
+            // Format `mixed` where the CPU has AVX-512 VNNI: one copy in int8 rows for every
+            // pass, prompts and decoding (faster than our AVX2 kernels on int8 blocks for both:
+            // docs/BENCHMARKS.md, "Prompts on the int8 kernel").
+            if mixed && super::gemm8::has_vnni() {
+                return Ok(Weight {
+                    mm: Narrow::Int8(Arc::new(FrozenInt8::forward_only(&dense)?)),
+                    wide: None,
+                });
+            }
             if let Some(m) = PackedMatrix::new(&dense)? {
-                // Requantized already: prompts on int8 rows too, where the CPU has VNNI.
                 let wide = if mixed { Some(Wide::of(dense)?) } else { None };
                 return Ok(Weight {
                     mm: Narrow::Packed(m),
