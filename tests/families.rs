@@ -208,7 +208,10 @@ fn quantized_block_types_run_on_the_int8_kernels_within_rounding() {
         } else {
             WeightFormat::F32
         });
-        let long = stored.tokenizer.encode(&"quantized rows ".repeat(20)).unwrap();
+        let long = stored
+            .tokenizer
+            .encode(&"quantized rows ".repeat(20))
+            .unwrap();
         assert!(long.len() >= stancemix::model::WIDE_ROWS);
         // (Hidden states: this file's head is f32, which `mixed` keeps dense and `int8` rounds.)
         let hidden = |m: &Model, ids: &[u32]| -> Vec<f32> {
@@ -221,9 +224,21 @@ fn quantized_block_types_run_on_the_int8_kernels_within_rounding() {
         };
         let h = hidden(&mixed, &long);
         assert_eq!(h, hidden(&wide, &long), "{dtype:?}: prompt");
-        assert_ne!(h, hidden(&stored, &long), "{dtype:?}: the prompt took the wide copy");
-        let narrow = if stancemix::model::kernels::has_vnni() { &wide } else { &stored };
-        assert_eq!(hidden(&mixed, &ids), hidden(narrow, &ids), "{dtype:?}: short pass");
+        assert_ne!(
+            h,
+            hidden(&stored, &long),
+            "{dtype:?}: the prompt took the wide copy"
+        );
+        let narrow = if stancemix::model::kernels::has_vnni() {
+            &wide
+        } else {
+            &stored
+        };
+        assert_eq!(
+            hidden(&mixed, &ids),
+            hidden(narrow, &ids),
+            "{dtype:?}: short pass"
+        );
     }
 }
 

@@ -350,7 +350,11 @@ fn mixed_format_uses_f32_for_wide_passes_and_the_stored_blocks_for_decoding() {
     let hm = feed(&mixed, prompt, &mut cm, Logits::Hidden);
     let hw = feed(&wide, prompt, &mut cw, Logits::Hidden);
     let hq = feed(&stored, prompt, &mut cq, Logits::Hidden);
-    assert_eq!(max_abs_diff(&hm, &hw), 0.0, "wide pass: mixed vs {wide_format:?}");
+    assert_eq!(
+        max_abs_diff(&hm, &hw),
+        0.0,
+        "wide pass: mixed vs {wide_format:?}"
+    );
     assert!(
         max_abs_diff(&hm, &hq) > 1e-3,
         "the wide copy and the stored blocks should differ a little"
@@ -395,7 +399,11 @@ fn fetched_qwen2_bases_match_an_exact_f32_reference() {
         let exact = qwen2_f32_logprobs(&path, &ids).unwrap();
         for (format, bound, ours) in &ours {
             let d = mad(ours, &exact);
-            eprintln!("{} ({}): {d:.4} nats from the exact f32 reference", base.id, format.name());
+            eprintln!(
+                "{} ({}): {d:.4} nats from the exact f32 reference",
+                base.id,
+                format.name()
+            );
             assert!(
                 d < *bound,
                 "{} ({}): {d} nats from the exact f32 reference",
@@ -425,7 +433,11 @@ fn default_base_copies_stay_near_the_f32_pass() {
         let m = real_model(format);
         let d = mad(&common::reference::model_logprobs(&m, &ids), &exact);
         eprintln!("SmolLM2 ({}): {d:.4} nats from the f32 pass", format.name());
-        assert!(d < bound, "SmolLM2 ({}): {d} nats from the f32 pass", format.name());
+        assert!(
+            d < bound,
+            "SmolLM2 ({}): {d} nats from the f32 pass",
+            format.name()
+        );
     }
 }
 
@@ -450,11 +462,23 @@ fn fetched_k_quant_bases_int8_rows_stay_near_the_f32_pass() {
         let exact = common::reference::model_logprobs(&f32m, &ids);
         drop(f32m);
         let d = [WeightFormat::Stored, WeightFormat::Mixed].map(|format| {
-            let d = mad(&common::reference::model_logprobs(&load(format), &ids), &exact);
-            eprintln!("{} ({}): {d:.4} nats from the f32 pass", base.id, format.name());
+            let d = mad(
+                &common::reference::model_logprobs(&load(format), &ids),
+                &exact,
+            );
+            eprintln!(
+                "{} ({}): {d:.4} nats from the f32 pass",
+                base.id,
+                format.name()
+            );
             d
         });
-        assert!(d[0] < 0.2, "{}: stored blocks {} nats from the f32 pass", base.id, d[0]);
+        assert!(
+            d[0] < 0.2,
+            "{}: stored blocks {} nats from the f32 pass",
+            base.id,
+            d[0]
+        );
         assert!(
             d[1] < 1.7 * d[0],
             "{}: int8 rows {} nats from the f32 pass, the stored blocks {}",

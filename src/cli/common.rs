@@ -81,9 +81,7 @@ impl EngineArgs {
     pub fn load(&self) -> anyhow::Result<Arc<Engine>> {
         let mut opts = self.base.options(self.format, self.gate.clone());
         opts.model = Some(crate::cli::model_path(opts.model.as_deref())?);
-        Ok(Engine::load(
-            &opts,
-        )?)
+        Ok(Engine::load(&opts)?)
     }
 }
 

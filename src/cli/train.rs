@@ -193,7 +193,12 @@ pub fn run(cmd: Command) -> anyhow::Result<()> {
     };
     let config = args.settings(method)?;
     // --model, else the one the run was started with (a resume), else the default base.
-    let model_path = crate::cli::model_path(args.model.as_ref().or(config.model.as_ref()).map(|p| p.as_path()))?;
+    let model_path = crate::cli::model_path(
+        args.model
+            .as_ref()
+            .or(config.model.as_ref())
+            .map(|p| p.as_path()),
+    )?;
     let model = Model::load(
         &model_path,
         &LoadOptions {

@@ -329,11 +329,17 @@ mod tests {
         let fetched = &mut |s: &str| panic!("nothing should be fetched: {s}");
         assert_eq!(model_path(&paths, Some(&file), fetched).unwrap(), file);
         let missing = dir.join("missing.gguf");
-        assert_eq!(model_path(&paths, Some(&missing), fetched).unwrap(), missing);
+        assert_eq!(
+            model_path(&paths, Some(&missing), fetched).unwrap(),
+            missing
+        );
         let err = model_path(&paths, Some(Path::new("qwen9.5b")), fetched)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("'qwen9.5b'") && err.contains("qwen2.5-coder-1.5b"), "{err}");
+        assert!(
+            err.contains("'qwen9.5b'") && err.contains("qwen2.5-coder-1.5b"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

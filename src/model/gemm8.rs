@@ -485,10 +485,7 @@ impl FrozenInt8 {
     /// `dy W` for `dy` `(m, n)` row-major; `None` for a [`FrozenInt8::forward_only`] copy.
     pub fn backward(&self, dy: &[f32], m: usize) -> Option<Vec<f32>> {
         let bwd = self.bwd.as_ref()?;
-        Some(gemm(
-            &quantize_rows(dy, m, bwd.k, Some(&self.w_scale)),
-            bwd,
-        ))
+        Some(gemm(&quantize_rows(dy, m, bwd.k, Some(&self.w_scale)), bwd))
     }
 }
 
@@ -560,7 +557,9 @@ impl CustomOp1 for Frozen8 {
             candle_core::bail!("frozen-linear-int8: gradient not contiguous");
         };
         let Some(dx) = self.0.backward(&g[start..end], rows_of(grad.dims())) else {
-            candle_core::bail!("frozen-linear-int8: this weight was made for inference only (no W^T)");
+            candle_core::bail!(
+                "frozen-linear-int8: this weight was made for inference only (no W^T)"
+            );
         };
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }

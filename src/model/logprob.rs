@@ -161,7 +161,9 @@ impl CustomOp1 for HeadLogp {
         let vocab = self.head.dims().0;
         grad_in_place(&mut z, vocab, &self.targets, &lse, &g);
         let dx = self.head.backward(&z, self.targets.len()).ok_or_else(|| {
-            candle_core::Error::Msg("head_target_logprobs: the head was made for inference only".into())
+            candle_core::Error::Msg(
+                "head_target_logprobs: the head was made for inference only".into(),
+            )
         })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }

@@ -106,7 +106,8 @@ impl Engine {
     /// Load model, adapters and gate as `opts` says. Without adapters named, the shipped
     /// experts that were trained on this base ([`adapter_fits`]).
     pub fn load(opts: &EngineOptions) -> Result<Arc<Engine>> {
-        let path = crate::model::fetch::model_path(&opts.paths, opts.model.as_deref(), &mut |_| {})?;
+        let path =
+            crate::model::fetch::model_path(&opts.paths, opts.model.as_deref(), &mut |_| {})?;
         let model = Model::load(
             &path,
             &LoadOptions {
