@@ -318,14 +318,13 @@ fn pooled_hidden_is_the_mean_of_the_last_residual_stream() {
 #[test]
 fn mixed_format_uses_f32_for_wide_passes_and_the_stored_blocks_for_decoding() {
     // `mixed` must give exactly the f32 model's hidden states for a pass of WIDE_ROWS tokens or
-    // more (on this Q4_1 file; requantized block types take int8 rows, checked on the tiny
-    // qwen2 model in tests/families.rs), and exactly the `stored` model's logits (the file's
-    // Q4_1 blocks, our kernel) for a decode step on the same cache.
+    // more (on this Q4_1 file; K-quant block types take int8 rows, checked on tiny models in
+    // tests/families.rs), and exactly the `stored` model's logits (the file's Q4_1 blocks, our
+    // kernel) for a decode step on the same cache.
     use stancemix::model::{Model, WIDE_ROWS};
-    let wide_format = WeightFormat::F32;
-    let (mixed, wide, stored) = (
+    let (mixed, f32m, stored) = (
         real_model(WeightFormat::Mixed),
-        real_model(wide_format),
+        real_model(WeightFormat::F32),
         real_model(WeightFormat::Stored),
     );
     let text = "People have baked flat loaves from ground grain for thousands of years. ".repeat(6);
@@ -346,22 +345,18 @@ fn mixed_format_uses_f32_for_wide_passes_and_the_stored_blocks_for_decoding() {
     };
     let (prompt, next) = (&ids[..WIDE_ROWS], &ids[WIDE_ROWS..WIDE_ROWS + 1]);
     let n = mixed.config.n_layer;
-    let (mut cm, mut cw, mut cq) = (KvCache::new(n), KvCache::new(n), KvCache::new(n));
+    let (mut cm, mut cf, mut cq) = (KvCache::new(n), KvCache::new(n), KvCache::new(n));
     let hm = feed(&mixed, prompt, &mut cm, Logits::Hidden);
-    let hw = feed(&wide, prompt, &mut cw, Logits::Hidden);
+    let hf = feed(&f32m, prompt, &mut cf, Logits::Hidden);
     let hq = feed(&stored, prompt, &mut cq, Logits::Hidden);
-    assert_eq!(
-        max_abs_diff(&hm, &hw),
-        0.0,
-        "wide pass: mixed vs {wide_format:?}"
-    );
+    assert_eq!(max_abs_diff(&hm, &hf), 0.0, "wide pass: mixed vs f32");
     assert!(
         max_abs_diff(&hm, &hq) > 1e-3,
-        "the wide copy and the stored blocks should differ a little"
+        "f32 and quantized weights should differ a little"
     );
-    // One token on top of the wide-built cache: mixed must match the stored blocks on that cache.
+    // One token on top of the f32-built cache: mixed must match the stored blocks on that cache.
     let dm = feed(&mixed, next, &mut cm, Logits::Last);
-    let dq = feed(&stored, next, &mut cw, Logits::Last);
+    let dq = feed(&stored, next, &mut cf, Logits::Last);
     assert_eq!(max_abs_diff(&dm, &dq), 0.0, "decode step: mixed vs stored");
 }
 
@@ -385,8 +380,8 @@ fn fetched_qwen2_bases_match_an_exact_f32_reference() {
             continue;
         }
         let path = base.path(&common::paths());
-        // Both copies the runtime multiplies by: the stored blocks (decoding), and the int8 rows
-        // format `mixed` runs prompts on. The int8 rows round each weight row with one scale
+        // Both copies the runtime multiplies by: the stored blocks, and the int8 rows format
+        // `mixed` runs this base on where the CPU has AVX-512 VNNI. The int8 rows round each weight row with one scale
         // (0.081 nats measured on the 1.5B), so their bound is llama.cpp's own distance from
         // the exact computation on that base (0.130, docs/EVAL.md) less a margin.
         let mut ours = Vec::new();

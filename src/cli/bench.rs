@@ -17,8 +17,9 @@ const N: usize = 64;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Base model: a GGUF file or a base id from `stancemix models` (default: smollm2-135m). With another base, the routing figures need `--gate` (the shipped gate reads
-    /// the default base's hidden states) and the shipped experts count only if made for it.
+    /// Base model: a GGUF file or a base id from `stancemix models` (default: smollm2-135m).
+    /// With another base, the routing figures need `--gate` (the shipped gate reads the default
+    /// base's hidden states) and the shipped experts count only if made for it.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// CPU threads (default: all cores).

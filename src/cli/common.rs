@@ -45,11 +45,16 @@ impl ModelArgs {
         self.adapters.is_none() && !self.no_adapters
     }
 
-    /// The engine options these flags give, in weight format `format`, with gate `gate`.
-    pub fn options(&self, format: WeightFormat, gate: Option<PathBuf>) -> EngineOptions {
-        EngineOptions {
+    /// The engine options these flags give, in weight format `format`, with gate `gate`; the
+    /// model resolved to its file (a base id fetched if missing).
+    pub fn options(
+        &self,
+        format: WeightFormat,
+        gate: Option<PathBuf>,
+    ) -> anyhow::Result<EngineOptions> {
+        Ok(EngineOptions {
             paths: super::paths(),
-            model: self.model.clone(),
+            model: Some(super::model_path(self.model.as_deref())?),
             adapters: if self.no_adapters {
                 Some(Vec::new())
             } else {
@@ -57,7 +62,7 @@ impl ModelArgs {
             },
             gate,
             format,
-        }
+        })
     }
 }
 
@@ -69,9 +74,9 @@ pub struct EngineArgs {
     /// Gate directory (default: router-data/ if it holds a gate).
     #[arg(long)]
     pub gate: Option<PathBuf>,
-    /// Base weights in memory: stored (the file's blocks), q8_0, f32, int8, or mixed (the stored
-    /// blocks for decoding and, for prompts of 32 tokens or more, a copy in int8 rows where the
-    /// CPU has AVX-512 VNNI, else in f32: the fastest).
+    /// Base weights in memory: stored (the file's blocks), q8_0, f32, int8, or mixed (the
+    /// fastest: the stored blocks for decoding and f32 for prompts of 32 tokens or more; files
+    /// with K-quant blocks in int8 rows for both where the CPU has AVX-512 VNNI).
     #[arg(long, default_value = "mixed")]
     pub format: WeightFormat,
 }
@@ -79,9 +84,9 @@ pub struct EngineArgs {
 impl EngineArgs {
     /// Load the engine these flags describe.
     pub fn load(&self) -> anyhow::Result<Arc<Engine>> {
-        let mut opts = self.base.options(self.format, self.gate.clone());
-        opts.model = Some(crate::cli::model_path(opts.model.as_deref())?);
-        Ok(Engine::load(&opts)?)
+        Ok(Engine::load(
+            &self.base.options(self.format, self.gate.clone())?,
+        )?)
     }
 }
 

@@ -51,9 +51,7 @@ impl EvalEngineArgs {
     }
 
     fn load_as(&self, format: WeightFormat) -> anyhow::Result<Arc<Engine>> {
-        let mut opts = self.base.options(format, None);
-        opts.model = Some(crate::cli::model_path(opts.model.as_deref())?);
-        Ok(Engine::load(&opts)?)
+        Ok(Engine::load(&self.base.options(format, None)?)?)
     }
 }
 

@@ -426,33 +426,41 @@ pub struct FrozenInt8 {
 impl FrozenInt8 {
     /// Round `w` `(n, k)` row-major to int8 per row and pack it both ways.
     pub fn new(w: &[f32], n: usize, k: usize) -> Self {
-        assert_eq!(w.len(), n * k, "FrozenInt8::new: values");
+        Self::packed(w, n, k, true)
+    }
+
+    /// Round `w` `(n, k)` to int8 per row and pack `W`, and `W^T` when `backward`.
+    fn packed(w: &[f32], n: usize, k: usize, backward: bool) -> Self {
+        assert_eq!(w.len(), n * k, "FrozenInt8: values");
         let (q, scale) = quantize_weight(w, n, k);
         FrozenInt8 {
             fwd: Panels::new(&q, &scale, n, k),
-            bwd: Some(Panels::transposed(&q, &vec![1.0; k], k, n)),
+            bwd: backward.then(|| Panels::transposed(&q, &vec![1.0; k], k, n)),
             w_scale: scale,
         }
-    }
-
-    /// [`FrozenInt8::new`] without `W^T`: half the memory, for passes that need no gradient to
-    /// the input (the wide passes of format `mixed`).
-    pub fn forward_only(w: &Tensor) -> candle_core::Result<Self> {
-        let (n, k) = w.dims2()?;
-        let v = w.flatten_all()?.to_vec1::<f32>()?;
-        let (q, scale) = quantize_weight(&v, n, k);
-        Ok(FrozenInt8 {
-            fwd: Panels::new(&q, &scale, n, k),
-            bwd: None,
-            w_scale: scale,
-        })
     }
 
     /// From a `(n, k)` f32 tensor.
     pub fn from_tensor(w: &Tensor) -> candle_core::Result<Self> {
         let (n, k) = w.dims2()?;
-        let v = w.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Self::new(&v, n, k))
+        Ok(Self::packed(
+            &w.flatten_all()?.to_vec1::<f32>()?,
+            n,
+            k,
+            true,
+        ))
+    }
+
+    /// [`FrozenInt8::from_tensor`] without `W^T`: half the memory, for passes that need no
+    /// gradient to the input (format `mixed` on requantized block types).
+    pub fn forward_only(w: &Tensor) -> candle_core::Result<Self> {
+        let (n, k) = w.dims2()?;
+        Ok(Self::packed(
+            &w.flatten_all()?.to_vec1::<f32>()?,
+            n,
+            k,
+            false,
+        ))
     }
 
     /// `(n, k)`.

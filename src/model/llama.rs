@@ -44,9 +44,10 @@ pub enum WeightFormat {
 }
 
 /// In format [`WeightFormat::Mixed`], passes with at least this many token rows (batch x
-/// tokens) use the wide copy (int8 rows or f32, [`WeightFormat::Mixed`]). Set when the wide copy
-/// was f32, with candle's Q8_0 kernels (a 16-token pass 61 ms in Q8_0, 81 ms in f32; 64 tokens
-/// 224 and 165 ms; docs/BENCHMARKS.md, "Weight formats now").
+/// tokens) use the f32 copy (where it has one: [`WeightFormat::Mixed`]). Set with candle's Q8_0
+/// kernels (a 16-token pass 61 ms in Q8_0, 81 ms in f32; 64 tokens 224 and 165 ms); with our
+/// kernels on the stored blocks f32 pulls ahead only from ~128 tokens, within noise at 32-64
+/// (docs/BENCHMARKS.md, "Weight formats now").
 pub const WIDE_ROWS: usize = 32;
 
 impl WeightFormat {
@@ -121,32 +122,11 @@ impl Group<'_> {
     }
 }
 
-/// One base weight matrix: its matmul, and in format `mixed` a second copy for wide passes.
+/// One base weight matrix: its matmul, and in format `mixed` a dense f32 copy for wide passes.
 #[derive(Debug)]
 struct Weight {
     mm: Narrow,
-    wide: Option<Wide>,
-}
-
-/// The copy format `mixed` multiplies passes of [`WIDE_ROWS`] token rows or more by.
-#[derive(Debug)]
-enum Wide {
-    /// Int8 rows for the AVX-512 VNNI kernel (`gemm8.rs`), forward only.
-    Int8(Arc<FrozenInt8>),
-    /// Dense f32.
-    Dense(QMatMul),
-}
-
-impl Wide {
-    /// The wide copy of requantized weights `w` `(out, in)`: int8 rows where the CPU has
-    /// AVX-512 VNNI, else dense f32.
-    fn of(w: Tensor) -> Result<Wide> {
-        Ok(if super::gemm8::has_vnni() {
-            Wide::Int8(Arc::new(FrozenInt8::forward_only(&w)?))
-        } else {
-            Wide::Dense(QMatMul::Tensor(w))
-        })
-    }
+    wide: Option<QMatMul>,
 }
 
 impl Weight {
@@ -672,8 +652,7 @@ impl Model {
             return Ok(m.forward(&x.contiguous()?)?);
         }
         let w = match (&w.wide, &w.mm) {
-            (Some(Wide::Int8(m)), _) => return Ok(frozen_linear_int8(&x.contiguous()?, m)?),
-            (Some(Wide::Dense(wide)), _) => wide,
+            (Some(wide), _) => wide,
             (None, Narrow::Candle(mm)) => mm,
             // (`packed_for` takes these: a packed matrix without a wide copy serves every pass.)
             (None, Narrow::Packed(m)) => return Ok(m.forward(&x.contiguous()?)?),
@@ -888,7 +867,7 @@ fn to_matmul(q: QTensor, format: WeightFormat, known: Option<Tensor>) -> Result<
             // The file's own blocks: prompts on exact f32 values (int8 rows would double the
             // rounding error of SmolLM2's Q4_1 blocks, docs/BENCHMARKS.md).
             let wide = if mixed {
-                Some(Wide::Dense(QMatMul::Tensor(values(&q)?)))
+                Some(QMatMul::Tensor(values(&q)?))
             } else {
                 None
             };
@@ -911,7 +890,7 @@ fn to_matmul(q: QTensor, format: WeightFormat, known: Option<Tensor>) -> Result<
                 });
             }
             if let Some(m) = PackedMatrix::new(&dense)? {
-                let wide = if mixed { Some(Wide::of(dense)?) } else { None };
+                let wide = mixed.then(|| QMatMul::Tensor(dense));
                 return Ok(Weight {
                     mm: Narrow::Packed(m),
                     wide,
@@ -931,7 +910,7 @@ fn to_matmul(q: QTensor, format: WeightFormat, known: Option<Tensor>) -> Result<
         WeightFormat::F32 => QMatMul::Tensor(values(&q)?),
         WeightFormat::Q8_0 | WeightFormat::Mixed => {
             let dense = values(&q)?;
-            let wide = mixed.then(|| Wide::Dense(QMatMul::Tensor(dense.clone())));
+            let wide = mixed.then(|| QMatMul::Tensor(dense.clone()));
             if let Some(m) = PackedMatrix::new(&dense)? {
                 return Ok(Weight {
                     mm: Narrow::Packed(m),
